@@ -1,0 +1,42 @@
+"""Per-example losses and metrics on soft labels.
+
+Everything here is per example (shape ``[B]``) so that callers choose the
+reduction: objectives weight examples (BG-/DG-Mix give subsets their own
+weights, METHODS.md § 4) and the sensitivity estimators need ℓ_i itself
+(METHODS.md § 3).
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def soft_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+  """ℓ_i = −Σ_c y_ic log softmax(f(x_i))_c, shape ``[B]``.
+
+  ``labels`` are distributions over the C classes (one-hot or mixed). The
+  log-softmax is taken in at least float32, so bf16 models do not lose the
+  loss to rounding (and float64 stays float64).
+  """
+  dtype = jnp.promote_types(logits.dtype, jnp.float32)
+  logp = jax.nn.log_softmax(logits.astype(dtype), axis=-1)
+  return -jnp.sum(labels.astype(dtype) * logp, axis=-1)
+
+
+def as_soft_labels(labels: jax.Array, num_classes: int) -> jax.Array:
+  """Integer labels ``[B]`` → one-hot ``[B, C]``; ``[B, C]`` passes through."""
+  if labels.ndim == 1:
+    return jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)
+  return labels.astype(jnp.float32)
+
+
+def weighted_loss(logits: jax.Array, labels: jax.Array,
+                  weights: jax.Array) -> jax.Array:
+  """Σ_i w_i ℓ_i: the one reduction every objective uses."""
+  return jnp.sum(weights * soft_cross_entropy(logits, labels))
+
+
+def accuracy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+  """Fraction of examples whose arg-max logit matches the arg-max label."""
+  target = labels if labels.ndim == 1 else jnp.argmax(labels, axis=-1)
+  return jnp.mean(jnp.argmax(logits, axis=-1) == target)

@@ -1,0 +1,178 @@
+"""Mixing policies: pure functions ``(rng, x, y) -> Mixed``.
+
+A mixing policy turns a batch (inputs ``x`` of any rank ``[B, ...]``, soft
+labels ``y`` ``[B, C]``) into a batch of virtual examples. Every policy
+returns the same record, ``Mixed``, so objectives can weight, gather and
+split mixed examples without knowing which policy made them:
+
+  x̃_r = λ_r x_{a(r)} + (1 − λ_r) x_{b(r)},   ỹ_r = λ_r y_{a(r)} + (1 − λ_r) y_{b(r)}
+
+(cutmix replaces the interpolation of inputs by a box paste, with λ_r the
+fraction of pixels kept from ``x_{a(r)}``).
+
+Policies (METHODS.md § 1):
+  * ``identity``  — no mixing (ERM).
+  * ``mixup``     — Zhang et al. 2018, "mixup: Beyond Empirical Risk Minimization".
+  * ``cutmix``    — Yun et al. 2019, "CutMix", area-corrected λ.
+  * ``multimix``  — "Mixup Augmentation with Multiple Interpolations": K sorted
+                    λ per pair, ``expand`` or ``fixed`` budget.
+
+Adding a policy = one function here + one line in ``POLICIES``.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+LAM_MODES = ('batch', 'example')
+BUDGETS = ('expand', 'fixed')
+
+
+class Mixed(NamedTuple):
+  """A mixed batch of R rows.
+
+  Attributes:
+    x: mixed inputs ``[R, ...]``.
+    y: mixed soft labels ``[R, C]``.
+    lam: weight of the first parent per row ``[R]``.
+    index_a: first parent of each row, an index into the input batch ``[R]``.
+    index_b: partner of each row ``[R]``.
+  """
+  x: jax.Array
+  y: jax.Array
+  lam: jax.Array
+  index_a: jax.Array
+  index_b: jax.Array
+
+
+Policy = Callable[[jax.Array, jax.Array, jax.Array], Mixed]
+
+
+def sample_lam(rng: jax.Array, alpha: float, shape=()) -> jax.Array:
+  """λ ~ Beta(α, α) in float32."""
+  return jax.random.beta(rng, alpha, alpha, shape=shape, dtype=jnp.float32)
+
+
+def _per_row(lam: jax.Array, x: jax.Array) -> jax.Array:
+  """Reshape ``[R]`` to ``[R, 1, ..., 1]`` so it broadcasts against ``x``."""
+  return lam.reshape(lam.shape + (1,) * (x.ndim - 1)).astype(x.dtype)
+
+
+def interpolate(x: jax.Array, y: jax.Array, lam: jax.Array,
+                index_a: jax.Array, index_b: jax.Array) -> Mixed:
+  """Rows ``λ_r z_{a(r)} + (1−λ_r) z_{b(r)}`` for inputs and labels alike."""
+  xa, xb = x[index_a], x[index_b]
+  ya, yb = y[index_a], y[index_b]
+  x_mix = _per_row(lam, xa) * xa + (1 - _per_row(lam, xa)) * xb
+  y_mix = lam[:, None] * ya + (1 - lam[:, None]) * yb
+  return Mixed(x_mix, y_mix, lam, index_a, index_b)
+
+
+def identity(rng: jax.Array, x: jax.Array, y: jax.Array) -> Mixed:
+  """No mixing: λ = 1, every example is its own partner."""
+  del rng
+  idx = jnp.arange(x.shape[0])
+  return Mixed(x, y, jnp.ones((x.shape[0],), jnp.float32), idx, idx)
+
+
+def mixup(rng: jax.Array, x: jax.Array, y: jax.Array, *, alpha: float = 1.0,
+          lam_mode: str = 'batch') -> Mixed:
+  """Mixup with a random-permutation partner.
+
+  λ ~ Beta(α, α) — one for the batch (``lam_mode='batch'``, the paper's form)
+  or one per example (``'example'``); π is a uniform random permutation and
+  x̃_i = λ x_i + (1−λ) x_π(i), ỹ_i = λ y_i + (1−λ) y_π(i).
+  """
+  if lam_mode not in LAM_MODES:
+    raise ValueError(f'mixup.lam_mode must be one of {LAM_MODES}, got {lam_mode!r}')
+  b = x.shape[0]
+  k_lam, k_perm = jax.random.split(rng)
+  shape = () if lam_mode == 'batch' else (b,)
+  lam = jnp.broadcast_to(sample_lam(k_lam, alpha, shape), (b,))
+  perm = jax.random.permutation(k_perm, b)
+  return interpolate(x, y, lam, jnp.arange(b), perm)
+
+
+def box_mask(rng: jax.Array, lam: jax.Array, height: int, width: int) -> jax.Array:
+  """CutMix box: 1 inside a √(1−λ)H × √(1−λ)W box with uniform centre.
+
+  The box is clipped at the border, so its real area can be smaller than
+  (1−λ)HW; callers must use the area-corrected λ (``1 − mean(mask)``).
+  """
+  k_y, k_x = jax.random.split(rng)
+  ratio = jnp.sqrt(1.0 - lam)
+  cut_h = jnp.floor(height * ratio).astype(jnp.int32)
+  cut_w = jnp.floor(width * ratio).astype(jnp.int32)
+  cy = jax.random.randint(k_y, (), 0, height)
+  cx = jax.random.randint(k_x, (), 0, width)
+  y0, y1 = jnp.clip(cy - cut_h // 2, 0, height), jnp.clip(cy + cut_h - cut_h // 2, 0, height)
+  x0, x1 = jnp.clip(cx - cut_w // 2, 0, width), jnp.clip(cx + cut_w - cut_w // 2, 0, width)
+  rows = jnp.arange(height)[:, None]
+  cols = jnp.arange(width)[None, :]
+  return ((rows >= y0) & (rows < y1) & (cols >= x0) & (cols < x1)).astype(jnp.float32)
+
+
+def cutmix(rng: jax.Array, x: jax.Array, y: jax.Array, *,
+           alpha: float = 1.0) -> Mixed:
+  """CutMix: paste a box of the partner image; λ corrected to the kept area.
+
+  ``x`` is ``[B, H, W]`` or ``[B, H, W, C]``. One box per batch, as in the
+  paper. The returned λ (used for the labels) equals 1 − box area / (H·W)
+  exactly, i.e. the fraction of pixels that come from the first parent.
+  """
+  if x.ndim < 3:
+    raise ValueError(f'cutmix needs image inputs [B, H, W(, C)], got shape {x.shape}')
+  b, h, w = x.shape[:3]
+  k_lam, k_box, k_perm = jax.random.split(rng, 3)
+  mask = box_mask(k_box, sample_lam(k_lam, alpha), h, w)
+  lam = jnp.broadcast_to(1.0 - jnp.mean(mask), (b,))
+  perm = jax.random.permutation(k_perm, b)
+  m = mask.reshape((1, h, w) + (1,) * (x.ndim - 3)).astype(x.dtype)
+  x_mix = (1 - m) * x + m * x[perm]
+  y_mix = lam[:, None] * y + (1 - lam[:, None]) * y[perm]
+  return Mixed(x_mix, y_mix, lam, jnp.arange(b), perm)
+
+
+def multimix(rng: jax.Array, x: jax.Array, y: jax.Array, *, k: int = 5,
+             alpha: float = 1.0, budget: str = 'expand') -> Mixed:
+  """Multi-mix: K sorted interpolations per pair (seed 003).
+
+  For each pair (i, π(i)) draw λ_1 ≤ … ≤ λ_K i.i.d. Beta(α, α) (sorted) and
+  emit the K interpolations, consecutively (rows ``i*K … i*K+K−1``).
+  ``budget='expand'``: all B pairs → K·B rows. ``budget='fixed'``: the first
+  B/K pairs → B rows, the compute of plain mixup (needs K | B). The loss is
+  the uniform mean over the rows.
+  """
+  if budget not in BUDGETS:
+    raise ValueError(f'multimix.budget must be one of {BUDGETS}, got {budget!r}')
+  b = x.shape[0]
+  if budget == 'fixed' and b % k:
+    raise ValueError(f'multimix.k={k} must divide the per-device batch {b} '
+                     "with budget='fixed'")
+  pairs = b if budget == 'expand' else b // k
+  k_lam, k_perm = jax.random.split(rng)
+  lam = jnp.sort(sample_lam(k_lam, alpha, (pairs, k)), axis=-1).reshape(-1)
+  perm = jax.random.permutation(k_perm, b)[:pairs]
+  index_a = jnp.repeat(jnp.arange(pairs), k)
+  index_b = jnp.repeat(perm, k)
+  return interpolate(x, y, lam, index_a, index_b)
+
+
+POLICIES: dict[str, Callable[..., Mixed]] = {
+    'none': identity,
+    'mixup': mixup,
+    'cutmix': cutmix,
+    'multimix': multimix,
+}
+
+
+def get_policy(name: str, **kwargs) -> Policy:
+  """Policy by name with its knobs bound: ``get_policy('mixup', alpha=0.4)``."""
+  if name not in POLICIES:
+    raise ValueError(f'mixing.policy must be one of {sorted(POLICIES)}, got {name!r}')
+  if name == 'none':
+    return identity
+  return functools.partial(POLICIES[name], **kwargs)

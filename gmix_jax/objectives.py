@@ -1,0 +1,394 @@
+"""Methods as compositions: mixing policy × sharpness rule × partition rule.
+
+Every method (METHODS.md) is one ``Method`` value, and ``make_objective``
+turns it into a pure per-device function
+
+  objective(params, model_state, batch, rng) -> (grads, new_model_state, metrics)
+
+built from ``apply_fn(params, model_state, x, train) -> (logits, new_state)``.
+
+How the axes compose. The batch is first turned into one or two *parts*; a
+part is a set of rows (x_r, y_r) with weights w_r and its own sharpness
+rule; the objective is Σ_parts Σ_r w_r ℓ_r (weights over all parts sum to 1)
+and each part's gradient is taken at its own perturbed point:
+
+  ERM / Mixup / SAM / G-Mix   one part: policy(batch), uniform weights 1/R.
+  BG-Mix ``mix_one_subset``    one part: policy(subset A) ∪ clean(rest), weights
+                               (|A|/B)/R_A and 1/B — one ε for the whole L_BG.
+  BG-Mix ``pair_within_subsets`` one part: policy(S⁺) ∪ policy(S⁻).
+  BG-Mix ``sam_on_sensitive``  two parts: G-Mix rows whose first parent is in S⁺
+                               (with the sharpness rule), the others (plain).
+  DG-Mix                       two parts: policy(S⁺) with ρ⁺, clean S⁻ with ρ⁻
+                               (the batches of BG-Mix ``mix_one_subset``, with
+                               one perturbation per subset).
+
+The split (``partition``) comes from per-example sharpness-sensitivity
+(``sensitivity``) of the clean examples. BG-/DG-Mix are reconstructed from
+the G-Mix abstract (Li & Tang); their knobs are ``PartitionConfig``'s.
+
+BatchNorm: the new model state comes from each part's first (unperturbed)
+pass, averaged over parts by their weight; perturbed passes never update it.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Mapping, Optional
+
+import jax
+import jax.numpy as jnp
+
+from gmix_jax import losses
+from gmix_jax import mixing
+from gmix_jax import partition
+from gmix_jax import sensitivity
+from gmix_jax import sharpness
+
+PyTree = Any
+ApplyFn = Callable[..., tuple[jax.Array, PyTree]]
+Objective = Callable[[PyTree, PyTree, Mapping[str, jax.Array], jax.Array],
+                     tuple[PyTree, PyTree, dict]]
+
+PARTITION_RULES = ('none', 'binary', 'decomposed')
+BGMIX_RULES = ('mix_one_subset', 'pair_within_subsets', 'sam_on_sensitive')
+MIX_SUBSETS = ('sensitive', 'insensitive')
+PARTNERS = ('within_subset', 'whole_batch')
+
+
+@dataclasses.dataclass(frozen=True)
+class MixingConfig:
+  """Mixing policy and its knobs (METHODS.md § 1; defaults as documented).
+
+  ``alpha`` is Beta(α, α)'s parameter for every policy; ``lam_mode`` is
+  mixup's; ``k`` and ``budget`` are multi-mix's.
+  """
+  policy: str = 'none'
+  alpha: float = 1.0
+  lam_mode: str = 'batch'
+  k: int = 5
+  budget: str = 'expand'
+
+  def __post_init__(self):
+    if self.policy not in mixing.POLICIES:
+      raise ValueError(f'mixing.policy must be one of {sorted(mixing.POLICIES)}, '
+                       f'got {self.policy!r}')
+    if not self.alpha > 0:
+      raise ValueError(f'mixing.alpha must be > 0, got {self.alpha}')
+    if self.lam_mode not in mixing.LAM_MODES:
+      raise ValueError(f'mixing.lam_mode must be one of {mixing.LAM_MODES}, got {self.lam_mode!r}')
+    if self.k < 1:
+      raise ValueError(f'mixing.k must be >= 1, got {self.k}')
+    if self.budget not in mixing.BUDGETS:
+      raise ValueError(f'mixing.budget must be one of {mixing.BUDGETS}, got {self.budget!r}')
+
+  def make_policy(self) -> mixing.Policy:
+    kwargs = {'mixup': dict(alpha=self.alpha, lam_mode=self.lam_mode),
+              'cutmix': dict(alpha=self.alpha),
+              'multimix': dict(alpha=self.alpha, k=self.k, budget=self.budget),
+              'none': {}}[self.policy]
+    return mixing.get_policy(self.policy, **kwargs)
+
+
+@dataclasses.dataclass(frozen=True)
+class PartitionConfig:
+  """The split and the BG-/DG-Mix readings (METHODS.md § 4, reconstruction).
+
+  Attributes:
+    rule: ``none`` | ``binary`` (BG-Mix) | ``decomposed`` (DG-Mix).
+    gamma: fraction of the batch in S⁺, k = ⌊γB⌉.
+    bgmix_rule: which reading of BG-Mix (``binary`` only).
+    mix_subset: which subset is mixed (``mix_one_subset`` and DG-Mix).
+    partners: ``within_subset`` (partners from the mixed subset) or
+      ``whole_batch``.
+    rho_plus, rho_minus: DG-Mix's radii; ``None`` = the sharpness ρ.
+  """
+  rule: str = 'none'
+  gamma: float = 0.5
+  bgmix_rule: str = 'mix_one_subset'
+  mix_subset: str = 'sensitive'
+  partners: str = 'within_subset'
+  rho_plus: Optional[float] = None
+  rho_minus: Optional[float] = None
+
+  def __post_init__(self):
+    for field, value, allowed in (('rule', self.rule, PARTITION_RULES),
+                                  ('bgmix_rule', self.bgmix_rule, BGMIX_RULES),
+                                  ('mix_subset', self.mix_subset, MIX_SUBSETS),
+                                  ('partners', self.partners, PARTNERS)):
+      if value not in allowed:
+        raise ValueError(f'partition.{field} must be one of {allowed}, got {value!r}')
+    if not 0.0 <= self.gamma <= 1.0:
+      raise ValueError(f'partition.gamma must be in [0, 1], got {self.gamma}')
+    for field in ('rho_plus', 'rho_minus'):
+      value = getattr(self, field)
+      if value is not None and not value >= 0:
+        raise ValueError(f'partition.{field} must be >= 0, got {value}')
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+  """One point of the grid mixing × sharpness × partition."""
+  num_classes: int
+  mixing: MixingConfig = MixingConfig()
+  sharpness: sharpness.SharpnessRule = sharpness.SharpnessRule('none')
+  partition: PartitionConfig = PartitionConfig()
+  sensitivity: sensitivity.SensitivityConfig = sensitivity.SensitivityConfig()
+
+  def __post_init__(self):
+    if self.num_classes < 2:
+      raise ValueError(f'num_classes must be >= 2, got {self.num_classes}')
+    split = self.partition.rule != 'none'
+    if split and self.mixing.policy == 'multimix' and self.mixing.budget == 'fixed':
+      raise ValueError("mixing.budget='fixed' cannot be combined with partition.rule="
+                       f"{self.partition.rule!r}: the fixed budget mixes only B/K first "
+                       "parents, so subsets would lose examples; use budget='expand'")
+    two_parts = (self.partition.rule == 'decomposed' or
+                 (self.partition.rule == 'binary' and self.partition.bgmix_rule == 'sam_on_sensitive'))
+    if two_parts and isinstance(self.sharpness.m, int):
+      raise ValueError(f'sharpness.m={self.sharpness.m} (groups of examples) is not defined '
+                       'for methods with one perturbation per subset (DG-Mix, BG-Mix '
+                       "sam_on_sensitive); use 'device' or 'global'")
+    if split and not self.sharpness.active and self.partition.rule == 'decomposed':
+      raise ValueError("partition.rule='decomposed' needs a sharpness rule; got sharpness.rule='none'")
+
+  @property
+  def sensitivity_rho(self) -> float:
+    if self.sensitivity.rho is not None:
+      return self.sensitivity.rho
+    return self.sharpness.radius if self.sharpness.active else sharpness.DEFAULT_RHO['sam']
+
+  def check_batch(self, batch_size: int) -> None:
+    """Static checks that need the per-device batch size B (before any jit)."""
+    m = self.sharpness.m
+    rows = batch_size * (self.mixing.k if self.mixing.policy == 'multimix'
+                         and self.mixing.budget == 'expand' else 1)
+    if isinstance(m, int) and rows % m:
+      raise ValueError(f'sharpness.m={m} must divide the rows per device ({rows})')
+    if self.mixing.policy == 'multimix' and self.mixing.budget == 'fixed' and batch_size % self.mixing.k:
+      raise ValueError(f'mixing.k={self.mixing.k} must divide the per-device batch {batch_size}')
+    chunk = self.sensitivity.chunk
+    if self.partition.rule != 'none' and chunk and batch_size % chunk:
+      raise ValueError(f'sensitivity.chunk={chunk} must divide the per-device batch {batch_size}')
+
+
+# Named compositions. Adding a method is one line here (and a config file).
+PRESETS: dict[str, dict] = {
+    'erm': {},
+    'mixup': dict(mixing=MixingConfig('mixup')),
+    'cutmix': dict(mixing=MixingConfig('cutmix')),
+    'multimix': dict(mixing=MixingConfig('multimix')),
+    'sam': dict(sharpness=sharpness.SharpnessRule('sam')),
+    'asam': dict(sharpness=sharpness.SharpnessRule('asam')),
+    'gsam': dict(sharpness=sharpness.SharpnessRule('gsam')),
+    'esam': dict(sharpness=sharpness.SharpnessRule('esam')),
+    'gmix': dict(mixing=MixingConfig('mixup'), sharpness=sharpness.SharpnessRule('sam')),
+    'bgmix': dict(mixing=MixingConfig('mixup'), sharpness=sharpness.SharpnessRule('sam'),
+                  partition=PartitionConfig('binary')),
+    'dgmix': dict(mixing=MixingConfig('mixup'), sharpness=sharpness.SharpnessRule('sam'),
+                  partition=PartitionConfig('decomposed')),
+}
+
+
+def get_method(name: str, num_classes: int, **overrides) -> Method:
+  """A preset by name, with any of its four configs replaced."""
+  if name not in PRESETS:
+    raise ValueError(f'method.name must be one of {sorted(PRESETS)}, got {name!r}')
+  return Method(num_classes=num_classes, **{**PRESETS[name], **overrides})
+
+
+# ----------------------------------------------------------------------------
+# Parts: rows with weights and a sharpness rule.
+# ----------------------------------------------------------------------------
+@dataclasses.dataclass
+class _Part:
+  x: jax.Array
+  y: jax.Array
+  w: jax.Array          # per-row weights; all parts together sum to 1
+  share: float          # Σ w (static), for averaging BatchNorm state
+  rule: sharpness.SharpnessRule
+  rho: float
+
+
+def _concat(a: Optional[tuple], b: Optional[tuple]) -> tuple:
+  """Concatenate two (x, y, w) triples, either of which may be absent."""
+  if a is None or b is None:
+    return a if b is None else b
+  return tuple(jnp.concatenate([u, v]) for u, v in zip(a, b))
+
+
+def _rows(x, y, share: float) -> Optional[tuple]:
+  """(x, y, uniform weights summing to ``share``), or None if empty."""
+  if x.shape[0] == 0:
+    return None
+  return x, y, jnp.full((x.shape[0],), share / x.shape[0], jnp.float32)
+
+
+def _mix_first(policy, rng, x, y, first: jax.Array, rest: jax.Array,
+               whole_batch: bool):
+  """Mixed rows whose first parent is in ``first``, and the ``rest`` indices.
+
+  Partners come from ``first`` only, or from the whole batch: then the policy
+  sees the batch reordered as [first, rest] and we keep the rows whose first
+  parent is among the first |first| — a static row count, since mixup, cutmix
+  and multi-mix (expand) emit R/B rows per first parent, consecutively.
+  """
+  n = first.shape[0]
+  if not whole_batch:
+    m = policy(rng, x[first], y[first])
+    return m.x, m.y
+  order = jnp.concatenate([first, rest])
+  m = policy(rng, x[order], y[order])
+  per_example = m.x.shape[0] // x.shape[0]
+  return m.x[:n * per_example], m.y[:n * per_example]
+
+
+def _build_parts(method: Method, policy, x, y, split, rng) -> list[_Part]:
+  b = x.shape[0]
+  rule = method.sharpness
+  rho = rule.radius
+  part_cfg = method.partition
+  if split is None:                                  # ERM, Mixup, SAM, G-Mix
+    m = policy(rng, x, y)
+    return [_Part(*_rows(m.x, m.y, 1.0), 1.0, rule, rho)]
+
+  plus, minus = split.sensitive, split.insensitive
+  k = plus.shape[0]
+  whole = part_cfg.partners == 'whole_batch'
+
+  if part_cfg.rule == 'binary' and part_cfg.bgmix_rule == 'pair_within_subsets':
+    rows = None
+    for key, idx in ((rng, plus), (jax.random.fold_in(rng, 1), minus)):
+      if idx.shape[0]:
+        m = policy(key, x[idx], y[idx])
+        rows = _concat(rows, _rows(m.x, m.y, idx.shape[0] / b))
+    return [_Part(*rows, 1.0, rule, rho)]
+
+  if part_cfg.rule == 'binary' and part_cfg.bgmix_rule == 'sam_on_sensitive':
+    # All rows mixed as in G-Mix; rows whose first parent is sensitive get
+    # the sharpness rule, the others their plain gradient (ESAM's selection).
+    order = jnp.concatenate([plus, minus])
+    m = policy(rng, x[order], y[order])
+    cut = k * (m.x.shape[0] // b)
+    parts = []
+    if k:
+      parts.append(_Part(*_rows(m.x[:cut], m.y[:cut], k / b), k / b, rule, rho))
+    if k < b:
+      parts.append(_Part(*_rows(m.x[cut:], m.y[cut:], (b - k) / b), (b - k) / b,
+                         sharpness.SharpnessRule('none'), 0.0))
+    return parts
+
+  # BG-Mix mix_one_subset and DG-Mix: subset A mixed, subset C clean.
+  a_idx, c_idx = (plus, minus) if part_cfg.mix_subset == 'sensitive' else (minus, plus)
+  mixed = None
+  if a_idx.shape[0]:
+    mixed = _rows(*_mix_first(policy, rng, x, y, a_idx, c_idx, whole), a_idx.shape[0] / b)
+  clean = _rows(x[c_idx], y[c_idx], c_idx.shape[0] / b)
+  if part_cfg.rule == 'binary':
+    return [_Part(*_concat(mixed, clean), 1.0, rule, rho)]
+
+  # DG-Mix: one perturbation per subset, ρ⁺ for S⁺ and ρ⁻ for S⁻.
+  rho_of = {'sensitive': part_cfg.rho_plus, 'insensitive': part_cfg.rho_minus}
+  other = 'insensitive' if part_cfg.mix_subset == 'sensitive' else 'sensitive'
+  parts = []
+  for rows, idx, which in ((mixed, a_idx, part_cfg.mix_subset), (clean, c_idx, other)):
+    if rows is not None:
+      r = rho if rho_of[which] is None else rho_of[which]
+      parts.append(_Part(*rows, idx.shape[0] / b, rule, r))
+  return parts
+
+
+def _average_states(states: list[PyTree], shares: list[float]) -> PyTree:
+  """Σ share·state over float leaves (running statistics are linear in the batch mean)."""
+  if len(states) == 1:
+    return states[0]
+  total = sum(shares)
+
+  def avg(*leaves):
+    if not jnp.issubdtype(leaves[0].dtype, jnp.floating):
+      return leaves[0]
+    return sum(s / total * l for s, l in zip(shares, leaves)).astype(leaves[0].dtype)
+  return jax.tree.map(avg, *states)
+
+
+def _part_gradient(apply_fn, params, model_state, part: _Part, rng, axis_name):
+  """Gradient of Σ_r w_r ℓ_r for one part, at its own perturbed point."""
+  def loss_fn(p, x, y, w):
+    logits, new_state = apply_fn(p, model_state, x, True)
+    return losses.weighted_loss(logits, y, w), new_state
+
+  def one_group(x, y, w, key):
+    (loss, new_state), g = jax.value_and_grad(loss_fn, has_aux=True)(params, x, y, w)
+    if not part.rule.active:
+      return g, new_state, loss, loss
+    grad_fn = lambda p: jax.value_and_grad(loss_fn, has_aux=True)(p, x, y, w)[::-1]
+    g, (loss_p, _) = sharpness.sharpness_gradient(
+        part.rule, grad_fn, params, g, rng=key, rho=part.rho, axis_name=axis_name)
+    return g, new_state, loss, loss_p
+
+  m = part.rule.m
+  if not (part.rule.active and isinstance(m, int)) or m == part.x.shape[0]:
+    return one_group(part.x, part.y, part.w, rng)
+  # m-sharpness: groups of m rows, each with its own ε; the part's gradient is
+  # the sum of the groups' (the weights already carry the 1/R).
+  groups = part.x.shape[0] // m
+  regroup = lambda a: a.reshape((groups, m) + a.shape[1:])
+  g, states, loss, loss_p = jax.vmap(one_group)(
+      regroup(part.x), regroup(part.y), regroup(part.w), jax.random.split(rng, groups))
+  state = jax.tree.map(lambda s: jnp.mean(s, 0) if jnp.issubdtype(s.dtype, jnp.floating) else s[0], states)
+  return (jax.tree.map(lambda t: jnp.sum(t, 0), g), state, jnp.sum(loss), jnp.sum(loss_p))
+
+
+def make_objective(method: Method, apply_fn: ApplyFn, *,
+                   axis_name: Optional[str] = None) -> Objective:
+  """The per-device objective of ``method``.
+
+  Args:
+    method: the composition (see ``get_method``).
+    apply_fn: ``apply_fn(params, model_state, x, train) -> (logits, new_state)``.
+    axis_name: the data-parallel axis; used only by ``sharpness.m='global'``
+      (the all-reduce of the ascent gradient). The final gradient is *not*
+      averaged here: the train step does that, in one place.
+
+  Returns:
+    ``objective(params, model_state, batch, rng) -> (grads, new_state, metrics)``
+    with ``batch = {'x': [B, ...], 'y': int [B] or soft [B, C]}`` plus
+    ``'score'`` ``[B]`` for the ``stale`` estimator. ``metrics`` holds
+    ``loss`` (the objective at w), ``perturbed_loss`` (at the perturbed
+    points) and, for partitioned methods, ``sensitivity`` (mean s_i) and
+    ``sensitive_minus_rest`` (mean s over S⁺ minus mean over S⁻).
+  """
+  policy = method.mixing.make_policy()
+  split_on = method.partition.rule != 'none'
+
+  def objective(params, model_state, batch, rng):
+    x = batch['x']
+    y = losses.as_soft_labels(batch['y'], method.num_classes)
+    b = x.shape[0]
+    method.check_batch(b)
+    k_mix, k_sharp = jax.random.split(rng)
+    metrics = {}
+    split = None
+    if split_on:
+      s = sensitivity.scores(method.sensitivity, apply_fn, params, model_state, x, y,
+                             method.sensitivity_rho, batch.get('score'))
+      split = partition.top_k_split(s, partition.num_sensitive(method.partition.gamma, b))
+      metrics['sensitivity'] = jnp.mean(s)
+      k = split.sensitive.shape[0]
+      if 0 < k < b:
+        metrics['sensitive_minus_rest'] = (jnp.mean(s[split.sensitive]) -
+                                           jnp.mean(s[split.insensitive]))
+    parts = _build_parts(method, policy, x, y, split, k_mix)
+    grads, states, shares = None, [], []
+    loss = loss_p = 0.0
+    for i, part in enumerate(parts):
+      g, state, l, lp = _part_gradient(apply_fn, params, model_state, part,
+                                       jax.random.fold_in(k_sharp, i), axis_name)
+      grads = g if grads is None else sharpness.add(grads, g)
+      states.append(state)
+      shares.append(part.share)
+      loss, loss_p = loss + l, loss_p + lp
+    metrics['loss'] = loss
+    if method.sharpness.active:
+      metrics['perturbed_loss'] = loss_p
+    return grads, _average_states(states, shares), metrics
+
+  return objective

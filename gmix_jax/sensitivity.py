@@ -1,0 +1,152 @@
+"""Per-example sharpness-sensitivity s_i (METHODS.md § 3).
+
+s_i measures how much example i's loss rises when the weights move a
+distance ρ in the direction that hurts that example most — the "vmapped SAM
+perturbations" of the G-Mix design. BG-Mix and DG-Mix split the batch by it.
+
+Estimators (``SensitivityConfig.estimator``):
+  * ``per_example``: ε_i = ρ ∇ℓ_i / (‖∇ℓ_i‖ + eps_norm),  s_i = ℓ_i(w+ε_i) − ℓ_i(w),
+    vmapped over the examples of a chunk, ``lax.map`` over chunks, so peak
+    memory grows with ``chunk`` and not with the batch.
+  * ``first_order``: s_i = ρ ‖∇ℓ_i(w)‖, the first-order value of the above
+    (ℓ_i(w+ε_i) − ℓ_i(w) = ρ‖∇ℓ_i‖ + O(ρ²)).
+  * ``shared`` (ESAM's selection rule): s_i = ℓ_i(w+ε) − ℓ_i(w) with ε the
+    SAM perturbation of the clean batch's mean loss: no per-example gradients.
+  * ``stale``: the last s_i computed for that training example, looked up by
+    example index from a table the trainer refreshes every
+    ``refresh_every`` epochs (``refresh``/``lookup`` below).
+
+All passes run on the clean examples with ``train=False`` (BatchNorm uses its
+running statistics, so s_i does not depend on the other examples), under
+``stop_gradient``, and never update the model state.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+
+from gmix_jax import losses
+from gmix_jax import sharpness
+
+PyTree = Any
+ApplyFn = Callable[..., tuple[jax.Array, PyTree]]
+ESTIMATORS = ('per_example', 'first_order', 'shared', 'stale')
+
+
+@dataclasses.dataclass(frozen=True)
+class SensitivityConfig:
+  """Knobs of the sensitivity estimators.
+
+  Attributes:
+    estimator: one of ``ESTIMATORS`` (default ``per_example``).
+    rho: radius of the per-example perturbation; ``None`` uses the method's
+      sharpness ρ.
+    chunk: examples per vmapped chunk for ``per_example``/``first_order``;
+      0 = the whole per-device batch in one chunk. Must divide the batch.
+      Results do not depend on it, only peak memory does.
+    refresh_every: epochs between refreshes of the ``stale`` table.
+  """
+  estimator: str = 'per_example'
+  rho: Optional[float] = None
+  chunk: int = 0
+  refresh_every: int = 1
+
+  def __post_init__(self):
+    if self.estimator not in ESTIMATORS:
+      raise ValueError(f'sensitivity.estimator must be one of {ESTIMATORS}, '
+                       f'got {self.estimator!r}')
+    if self.rho is not None and not self.rho >= 0:
+      raise ValueError(f'sensitivity.rho must be >= 0, got {self.rho}')
+    if self.chunk < 0:
+      raise ValueError(f'sensitivity.chunk must be >= 0 (0 = whole batch), got {self.chunk}')
+    if self.refresh_every < 1:
+      raise ValueError(f'sensitivity.refresh_every must be >= 1, got {self.refresh_every}')
+
+
+def _example_loss(apply_fn: ApplyFn, model_state: PyTree):
+  """ℓ_i(w) for one example (no batch axis), evaluated with running stats."""
+  def loss(params, x, y):
+    logits, _ = apply_fn(params, model_state, x[None], False)
+    return losses.soft_cross_entropy(logits, y[None])[0]
+  return loss
+
+
+def _chunked_vmap(fn, chunk: int, *arrays):
+  """``vmap(fn)`` over the leading axis, evaluated ``chunk`` rows at a time."""
+  n = arrays[0].shape[0]
+  if chunk == 0 or chunk >= n:
+    return jax.vmap(fn)(*arrays)
+  if n % chunk:
+    raise ValueError(f'sensitivity.chunk={chunk} must divide the per-device batch {n}')
+  split = [a.reshape((n // chunk, chunk) + a.shape[1:]) for a in arrays]
+  out = jax.lax.map(lambda xs: jax.vmap(fn)(*xs), split)
+  return out.reshape((n,) + out.shape[2:])
+
+
+def per_example(apply_fn: ApplyFn, params: PyTree, model_state: PyTree,
+                x: jax.Array, y: jax.Array, rho, chunk: int = 0) -> jax.Array:
+  """s_i = ℓ_i(w + ε_i) − ℓ_i(w) with ε_i the SAM perturbation of ℓ_i alone."""
+  loss = _example_loss(apply_fn, model_state)
+  params = jax.lax.stop_gradient(params)
+
+  def one(xi, yi):
+    value, grad = jax.value_and_grad(loss)(params, xi, yi)
+    eps = sharpness.sam_perturbation(grad, rho)
+    return loss(sharpness.add(params, eps), xi, yi) - value
+
+  return _chunked_vmap(one, chunk, x, y)
+
+
+def first_order(apply_fn: ApplyFn, params: PyTree, model_state: PyTree,
+                x: jax.Array, y: jax.Array, rho, chunk: int = 0) -> jax.Array:
+  """s_i = ρ ‖∇ℓ_i(w)‖ (vmapped per-example gradient norms)."""
+  loss = _example_loss(apply_fn, model_state)
+  params = jax.lax.stop_gradient(params)
+  one = lambda xi, yi: rho * sharpness.global_norm(jax.grad(loss)(params, xi, yi))
+  return _chunked_vmap(one, chunk, x, y)
+
+
+def shared(apply_fn: ApplyFn, params: PyTree, model_state: PyTree,
+           x: jax.Array, y: jax.Array, rho) -> jax.Array:
+  """s_i = ℓ_i(w + ε) − ℓ_i(w), ε = SAM perturbation of the clean batch loss."""
+  params = jax.lax.stop_gradient(params)
+
+  def batch_losses(p):
+    logits, _ = apply_fn(p, model_state, x, False)
+    per_ex = losses.soft_cross_entropy(logits, y)
+    return jnp.mean(per_ex), per_ex
+
+  grad, clean = jax.grad(batch_losses, has_aux=True)(params)
+  _, perturbed = batch_losses(sharpness.add(params, sharpness.sam_perturbation(grad, rho)))
+  return perturbed - clean
+
+
+def scores(config: SensitivityConfig, apply_fn: ApplyFn, params: PyTree,
+           model_state: PyTree, x: jax.Array, y: jax.Array, rho,
+           stale_scores: Optional[jax.Array] = None) -> jax.Array:
+  """s ``[B]`` by ``config.estimator``; ``stale`` returns ``stale_scores``."""
+  if config.estimator == 'stale':
+    if stale_scores is None:
+      raise ValueError("sensitivity.estimator='stale' needs the batch's looked-up "
+                       "scores (batch['score'])")
+    s = stale_scores
+  elif config.estimator == 'per_example':
+    s = per_example(apply_fn, params, model_state, x, y, rho, config.chunk)
+  elif config.estimator == 'first_order':
+    s = first_order(apply_fn, params, model_state, x, y, rho, config.chunk)
+  else:
+    s = shared(apply_fn, params, model_state, x, y, rho)
+  return jax.lax.stop_gradient(s.astype(jnp.promote_types(s.dtype, jnp.float32)))
+
+
+def lookup(table: jax.Array, index: jax.Array) -> jax.Array:
+  """Stale scores of the batch's examples: ``table[index]``."""
+  return table[index]
+
+
+def refresh(table: jax.Array, index: jax.Array, new_scores: jax.Array) -> jax.Array:
+  """Write fresh scores of the examples ``index`` into the stale table."""
+  return table.at[index].set(new_scores.astype(table.dtype))

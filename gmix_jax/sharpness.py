@@ -1,0 +1,201 @@
+"""Sharpness rules: the pure math of SAM and its variants (METHODS.md § 2).
+
+A sharpness rule turns the gradient g = ∇L(w) into a perturbation ε, and the
+gradient at the perturbed point g_p = ∇L(w + ε) into the update direction:
+
+  SAM  (Foret et al. 2021)   ε = ρ g / (‖g‖ + eps_norm);                update g_p
+  ASAM (Kwon et al. 2021)    T = |w| + η;  ε = ρ T² g / (‖T g‖ + eps_norm);  update g_p
+  GSAM (Zhuang et al. 2022)  ε as SAM; g = g_∥ + g_⊥ relative to g_p;  update g_p − α g_⊥
+  ESAM-SWP (Du et al. 2022)  each tensor kept with probability β, m ∈ {0,1};
+                             ε = (ρ/β) m⊙g / (‖m⊙g‖ + eps_norm);         update g_p
+
+‖·‖ is the global L2 norm over the whole pytree and eps_norm = 1e-12 keeps a
+zero gradient finite (optax's ``contrib.normalize`` divides by a zero norm).
+
+These functions are shared by the objectives (``gmix_jax.objectives``) and
+the Optax transforms (``gmix_jax.transforms``): the math lives only here.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Optional, Union
+
+import jax
+import jax.numpy as jnp
+
+PyTree = Any
+EPS_NORM = 1e-12
+
+RULES = ('none', 'sam', 'asam', 'gsam', 'esam')
+# ρ defaults differ per rule: ASAM's ρ lives in the rescaled space T⁻¹ε.
+DEFAULT_RHO = {'none': 0.0, 'sam': 0.05, 'asam': 0.5, 'gsam': 0.05, 'esam': 0.05}
+M_MODES = ('device', 'global')
+
+
+def _wide(x: jax.Array) -> jax.Array:
+  """x in at least float32, so bf16 leaves do not lose the norm to rounding."""
+  return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
+def _tree_dot(a: PyTree, b: PyTree) -> jax.Array:
+  leaves = jax.tree.leaves(jax.tree.map(lambda x, y: jnp.sum(_wide(x) * _wide(y)), a, b))
+  return sum(leaves, jnp.zeros((), jnp.float32))
+
+
+def global_norm(tree: PyTree) -> jax.Array:
+  """‖tree‖₂ over all leaves, accumulated in (at least) float32."""
+  return jnp.sqrt(sum((jnp.sum(jnp.square(_wide(x))) for x in jax.tree.leaves(tree)),
+                      jnp.zeros((), jnp.float32)))
+
+
+def scale(tree: PyTree, s: jax.Array) -> PyTree:
+  """s·tree, keeping each leaf's dtype."""
+  return jax.tree.map(lambda x: (s * x).astype(x.dtype), tree)
+
+
+def normalize(tree: PyTree, eps: float = EPS_NORM) -> PyTree:
+  """tree / (‖tree‖ + eps): a unit vector, or exactly zero for a zero tree."""
+  return scale(tree, 1.0 / (global_norm(tree) + eps))
+
+
+def add(a: PyTree, b: PyTree) -> PyTree:
+  return jax.tree.map(lambda x, y: (x + y).astype(x.dtype), a, b)
+
+
+def sam_perturbation(grads: PyTree, rho, eps: float = EPS_NORM) -> PyTree:
+  """ε = ρ g / (‖g‖ + eps)."""
+  return scale(grads, rho / (global_norm(grads) + eps))
+
+
+def asam_perturbation(grads: PyTree, params: PyTree, rho, eta: float = 0.01,
+                      eps: float = EPS_NORM) -> PyTree:
+  """ASAM's adaptive ε = ρ T² g / (‖T g‖ + eps) with T = |w| + η elementwise."""
+  t = jax.tree.map(lambda w: jnp.abs(w) + eta, params)
+  tg = jax.tree.map(lambda ti, g: ti * g, t, grads)
+  norm = global_norm(tg)
+  return jax.tree.map(lambda ti, g: (rho * ti * ti * g / (norm + eps)).astype(g.dtype),
+                      t, grads)
+
+
+def esam_swp_perturbation(rng: jax.Array, grads: PyTree, rho, beta: float = 0.5,
+                          eps: float = EPS_NORM) -> PyTree:
+  """ESAM's stochastic weight perturbation.
+
+  Each parameter tensor is kept in the ascent with probability β (one
+  Bernoulli draw per leaf); ε is the SAM perturbation of the kept part,
+  scaled by 1/β: ε = (ρ/β) m⊙g / (‖m⊙g‖ + eps). β = 1 is SAM.
+  """
+  leaves, treedef = jax.tree.flatten(grads)
+  keep = jax.random.bernoulli(rng, beta, (len(leaves),))
+  kept = treedef.unflatten([g * keep[i].astype(g.dtype) for i, g in enumerate(leaves)])
+  return sam_perturbation(kept, rho / beta, eps)
+
+
+def gsam_combine(grads: PyTree, perturbed_grads: PyTree, alpha,
+                 eps: float = EPS_NORM) -> PyTree:
+  """GSAM's update g_p − α g_⊥, where g_⊥ = g − (⟨g, g_p⟩/‖g_p‖²) g_p."""
+  coef = _tree_dot(grads, perturbed_grads) / (jnp.square(global_norm(perturbed_grads)) + eps)
+  return jax.tree.map(
+      lambda g, gp: (gp - alpha * (g - coef * gp)).astype(gp.dtype),
+      grads, perturbed_grads)
+
+
+@dataclasses.dataclass(frozen=True)
+class SharpnessRule:
+  """A sharpness rule and its knobs (METHODS.md § 2).
+
+  Attributes:
+    name: one of ``RULES``; ``'none'`` means a plain gradient (one pass).
+    rho: perturbation radius ρ; ``None`` takes ``DEFAULT_RHO[name]``
+      (SAM/GSAM/ESAM 0.05, ASAM 0.5).
+    asam_eta: ASAM's η in T = |w| + η.
+    gsam_alpha: GSAM's α (α = 0 is SAM). 0.1 is within the range the GSAM
+      paper tunes over; not given by METHODS.md.
+    esam_beta: ESAM-SWP's keep probability β (β = 1 is SAM); 0.5 as in ESAM.
+    m: the group the ascent gradient is computed on (m-sharpness):
+      ``'device'`` (the per-device batch, default), ``'global'`` (the ascent
+      gradient is all-reduced over the data axis first) or a positive int m
+      (groups of m examples, each with its own ε; m must divide the batch).
+  """
+  name: str = 'sam'
+  rho: Optional[float] = None
+  asam_eta: float = 0.01
+  gsam_alpha: float = 0.1
+  esam_beta: float = 0.5
+  m: Union[str, int] = 'device'
+
+  def __post_init__(self):
+    # Numeric knobs are checked when they are Python numbers; arrays (e.g.
+    # from optax.inject_hyperparams) are the caller's responsibility.
+    number = lambda v: isinstance(v, (int, float))
+    if self.name not in RULES:
+      raise ValueError(f'sharpness.rule must be one of {RULES}, got {self.name!r}')
+    if number(self.rho) and not self.rho >= 0:
+      raise ValueError(f'sharpness.rho must be >= 0, got {self.rho}')
+    if number(self.esam_beta) and not 0 < self.esam_beta <= 1:
+      raise ValueError(f'sharpness.esam_beta must be in (0, 1], got {self.esam_beta}')
+    if number(self.asam_eta) and self.asam_eta < 0:
+      raise ValueError(f'sharpness.asam_eta must be >= 0, got {self.asam_eta}')
+    if isinstance(self.m, str):
+      if self.m not in M_MODES:
+        raise ValueError(f"sharpness.m must be 'device', 'global' or a positive int, got {self.m!r}")
+    elif not (isinstance(self.m, int) and self.m > 0):
+      raise ValueError(f"sharpness.m must be 'device', 'global' or a positive int, got {self.m!r}")
+
+  @property
+  def active(self) -> bool:
+    return self.name != 'none'
+
+  @property
+  def radius(self) -> float:
+    return DEFAULT_RHO[self.name] if self.rho is None else self.rho
+
+
+def perturbation(rule: SharpnessRule, grads: PyTree, params: PyTree,
+                 rng: Optional[jax.Array] = None, rho=None) -> PyTree:
+  """ε for ``rule`` from the ascent gradient; ``rho`` overrides ``rule.radius``."""
+  rho = rule.radius if rho is None else rho
+  if rule.name in ('sam', 'gsam'):
+    return sam_perturbation(grads, rho)
+  if rule.name == 'asam':
+    return asam_perturbation(grads, params, rho, rule.asam_eta)
+  if rule.name == 'esam':
+    if rng is None:
+      raise ValueError("sharpness.rule='esam' needs an rng for its weight mask")
+    return esam_swp_perturbation(rng, grads, rho, rule.esam_beta)
+  raise ValueError(f'sharpness rule {rule.name!r} has no perturbation')
+
+
+def combine(rule: SharpnessRule, grads: PyTree, perturbed_grads: PyTree) -> PyTree:
+  """The update direction from g = ∇L(w) and g_p = ∇L(w + ε)."""
+  if rule.name == 'gsam':
+    return gsam_combine(grads, perturbed_grads, rule.gsam_alpha)
+  return perturbed_grads
+
+
+def sharpness_gradient(rule: SharpnessRule,
+                       grad_fn: Callable[[PyTree], tuple[PyTree, Any]],
+                       params: PyTree, grads: PyTree, *,
+                       rng: Optional[jax.Array] = None, rho=None,
+                       axis_name: Optional[str] = None) -> tuple[PyTree, Any]:
+  """One ascent-descent step: returns (update direction, aux at w + ε).
+
+  Args:
+    rule: the sharpness rule.
+    grad_fn: ``params -> (grads, aux)`` of the same loss that produced
+      ``grads``; called once, at w + ε.
+    params: w.
+    grads: g = ∇L(w), already computed by the caller (its first pass also
+      gives BatchNorm state and metrics, so it is not recomputed here).
+    rng: for ESAM's mask.
+    rho: overrides ``rule.radius`` (e.g. a schedule value).
+    axis_name: when ``rule.m == 'global'``, the ascent gradient is averaged
+      over this axis before ε is formed, so every device uses one ε.
+  """
+  if rule.m == 'global':
+    if axis_name is None:
+      raise ValueError("sharpness.m='global' needs the data-parallel axis name")
+    grads = jax.lax.pmean(grads, axis_name)
+  eps = perturbation(rule, grads, params, rng, rho)
+  perturbed_grads, aux = grad_fn(add(params, eps))
+  return combine(rule, grads, perturbed_grads), aux

@@ -1,0 +1,132 @@
+"""Sharpness rules as Optax transformations (METHODS.md § 2 and § 5).
+
+Each factory returns an ``optax.GradientTransformationExtraArgs`` whose
+``update`` receives, besides the gradient g = ∇L(w) and the params w, the
+gradient function as the keyword ``grad_fn`` — the calling convention of
+``optax.contrib.sam`` in opaque mode: ``grad_fn(params, i) -> grads``. It
+returns the sharpness-aware direction (g_p, or GSAM's g_p − α g_⊥), so it
+chains in front of any Optax optimizer::
+
+  >>> import jax, jax.numpy as jnp, optax
+  >>> from gmix_jax import transforms
+  >>> loss = lambda w: jnp.sum((w - 3.0) ** 2)
+  >>> opt = optax.chain(transforms.sam(rho=0.05), optax.sgd(0.1))
+  >>> w = jnp.zeros(2); state = opt.init(w)
+  >>> for _ in range(50):
+  ...   g = jax.grad(loss)(w)
+  ...   u, state = opt.update(g, state, w, grad_fn=lambda p, _: jax.grad(loss)(p))
+  ...   w = optax.apply_updates(w, u)
+  >>> bool(jnp.allclose(w, 3.0, atol=1e-2))
+  True
+
+Put the sharpness transform first in the chain: it must see the raw
+gradient. The math is ``gmix_jax.sharpness``'s, shared with the objectives.
+
+Data parallel: with ``batch_axis_name`` the perturbed gradient is averaged
+over that axis (like ``optax.contrib.sam``'s), and with ``global_ascent=True``
+the ascent gradient is averaged first, so all devices share one ε (global
+m-sharpness). Without it each device perturbs with its own gradient.
+"""
+from __future__ import annotations
+
+from typing import Callable, NamedTuple, Optional, Union
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from gmix_jax import sharpness
+
+Schedule = Callable[[jax.Array], jax.Array]
+ScalarOrSchedule = Union[float, jax.Array, Schedule]
+
+
+class SharpnessState(NamedTuple):
+  """State of every sharpness transform.
+
+  Attributes:
+    count: updates taken so far (int32); evaluates a ρ schedule.
+    rng: raw PRNG key data (uint32 [2]) for ESAM's random weight mask; carried
+      by every rule so the state has one structure (stable under ``lax.cond``).
+  """
+  count: jax.Array
+  rng: jax.Array
+
+
+def sharpness_aware(rule: sharpness.SharpnessRule, rho: ScalarOrSchedule, *,
+                    batch_axis_name: Optional[str] = None,
+                    global_ascent: bool = False,
+                    seed: int = 0) -> optax.GradientTransformationExtraArgs:
+  """The generic sharpness transform for ``rule`` with radius ``rho``.
+
+  ``rho`` may be a float or a schedule ``count -> ρ`` (GSAM lets ρ follow the
+  learning-rate schedule).
+  """
+  if global_ascent and batch_axis_name is None:
+    raise ValueError('global_ascent=True needs batch_axis_name')
+  rule = sharpness.SharpnessRule(
+      rule.name, None, rule.asam_eta, rule.gsam_alpha, rule.esam_beta,
+      'global' if global_ascent else 'device')
+
+  def init_fn(params):
+    del params
+    return SharpnessState(count=jnp.zeros((), jnp.int32),
+                          rng=jax.random.key_data(jax.random.PRNGKey(seed)))
+
+  def update_fn(updates, state, params=None, *, grad_fn=None, **extra_args):
+    del extra_args
+    if params is None or grad_fn is None:
+      raise ValueError(f'the {rule.name} transform needs params and grad_fn=(params, i) -> grads')
+    key, next_key = jax.random.split(jax.random.wrap_key_data(state.rng))
+    rho_t = rho(state.count) if callable(rho) else rho
+    direction, _ = sharpness.sharpness_gradient(
+        rule, lambda p: (grad_fn(p, 0), None), params, updates,
+        rng=key, rho=rho_t, axis_name=batch_axis_name)
+    if batch_axis_name is not None:
+      direction = jax.lax.pmean(direction, batch_axis_name)
+    direction = jax.tree.map(lambda d, u: d.astype(u.dtype), direction, updates)
+    return direction, SharpnessState(optax.safe_increment(state.count),
+                                     jax.random.key_data(next_key))
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+# The factories spell out their keyword arguments (no **kwargs) because
+# optax.inject_hyperparams reads the signature to find the hyperparameters.
+def sam(rho: ScalarOrSchedule = 0.05, *, batch_axis_name: Optional[str] = None,
+        global_ascent: bool = False) -> optax.GradientTransformationExtraArgs:
+  """SAM (Foret et al. 2021, arXiv:2010.01412): ε = ρ g/‖g‖, update ∇L(w+ε)."""
+  return sharpness_aware(sharpness.SharpnessRule('sam'), rho,
+                         batch_axis_name=batch_axis_name, global_ascent=global_ascent)
+
+
+def asam(rho: ScalarOrSchedule = 0.5, eta: float = 0.01, *,
+         batch_axis_name: Optional[str] = None,
+         global_ascent: bool = False) -> optax.GradientTransformationExtraArgs:
+  """ASAM (Kwon et al. 2021, arXiv:2102.11600): ε = ρ T²g/‖Tg‖, T = |w| + η."""
+  return sharpness_aware(sharpness.SharpnessRule('asam', asam_eta=eta), rho,
+                         batch_axis_name=batch_axis_name, global_ascent=global_ascent)
+
+
+def gsam(rho: ScalarOrSchedule = 0.05, alpha: float = 0.1, *,
+         batch_axis_name: Optional[str] = None,
+         global_ascent: bool = False) -> optax.GradientTransformationExtraArgs:
+  """GSAM (Zhuang et al. 2022, arXiv:2203.08065): update g_p − α g_⊥.
+
+  Pass a schedule as ``rho`` to let ρ follow the learning rate, e.g.
+  ``rho=lambda t: rho_max * lr_schedule(t) / lr_max``.
+  """
+  return sharpness_aware(sharpness.SharpnessRule('gsam', gsam_alpha=alpha), rho,
+                         batch_axis_name=batch_axis_name, global_ascent=global_ascent)
+
+
+def esam(rho: ScalarOrSchedule = 0.05, beta: float = 0.5, *,
+         batch_axis_name: Optional[str] = None, global_ascent: bool = False,
+         seed: int = 0) -> optax.GradientTransformationExtraArgs:
+  """ESAM's stochastic weight perturbation (Du et al. 2022, arXiv:2110.03141).
+
+  ``seed`` starts the key of the per-tensor keep mask, carried in the state.
+  """
+  return sharpness_aware(sharpness.SharpnessRule('esam', esam_beta=beta), rho,
+                         batch_axis_name=batch_axis_name, global_ascent=global_ascent,
+                         seed=seed)
