@@ -24,10 +24,14 @@ def soft_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
 
 
 def as_soft_labels(labels: jax.Array, num_classes: int) -> jax.Array:
-  """Integer labels ``[B]`` → one-hot ``[B, C]``; ``[B, C]`` passes through."""
+  """Integer labels ``[B]`` → one-hot ``[B, C]``; ``[B, C]`` passes through.
+
+  The dtype is JAX's default float (float32, or float64 under x64).
+  """
+  dtype = jnp.result_type(float)
   if labels.ndim == 1:
-    return jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)
-  return labels.astype(jnp.float32)
+    return jax.nn.one_hot(labels, num_classes, dtype=dtype)
+  return labels.astype(jnp.promote_types(labels.dtype, dtype))
 
 
 def weighted_loss(logits: jax.Array, labels: jax.Array,

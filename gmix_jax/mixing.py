@@ -67,8 +67,8 @@ def interpolate(x: jax.Array, y: jax.Array, lam: jax.Array,
   xa, xb = x[index_a], x[index_b]
   ya, yb = y[index_a], y[index_b]
   x_mix = _per_row(lam, xa) * xa + (1 - _per_row(lam, xa)) * xb
-  y_mix = lam[:, None] * ya + (1 - lam[:, None]) * yb
-  return Mixed(x_mix, y_mix, lam, index_a, index_b)
+  lam_y = lam[:, None].astype(y.dtype)
+  return Mixed(x_mix, lam_y * ya + (1 - lam_y) * yb, lam, index_a, index_b)
 
 
 def identity(rng: jax.Array, x: jax.Array, y: jax.Array) -> Mixed:

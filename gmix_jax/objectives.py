@@ -219,7 +219,8 @@ def _rows(x, y, share: float) -> Optional[tuple]:
   """(x, y, uniform weights summing to ``share``), or None if empty."""
   if x.shape[0] == 0:
     return None
-  return x, y, jnp.full((x.shape[0],), share / x.shape[0], jnp.float32)
+  dtype = jnp.promote_types(x.dtype, jnp.float32)
+  return x, y, jnp.full((x.shape[0],), share / x.shape[0], dtype)
 
 
 def _mix_first(policy, rng, x, y, first: jax.Array, rest: jax.Array,
