@@ -13,7 +13,7 @@ VENV_PY  := $(VENV)/bin/python
 STAMP    := $(VENV)/.gmix_jax-installed
 CONFIG   ?= configs/default.py
 WORKDIR  ?= workdirs/default
-PYTEST_ARGS ?=
+PYTEST_ARGS ?= -n 2
 
 .PHONY: venv test demo clean
 

@@ -44,3 +44,20 @@ def accuracy(logits: jax.Array, labels: jax.Array) -> jax.Array:
   """Fraction of examples whose arg-max logit matches the arg-max label."""
   target = labels if labels.ndim == 1 else jnp.argmax(labels, axis=-1)
   return jnp.mean(jnp.argmax(logits, axis=-1) == target)
+
+
+def expected_calibration_error(logits: jax.Array, labels: jax.Array,
+                               num_bins: int = 15) -> jax.Array:
+  """ECE (Guo et al. 2017): Σ_bins (n_b/N) |acc_b − conf_b|.
+
+  Confidence = max softmax probability; equal-width bins on (0, 1].
+  ``labels`` are integer classes ``[N]``.
+  """
+  probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+  conf = jnp.max(probs, axis=-1)
+  correct = (jnp.argmax(probs, axis=-1) == labels).astype(jnp.float32)
+  bins = jnp.clip(jnp.ceil(conf * num_bins).astype(jnp.int32) - 1, 0, num_bins - 1)
+  count = jnp.zeros(num_bins).at[bins].add(1.0)
+  acc_sum = jnp.zeros(num_bins).at[bins].add(correct)
+  conf_sum = jnp.zeros(num_bins).at[bins].add(conf)
+  return jnp.sum(jnp.abs(acc_sum - conf_sum)) / jnp.maximum(jnp.sum(count), 1.0)

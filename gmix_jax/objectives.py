@@ -189,10 +189,28 @@ PRESETS: dict[str, dict] = {
 
 
 def get_method(name: str, num_classes: int, **overrides) -> Method:
-  """A preset by name, with any of its four configs replaced."""
+  """A preset by name, with any of its four configs replaced or amended.
+
+  Each override is a config instance (replaces the preset's) or a dict of
+  field values (applied on top of the preset's), e.g.
+  ``get_method('bgmix', 10, partition={'gamma': 0.25})``.
+  """
   if name not in PRESETS:
     raise ValueError(f'method.name must be one of {sorted(PRESETS)}, got {name!r}')
-  return Method(num_classes=num_classes, **{**PRESETS[name], **overrides})
+  fields = {'mixing': MixingConfig(), 'sharpness': sharpness.SharpnessRule('none'),
+            'partition': PartitionConfig(), 'sensitivity': sensitivity.SensitivityConfig(),
+            **PRESETS[name]}
+  for key, value in overrides.items():
+    if key not in fields:
+      raise ValueError(f'method overrides must be among {sorted(fields)}, got {key!r}')
+    if isinstance(value, Mapping):
+      unknown = set(value) - {f.name for f in dataclasses.fields(fields[key])}
+      if unknown:
+        raise ValueError(f'unknown method.{key} field(s) {sorted(unknown)}; valid: '
+                         f'{[f.name for f in dataclasses.fields(fields[key])]}')
+      value = dataclasses.replace(fields[key], **value)
+    fields[key] = value
+  return Method(num_classes=num_classes, **fields)
 
 
 # ----------------------------------------------------------------------------

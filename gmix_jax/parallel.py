@@ -56,7 +56,8 @@ class TrainState(struct.PyTreeNode):
     rng: raw key data (``jax.random.key_data``), so a checkpoint holds no
       typed keys. Never advanced: each step's key is derived from ``step``.
     scores: float32 ``[num_train]`` stale sensitivity table (refreshed by the
-      trainer, read with ``use_stale_scores``); shape ``(0,)`` when unused.
+      trainer, read with ``use_stale_scores``); shape ``(1,)`` when unused (Orbax
+      cannot save a zero-size array).
   """
   step: jax.Array
   params: PyTree
@@ -76,7 +77,7 @@ def create_train_state(params: PyTree, model_state: PyTree,
       opt_state=optimizer.init(params),
       model_state=model_state,
       rng=jax.random.key_data(jax.random.key(rng_seed)),
-      scores=jnp.zeros((num_train,), jnp.float32))
+      scores=jnp.zeros((max(num_train, 1),), jnp.float32))
 
 
 def step_key(rng: jax.Array, step: jax.Array, axis_name: str) -> jax.Array:

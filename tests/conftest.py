@@ -21,3 +21,29 @@ def x64():
     from jax.experimental import enable_x64 as ctx
   with ctx(True):
     yield
+
+
+@pytest.fixture
+def mock_tfds(monkeypatch):
+  """`tfds.testing.mock_data` with a fixed batched read.
+
+  In tfds 4.9.10 the mock assigns ``__getitems__`` as a plain attribute of
+  a MagicMock, so it is called without ``self`` and fails; ``__getitem__``
+  is a supported magic method and works. Patch the helper it wraps.
+  """
+  import tensorflow_datasets as tfds
+  from tensorflow_datasets.testing import mocking
+
+  def getitems(*args, generator, serialized=False):
+    del serialized  # args: (record_keys,) now, (self, record_keys) once fixed
+    return [generator[k] for k in args[-1]]
+
+  monkeypatch.setattr(mocking, '_getitems', getitems)
+  with tfds.testing.mock_data(num_examples=12,
+                              policy=tfds.testing.MockPolicy.USE_CODE):
+    yield
+
+
+# configs/ is imported as a package by the end-to-end tests.
+import sys  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -24,27 +24,6 @@ from gmix_jax.data import tfds_source
 # ----------------------------------------------------------------------------
 
 
-@pytest.fixture
-def mock_tfds(monkeypatch):
-  """`tfds.testing.mock_data` with a fixed batched read.
-
-  In tfds 4.9.10 the mock assigns ``__getitems__`` as a plain attribute of
-  a MagicMock, so it is called without ``self`` and fails; ``__getitem__``
-  is a supported magic method and works. Patch the helper it wraps.
-  """
-  import tensorflow_datasets as tfds
-  from tensorflow_datasets.testing import mocking
-
-  def getitems(*args, generator, serialized=False):
-    del serialized  # args: (record_keys,) now, (self, record_keys) once fixed
-    return [generator[k] for k in args[-1]]
-
-  monkeypatch.setattr(mocking, '_getitems', getitems)
-  with tfds.testing.mock_data(num_examples=12,
-                              policy=tfds.testing.MockPolicy.USE_CODE):
-    yield
-
-
 @pytest.mark.parametrize('name,shape,num_classes', [
     ('cifar10', (32, 32, 3), 10),
     ('cifar100', (32, 32, 3), 100),

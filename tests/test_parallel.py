@@ -81,7 +81,7 @@ def test_state_and_batch_helpers():
   state = fresh_state(optax.sgd(0.1), num_train=10)
   assert state.step.dtype == jnp.int32 and state.step.shape == ()
   assert state.rng.dtype == jnp.uint32 and state.scores.shape == (10,)
-  assert fresh_state(optax.sgd(0.1)).scores.shape == (0,)
+  assert fresh_state(optax.sgd(0.1)).scores.shape == (1,)
 
   rep = parallel.replicate(state, N_DEV, AXIS)
   assert rep.params['w1'].shape == (N_DEV,) + state.params['w1'].shape

@@ -1,0 +1,91 @@
+"""Shared defaults for every experiment config (not an experiment itself).
+
+Each field is documented where it is set. Experiment files start from
+``base()`` and change what their experiment needs; any field can be changed
+on the command line: ``--config.method.partition.gamma=0.25``.
+"""
+import ml_collections
+from ml_collections.config_dict import placeholder
+
+
+def method(name: str) -> ml_collections.ConfigDict:
+  """A method preset (gmix_jax.objectives.PRESETS) and its overridable knobs.
+
+  Knobs left at None keep the preset's / METHODS.md's default.
+  """
+  # A fresh placeholder per field: a shared FieldReference would tie fields together.
+  s, f, i = (lambda: placeholder(str)), (lambda: placeholder(float)), (lambda: placeholder(int))
+  return ml_collections.ConfigDict({
+      'name': name,
+      'mixing': {'policy': s(), 'alpha': f(), 'lam_mode': s(), 'k': i(), 'budget': s()},
+      'sharpness': {'rule': s(), 'rho': f(), 'asam_eta': f(), 'gsam_alpha': f(), 'esam_beta': f(),
+                    'm': s()},             # 'device' | 'global' | a group size such as '32'
+      'partition': {'rule': s(), 'gamma': f(), 'bgmix_rule': s(), 'mix_subset': s(),
+                    'partners': s(), 'rho_plus': f(), 'rho_minus': f()},
+      'sensitivity': {'estimator': s(), 'rho': f(), 'chunk': i(), 'refresh_every': i()},
+  })
+
+
+def base() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+
+  c.dataset = ml_collections.ConfigDict()
+  c.dataset.name = 'mnist_subset'          # see gmix_jax.data.DATASET_NAMES
+  c.dataset.data_dir = 'data'              # tfds data dir; offline sets are prepared here
+  c.dataset.download = False               # let tfds download (needs internet + TensorFlow)
+  c.dataset.examples_per_class = placeholder(int)  # limited-data regime: int, or None for all
+  c.dataset.train_fraction = placeholder(float)   # or a fraction of the training set
+  c.dataset.augment = False                # random crop (pad 4) + flip, on device
+
+  c.model = ml_collections.ConfigDict()
+  c.model.name = 'cnn'                     # see gmix_jax.models.MODELS
+  c.model.kwargs = ml_collections.ConfigDict()   # passed to the model constructor
+
+  c.method = method('gmix')
+
+  c.optimizer = ml_collections.ConfigDict()
+  c.optimizer.name = 'sgd'                 # 'sgd' (momentum, nesterov) | 'adam' | 'adamw'
+  c.optimizer.learning_rate = 0.05
+  c.optimizer.momentum = 0.9
+  c.optimizer.nesterov = True
+  c.optimizer.weight_decay = 5e-4          # decoupled: added to the update before the LR
+  c.optimizer.schedule = 'cosine'          # 'cosine' | 'constant'
+  c.optimizer.warmup_epochs = 0.0
+  c.optimizer.grad_clip = placeholder(float)  # global-norm clip, or None
+
+  c.batch_size = 128                       # global batch; divided over all devices
+  c.num_epochs = 10
+  c.eval_batch_size = 500
+  c.parallel = 'shard_map'                 # 'shard_map' (jit + shard_map) | 'pmap'
+  c.num_devices = placeholder(int)         # None = all local devices
+  c.log_every_steps = 20
+  c.checkpoint_every_steps = 500           # also at the end of every epoch
+  c.keep_checkpoints = 2
+  c.progress = True                        # tqdm bar with throughput and ETA
+  return c
+
+
+def cifar(method_name: str, dataset: str = 'cifar10', model: str = 'preact_resnet18') -> ml_collections.ConfigDict:
+  """The CIFAR recipe shared by the GPU/TPU configs.
+
+  200 epochs of SGD (momentum 0.9, nesterov, lr 0.1 for batch 128 scaled
+  linearly with the batch, cosine decay, weight decay 5e-4), random crop +
+  flip. Data: tfds ``cifar10``/``cifar100`` prepared as array_record in
+  ``dataset.data_dir`` (see README, "Data").
+  """
+  c = base()
+  c.dataset.name = dataset
+  c.dataset.data_dir = '~/tensorflow_datasets'
+  c.dataset.augment = True
+  c.model.name = model
+  c.method = method(method_name)
+  c.method.sensitivity.chunk = 32          # peak memory grows with the chunk, not the batch
+  c.batch_size = 128
+  c.num_epochs = 200
+  c.optimizer.learning_rate = 0.1
+  c.optimizer.weight_decay = 5e-4
+  c.eval_batch_size = 1000
+  c.log_every_steps = 100
+  c.checkpoint_every_steps = 2000
+  return c
