@@ -1,6 +1,6 @@
 """Compiled train-step time per method, relative to ERM, in one process.
 
-  python experiments/bench_step.py [--model cnn] [--batch 128] [--steps 30] [--devices 1]
+  python experiments/bench_step.py [--model cnn] [--batch 128] [--steps 30] [--devices 1] [--chunk 32]
 
 Same model, batch and optimizer for every method; the step is the library's
 own (`parallel.make_per_device_step` under `jit(shard_map)`), timed as the
@@ -57,6 +57,7 @@ def main():
   p.add_argument('--input', default='28,28,1')
   p.add_argument('--methods', default='erm,mixup,sam,gmix,bgmix,dgmix')
   p.add_argument('--estimators', default='per_example,first_order,shared,stale')
+  p.add_argument('--chunk', type=int, default=32, help='sensitivity.chunk (0 = whole batch)')
   p.add_argument('--out', default=None)
   a = p.parse_args()
   input_shape = tuple(int(v) for v in a.input.split(','))
@@ -66,7 +67,7 @@ def main():
   for name in a.methods.split(','):
     variants = [('', {})]
     if name in ('bgmix', 'dgmix'):
-      variants = [(f' ({e})', {'sensitivity': {'estimator': e, 'chunk': 32 if e in ('per_example', 'first_order') else 0}})
+      variants = [(f' ({e})', {'sensitivity': {'estimator': e, 'chunk': a.chunk if e in ('per_example', 'first_order') else 0}})
                   for e in a.estimators.split(',')]
     for suffix, overrides in variants:
       med, p90 = bench(name, module, input_shape, 10, a.batch, a.steps, a.devices, overrides)
@@ -75,11 +76,12 @@ def main():
   erm = next((r['median_ms'] for r in rows if r['method'] == 'erm'), None)
   sam = next((r['median_ms'] for r in rows if r['method'] == 'sam'), None)
   device = f'{jax.devices()[0].device_kind} x{a.devices} ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)'
-  print(f'\n{a.model} width {a.width}, batch {a.batch}, {device}, jax {jax.__version__}, median of {a.steps} steps\n')
+  print(f'\n{a.model} width {a.width}, batch {a.batch}, chunk {a.chunk}, {device}, jax {jax.__version__}, median of {a.steps} steps\n')
   print('| method | ms/step (median) | p90 | × ERM | × SAM |\n| --- | --- | --- | --- | --- |')
+  ratio = lambda v, ref: f'{v / ref:.2f}' if ref else 'n/a'
   for r in rows:
     print(f"| {r['method']} | {r['median_ms']:.1f} | {r['p90_ms']:.1f} | "
-          f"{r['median_ms'] / erm:.2f} | {r['median_ms'] / sam:.2f} |" if erm and sam else r)
+          f"{ratio(r['median_ms'], erm)} | {ratio(r['median_ms'], sam)} |")
   if a.out:
     with open(a.out, 'w') as f:
       json.dump({'device': device, 'args': vars(a), 'rows': rows}, f, indent=2)

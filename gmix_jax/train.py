@@ -290,7 +290,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if config.progress and lead:
     from tqdm import tqdm
     bar = tqdm(total=total_steps, initial=start_step, unit='step', dynamic_ncols=True)
-  history, pending, t_window, last_eval = [], [], time.time(), {}
+  history, pending, last_eval = [], [], {}
+  t_window, window_steps = time.time(), 0
   refresh_every = method.sensitivity.refresh_every
   for step in range(start_step, total_steps):
     epoch = step // steps_per_epoch
@@ -302,28 +303,33 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     batch = next(batches)
     state, metrics = step_fn(state, to_device(batch))
     pending.append(metrics)
+    window_steps += 1
     if (step + 1) % config.log_every_steps == 0 or step + 1 == total_steps:
       values = jax.device_get(pending)
       rec = {k: float(np.mean([np.mean(m[k]) for m in values])) for k in values[0]}
       dt = time.time() - t_window
       rec.update(split='train', step=step + 1, epoch=(step + 1) / steps_per_epoch,
-                 examples_per_sec=len(pending) * config.batch_size / max(dt, 1e-9))
+                 examples_per_sec=window_steps * config.batch_size / max(dt, 1e-9))
       writer.write(rec)
       if bar is not None:
         bar.set_postfix(loss=f"{rec['loss']:.3f}", ex_s=f"{rec['examples_per_sec']:.0f}",
                         **({'test_acc': f"{last_eval['accuracy']:.4f}"} if last_eval else {}))
-      pending, t_window = [], time.time()
+      pending, t_window, window_steps = [], time.time(), 0
     if bar is not None:
       bar.update(1)
     end_of_epoch = (step + 1) % steps_per_epoch == 0
     if end_of_epoch:
+      jax.block_until_ready(state)  # finish the epoch's steps: they count as training time
+      dt, steps_done = time.time() - t_window, window_steps
       s = host_state(state)
       last_eval = _evaluate(predict, s.params, s.model_state, ds.x_test, ds.y_test,
                             config.eval_batch_size)
       last_eval.update(split='test', step=step + 1, epoch=(step + 1) // steps_per_epoch)
       writer.write(last_eval)
       history.append(last_eval)
-      t_window = time.time()      # evaluation time is not training throughput
+      # Evaluation time is not training throughput: restart the window after it,
+      # crediting the steps finished before it.
+      t_window, window_steps = time.time() - dt, steps_done
     if end_of_epoch or (step + 1) % config.checkpoint_every_steps == 0 or step + 1 == total_steps:
       ckpt.save(step + 1, args=ocp.args.StandardSave(host_state(state)))
   ckpt.wait_until_finished()

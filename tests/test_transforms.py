@@ -172,3 +172,9 @@ def test_missing_grad_fn_is_a_clear_error():
   params = init_params()
   with pytest.raises(ValueError, match='grad_fn'):
     opt.update(params, opt.init(params), params)
+
+
+def test_module_docstring_example_runs():
+  import doctest
+  result = doctest.testmod(transforms, verbose=False)
+  assert result.attempted > 0 and result.failed == 0
