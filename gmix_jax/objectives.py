@@ -98,7 +98,8 @@ class PartitionConfig:
     bgmix_rule: which reading of BG-Mix (``binary`` only).
     mix_subset: which subset is mixed (``mix_one_subset`` and DG-Mix).
     partners: ``within_subset`` (partners from the mixed subset) or
-      ``whole_batch``.
+      ``whole_batch`` (``mix_one_subset`` and DG-Mix; ``sam_on_sensitive``
+      always mixes as G-Mix does, ``pair_within_subsets`` within subsets).
     rho_plus, rho_minus: DG-Mix's radii; ``None`` = the sharpness ρ.
   """
   rule: str = 'none'
@@ -241,23 +242,17 @@ def _rows(x, y, share: float) -> Optional[tuple]:
   return x, y, jnp.full((x.shape[0],), share / x.shape[0], dtype)
 
 
-def _mix_first(policy, rng, x, y, first: jax.Array, rest: jax.Array,
-               whole_batch: bool):
-  """Mixed rows whose first parent is in ``first``, and the ``rest`` indices.
+def _mix_by_first_parent(policy, rng, x, y, first: jax.Array, rest: jax.Array):
+  """Mix the whole batch, rows whose first parent is in ``first`` first.
 
-  Partners come from ``first`` only, or from the whole batch: then the policy
-  sees the batch reordered as [first, rest] and we keep the rows whose first
-  parent is among the first |first| — a static row count, since mixup, cutmix
-  and multi-mix (expand) emit R/B rows per first parent, consecutively.
+  The policy sees the batch reordered as [first, rest], so partners come from
+  the whole batch, and the rows whose first parent is in ``first`` are the
+  leading ``cut`` rows — a static count, since mixup, cutmix and multi-mix
+  (expand) emit R/B consecutive rows per first parent. Returns (x, y, cut).
   """
-  n = first.shape[0]
-  if not whole_batch:
-    m = policy(rng, x[first], y[first])
-    return m.x, m.y
   order = jnp.concatenate([first, rest])
   m = policy(rng, x[order], y[order])
-  per_example = m.x.shape[0] // x.shape[0]
-  return m.x[:n * per_example], m.y[:n * per_example]
+  return m.x, m.y, first.shape[0] * (m.x.shape[0] // x.shape[0])
 
 
 def _build_parts(method: Method, policy, x, y, split, rng) -> list[_Part]:
@@ -284,22 +279,24 @@ def _build_parts(method: Method, policy, x, y, split, rng) -> list[_Part]:
   if part_cfg.rule == 'binary' and part_cfg.bgmix_rule == 'sam_on_sensitive':
     # All rows mixed as in G-Mix; rows whose first parent is sensitive get
     # the sharpness rule, the others their plain gradient (ESAM's selection).
-    order = jnp.concatenate([plus, minus])
-    m = policy(rng, x[order], y[order])
-    cut = k * (m.x.shape[0] // b)
+    xm, ym, cut = _mix_by_first_parent(policy, rng, x, y, plus, minus)
     parts = []
     if k:
-      parts.append(_Part(*_rows(m.x[:cut], m.y[:cut], k / b), k / b, rule, rho))
+      parts.append(_Part(*_rows(xm[:cut], ym[:cut], k / b), k / b, rule, rho))
     if k < b:
-      parts.append(_Part(*_rows(m.x[cut:], m.y[cut:], (b - k) / b), (b - k) / b,
+      parts.append(_Part(*_rows(xm[cut:], ym[cut:], (b - k) / b), (b - k) / b,
                          sharpness.SharpnessRule('none'), 0.0))
     return parts
 
   # BG-Mix mix_one_subset and DG-Mix: subset A mixed, subset C clean.
   a_idx, c_idx = (plus, minus) if part_cfg.mix_subset == 'sensitive' else (minus, plus)
   mixed = None
-  if a_idx.shape[0]:
-    mixed = _rows(*_mix_first(policy, rng, x, y, a_idx, c_idx, whole), a_idx.shape[0] / b)
+  if a_idx.shape[0] and whole:
+    xm, ym, cut = _mix_by_first_parent(policy, rng, x, y, a_idx, c_idx)
+    mixed = _rows(xm[:cut], ym[:cut], a_idx.shape[0] / b)
+  elif a_idx.shape[0]:
+    m = policy(rng, x[a_idx], y[a_idx])
+    mixed = _rows(m.x, m.y, a_idx.shape[0] / b)
   clean = _rows(x[c_idx], y[c_idx], c_idx.shape[0] / b)
   if part_cfg.rule == 'binary':
     return [_Part(*_concat(mixed, clean), 1.0, rule, rho)]
