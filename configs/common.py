@@ -17,7 +17,8 @@ def method(name: str) -> ml_collections.ConfigDict:
   s, f, i = (lambda: placeholder(str)), (lambda: placeholder(float)), (lambda: placeholder(int))
   return ml_collections.ConfigDict({
       'name': name,
-      'mixing': {'policy': s(), 'alpha': f(), 'lam_mode': s(), 'k': i(), 'budget': s()},
+      'mixing': {'policy': s(), 'alpha': f(), 'lam_mode': s(), 'k': i(), 'budget': s(),
+                 'eta': f(), 'tau': f()},
       'sharpness': {'rule': s(), 'rho': f(), 'asam_eta': f(), 'gsam_alpha': f(), 'esam_beta': f(),
                     'm': s()},             # 'device' | 'global' | a group size such as '32'
       'partition': {'rule': s(), 'gamma': f(), 'bgmix_rule': s(), 'mix_subset': s(),
@@ -80,7 +81,7 @@ def cifar(method_name: str, dataset: str = 'cifar10', model: str = 'preact_resne
   c.dataset.augment = True
   c.model.name = model
   c.method = method(method_name)
-  c.method.sensitivity.chunk = 32          # peak memory grows with the chunk, not the batch
+  c.method.sensitivity.chunk = 16          # peak memory grows with the chunk; divides 128/8
   c.batch_size = 128
   c.num_epochs = 200
   c.optimizer.learning_rate = 0.1

@@ -61,3 +61,25 @@ def expected_calibration_error(logits: jax.Array, labels: jax.Array,
   acc_sum = jnp.zeros(num_bins).at[bins].add(correct)
   conf_sum = jnp.zeros(num_bins).at[bins].add(conf)
   return jnp.sum(jnp.abs(acc_sum - conf_sum)) / jnp.maximum(jnp.sum(count), 1.0)
+
+
+def mixupe_term(logits: jax.Array, labels: jax.Array, alpha: float,
+                tau: float) -> jax.Array:
+  """MixupE's extra term R on a clean forward pass (Zou et al. 2023, version 3).
+
+  r_i = ⟨f(x_i), y_i − p_i⟩ with p_i = softmax(f(x_i)), λ̄ = (α+1)/(2α+1) and
+  R = (1−λ̄)/B Σ_{i: r_i<τ} r_i (METHODS.md § 1). No stop-gradient on p_i:
+  METHODS.md states none.
+  """
+  dtype = jnp.promote_types(logits.dtype, jnp.float32)
+  logits = logits.astype(dtype)
+  r = jnp.sum(logits * (labels.astype(dtype) - jax.nn.softmax(logits, axis=-1)), axis=-1)
+  lam_bar = (alpha + 1.0) / (2.0 * alpha + 1.0)
+  return (1.0 - lam_bar) / logits.shape[0] * jnp.sum(jnp.where(r < tau, r, 0.0))
+
+
+def mixupe_rescale(mix_loss: jax.Array, term: jax.Array, eta: float) -> jax.Array:
+  """L = L_mix − ηR, rescaled by stop_grad(|L_mix|/|L|): the value equals
+  L_mix, only the gradient changes (MixupE's official recipe)."""
+  total = mix_loss - eta * term
+  return jax.lax.stop_gradient(jnp.abs(mix_loss) / jnp.abs(total)) * total

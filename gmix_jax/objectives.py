@@ -49,6 +49,7 @@ Objective = Callable[[PyTree, PyTree, Mapping[str, jax.Array], jax.Array],
                      tuple[PyTree, PyTree, dict]]
 
 PARTITION_RULES = ('none', 'binary', 'decomposed')
+MIXING_POLICIES = (*mixing.POLICIES, 'mixupe')
 BGMIX_RULES = ('mix_one_subset', 'pair_within_subsets', 'sam_on_sensitive')
 MIX_SUBSETS = ('sensitive', 'insensitive')
 PARTNERS = ('within_subset', 'whole_batch')
@@ -59,17 +60,21 @@ class MixingConfig:
   """Mixing policy and its knobs (METHODS.md § 1; defaults as documented).
 
   ``alpha`` is Beta(α, α)'s parameter for every policy; ``lam_mode`` is
-  mixup's; ``k`` and ``budget`` are multi-mix's.
+  mixup's; ``k`` and ``budget`` are multi-mix's. ``mixupe`` is mixup plus
+  MixupE's term on a second, clean forward pass, weighted by ``eta`` and
+  thresholded at ``tau`` (its preset uses α = 2, as the paper does).
   """
   policy: str = 'none'
   alpha: float = 1.0
   lam_mode: str = 'batch'
   k: int = 5
   budget: str = 'expand'
+  eta: float = 0.001
+  tau: float = 1.0
 
   def __post_init__(self):
-    if self.policy not in mixing.POLICIES:
-      raise ValueError(f'mixing.policy must be one of {sorted(mixing.POLICIES)}, '
+    if self.policy not in MIXING_POLICIES:
+      raise ValueError(f'mixing.policy must be one of {sorted(MIXING_POLICIES)}, '
                        f'got {self.policy!r}')
     if not self.alpha > 0:
       raise ValueError(f'mixing.alpha must be > 0, got {self.alpha}')
@@ -77,10 +82,14 @@ class MixingConfig:
       raise ValueError(f'mixing.lam_mode must be one of {mixing.LAM_MODES}, got {self.lam_mode!r}')
     if self.k < 1:
       raise ValueError(f'mixing.k must be >= 1, got {self.k}')
+    if not self.eta >= 0:
+      raise ValueError(f'mixing.eta must be >= 0, got {self.eta}')
     if self.budget not in mixing.BUDGETS:
       raise ValueError(f'mixing.budget must be one of {mixing.BUDGETS}, got {self.budget!r}')
 
   def make_policy(self) -> mixing.Policy:
+    if self.policy == 'mixupe':        # MixupE mixes exactly as mixup does
+      return mixing.get_policy('mixup', alpha=self.alpha, lam_mode=self.lam_mode)
     kwargs = {'mixup': dict(alpha=self.alpha, lam_mode=self.lam_mode),
               'cutmix': dict(alpha=self.alpha),
               'multimix': dict(alpha=self.alpha, k=self.k, budget=self.budget),
@@ -148,6 +157,13 @@ class Method:
       raise ValueError(f'sharpness.m={self.sharpness.m} (groups of examples) is not defined '
                        'for methods with one perturbation per subset (DG-Mix, BG-Mix '
                        "sam_on_sensitive); use 'device' or 'global'")
+    if self.mixing.policy == 'mixupe' and split:
+      raise ValueError("mixing.policy='mixupe' cannot be combined with partition.rule="
+                       f"{self.partition.rule!r}: MixupE's term is defined on the whole clean "
+                       'batch against the whole mixup loss; neither paper defines it per subset')
+    if self.mixing.policy == 'mixupe' and isinstance(self.sharpness.m, int):
+      raise ValueError(f"sharpness.m={self.sharpness.m} (groups) is not defined for "
+                       "mixing.policy='mixupe'; use 'device' or 'global'")
     if split and not self.sharpness.active and self.partition.rule == 'decomposed':
       raise ValueError("partition.rule='decomposed' needs a sharpness rule; got sharpness.rule='none'")
 
@@ -177,6 +193,7 @@ PRESETS: dict[str, dict] = {
     'mixup': dict(mixing=MixingConfig('mixup')),
     'cutmix': dict(mixing=MixingConfig('cutmix')),
     'multimix': dict(mixing=MixingConfig('multimix')),
+    'mixupe': dict(mixing=MixingConfig('mixupe', alpha=2.0)),
     'sam': dict(sharpness=sharpness.SharpnessRule('sam')),
     'asam': dict(sharpness=sharpness.SharpnessRule('asam')),
     'gsam': dict(sharpness=sharpness.SharpnessRule('gsam')),
@@ -225,6 +242,7 @@ class _Part:
   share: float          # Σ w (static), for averaging BatchNorm state
   rule: sharpness.SharpnessRule
   rho: float
+  clean: Optional[tuple] = None   # (x, y) of the clean batch, for MixupE's term
 
 
 def _concat(a: Optional[tuple], b: Optional[tuple]) -> tuple:
@@ -262,7 +280,8 @@ def _build_parts(method: Method, policy, x, y, split, rng) -> list[_Part]:
   part_cfg = method.partition
   if split is None:                                  # ERM, Mixup, SAM, G-Mix
     m = policy(rng, x, y)
-    return [_Part(*_rows(m.x, m.y, 1.0), 1.0, rule, rho)]
+    clean = (x, y) if method.mixing.policy == 'mixupe' else None
+    return [_Part(*_rows(m.x, m.y, 1.0), 1.0, rule, rho, clean)]
 
   plus, minus = split.sensitive, split.insensitive
   k = plus.shape[0]
@@ -325,11 +344,17 @@ def _average_states(states: list[PyTree], shares: list[float]) -> PyTree:
   return jax.tree.map(avg, *states)
 
 
-def _part_gradient(apply_fn, params, model_state, part: _Part, rng, axis_name):
+def _part_gradient(apply_fn, params, model_state, part: _Part, rng, axis_name,
+                   mix_cfg: MixingConfig):
   """Gradient of Σ_r w_r ℓ_r for one part, at its own perturbed point."""
   def loss_fn(p, x, y, w):
     logits, new_state = apply_fn(p, model_state, x, True)
-    return losses.weighted_loss(logits, y, w), new_state
+    loss = losses.weighted_loss(logits, y, w)
+    if part.clean is not None:          # MixupE: a second, clean forward pass
+      clean_logits, _ = apply_fn(p, model_state, part.clean[0], True)
+      term = losses.mixupe_term(clean_logits, part.clean[1], mix_cfg.alpha, mix_cfg.tau)
+      loss = losses.mixupe_rescale(loss, term, mix_cfg.eta)
+    return loss, new_state
 
   def one_group(x, y, w, key):
     (loss, new_state), g = jax.value_and_grad(loss_fn, has_aux=True)(params, x, y, w)
@@ -397,7 +422,8 @@ def make_objective(method: Method, apply_fn: ApplyFn, *,
     loss = loss_p = 0.0
     for i, part in enumerate(parts):
       g, state, l, lp = _part_gradient(apply_fn, params, model_state, part,
-                                       jax.random.fold_in(k_sharp, i), axis_name)
+                                       jax.random.fold_in(k_sharp, i), axis_name,
+                                       method.mixing)
       grads = g if grads is None else sharpness.add(grads, g)
       states.append(state)
       shares.append(part.share)
