@@ -58,6 +58,8 @@ class TrainState(struct.PyTreeNode):
     scores: float32 ``[num_train]`` stale sensitivity table (refreshed by the
       trainer, read with ``use_stale_scores``); shape ``(1,)`` when unused (Orbax
       cannot save a zero-size array).
+    skipped: int32 scalar, the number of updates skipped because their loss
+      or gradient was not finite (``skip_nonfinite``; 0 otherwise).
   """
   step: jax.Array
   params: PyTree
@@ -65,6 +67,7 @@ class TrainState(struct.PyTreeNode):
   model_state: PyTree
   rng: jax.Array
   scores: jax.Array
+  skipped: jax.Array
 
 
 def create_train_state(params: PyTree, model_state: PyTree,
@@ -77,7 +80,8 @@ def create_train_state(params: PyTree, model_state: PyTree,
       opt_state=optimizer.init(params),
       model_state=model_state,
       rng=jax.random.key_data(jax.random.key(rng_seed)),
-      scores=jnp.zeros((max(num_train, 1),), jnp.float32))
+      scores=jnp.zeros((max(num_train, 1),), jnp.float32),
+      skipped=jnp.zeros((), jnp.int32))
 
 
 def step_key(rng: jax.Array, step: jax.Array, axis_name: str) -> jax.Array:
@@ -102,7 +106,8 @@ def _pmean_state(tree: PyTree, axis_name: str) -> PyTree:
 
 
 def make_per_device_step(objective: Callable, optimizer: optax.GradientTransformation, *,
-                         axis_name: str = 'batch', use_stale_scores: bool = False):
+                         axis_name: str = 'batch', use_stale_scores: bool = False,
+                         skip_nonfinite: bool = False):
   """The train step for one device shard, with the named axis ``axis_name``.
 
   Args:
@@ -113,14 +118,27 @@ def make_per_device_step(objective: Callable, optimizer: optax.GradientTransform
     axis_name: the data-parallel axis of the wrapper.
     use_stale_scores: fill ``batch['score']`` from ``state.scores`` by
       ``batch['index']`` (the ``stale`` sensitivity estimator).
+    skip_nonfinite: when the (device-averaged) loss or gradient norm is not
+      finite, keep params, opt_state and model_state unchanged (``step``
+      still advances, so the data plan moves on) and count the step in
+      ``state.skipped``. Decided on values after the ``pmean``, so every
+      device takes the same branch, inside the compiled step (no host
+      round-trip).
 
   Returns:
     ``per_device_step(state, batch) -> (new_state, metrics)``; ``metrics``
-    are scalars averaged over devices (the objective's, plus ``grad_norm``
-    of the averaged gradient).
+    are scalars averaged over devices: the objective's, ``grad_norm`` of the
+    averaged gradient, ``nonfinite`` (1.0 when this step's loss or gradient
+    norm was not finite, else 0.0) and ``nonfinite_skipped`` (the running
+    count ``state.skipped``). An optional ``batch['stop']`` (int, one per
+    example; the trainer's preemption flag) is not seen by the objective; its
+    maximum over all devices comes back as ``metrics['stop']``, so every
+    process learns that any one of them was asked to stop.
   """
   def per_device_step(state: TrainState, batch: Batch):
     key = step_key(state.rng, state.step, axis_name)
+    batch = dict(batch)
+    stop = batch.pop('stop', None)
     # Pitfall: under shard_map the state arrives replicated (device-invariant)
     # and jax.grad w.r.t. an invariant value is psum'd over the axis, i.e. the
     # SAM ascent would use the sum of all devices' gradients. Marking the
@@ -139,9 +157,24 @@ def make_per_device_step(objective: Callable, optimizer: optax.GradientTransform
     metrics['grad_norm'] = optax.tree.norm(grads)
 
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-    new_state = state.replace(step=state.step + 1,
-                              params=optax.apply_updates(state.params, updates),
-                              opt_state=opt_state, model_state=model_state)
+    new_params = optax.apply_updates(state.params, updates)
+    # Averaged values: every device computes the same flag.
+    finite = jnp.isfinite(metrics['grad_norm'])
+    if 'loss' in metrics:
+      finite &= jnp.isfinite(metrics['loss'])
+    skipped = state.skipped
+    if skip_nonfinite:
+      keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+      new_params = keep(new_params, state.params)
+      opt_state = keep(opt_state, state.opt_state)
+      model_state = keep(model_state, state.model_state)
+      skipped = skipped + jnp.where(finite, 0, 1).astype(skipped.dtype)
+    metrics['nonfinite'] = jnp.where(finite, 0.0, 1.0).astype(jnp.float32)
+    metrics['nonfinite_skipped'] = skipped.astype(jnp.float32)
+    if stop is not None:
+      metrics['stop'] = jax.lax.pmax(jnp.max(stop), axis_name).astype(jnp.float32)
+    new_state = state.replace(step=state.step + 1, params=new_params, opt_state=opt_state,
+                              model_state=model_state, skipped=skipped)
     return new_state, metrics
 
   return per_device_step
@@ -150,8 +183,10 @@ def make_per_device_step(objective: Callable, optimizer: optax.GradientTransform
 # ----------------------------------------------------------------------------
 # jit + shard_map on a mesh.
 # ----------------------------------------------------------------------------
-def make_mesh(num_devices: Optional[int] = None, axis_name: str = 'batch') -> Mesh:
-  """A 1-D data mesh over ``jax.devices()[:num_devices]`` (all by default).
+def make_mesh(num_devices: Optional[int] = None, axis_name: str = 'batch',
+              devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
+  """A 1-D data mesh over ``jax.devices()[:num_devices]`` (all by default),
+  or over ``devices`` in the order given.
 
   The axis is ``Auto``, not ``jax.make_mesh``'s default ``Explicit``: with an
   Explicit axis, shard_map refuses a batch that is not already sharded on it
@@ -161,6 +196,8 @@ def make_mesh(num_devices: Optional[int] = None, axis_name: str = 'batch') -> Me
   it out itself. Inside the shard_map the axis is manual either way, so the
   step computes the same thing.
   """
+  if devices is not None:
+    return Mesh(np.asarray(list(devices)), (axis_name,), axis_types=(AxisType.Auto,))
   devices = jax.devices()
   n = len(devices) if num_devices is None else num_devices
   if not 1 <= n <= len(devices):

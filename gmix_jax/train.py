@@ -9,11 +9,19 @@ file only composes and records.
 Outputs in ``workdir``: ``config.json``, ``metrics.jsonl`` (one JSON record
 per log/eval event), ``checkpoints/`` (Orbax), ``curves.png`` and
 ``summary.json``.
+
+Reliability (README "Running long jobs"): a rerun resumes exactly from the
+latest checkpoint (state, data plan position, the open metrics window; records
+written after that checkpoint are dropped from ``metrics.jsonl``); SIGTERM
+stops after the current step with a checkpoint (all processes at the same
+step); ``nan_policy`` skips or stops on a non-finite loss/gradient.
 """
 from __future__ import annotations
 
 import json
 import os
+import signal
+import threading
 import time
 from typing import Any
 
@@ -33,6 +41,14 @@ from gmix_jax import sensitivity
 PARALLEL_MODES = ('shard_map', 'pmap')
 OPTIMIZERS = ('sgd', 'adam', 'adamw')
 SCHEDULES = ('cosine', 'constant')
+NAN_POLICIES = ('stop', 'skip')
+# Fields newer than some config files (configs/common.py): read with these defaults.
+OPTIONAL_FIELDS = {
+    'nan_policy': 'stop',       # 'stop' | 'skip' on a non-finite loss or gradient norm
+    'debug_nan_step': None,     # test hook: the batch of this global step is made NaN
+}
+# Models that read their inputs as images [H, W] or [H, W, C].
+IMAGE_MODELS = ('cnn', 'resnet18', 'preact_resnet18', 'wrn28', 'wrn28_2', 'wrn28_10')
 # Config fields whose change makes an existing checkpoint unusable.
 INCOMPATIBLE_FIELDS = ('dataset.name', 'dataset.examples_per_class', 'dataset.train_fraction',
                        'model', 'method', 'optimizer.name', 'seed', 'batch_size')
@@ -85,8 +101,23 @@ def build_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int) -> 
   return optax.chain(*chain)
 
 
-def validate_config(config: ml_collections.ConfigDict) -> None:
-  """Every error a user can make in the config, before any data or compile."""
+def _opt(config: ml_collections.ConfigDict, field: str):
+  """An optional config field (see ``OPTIONAL_FIELDS``)."""
+  return config.get(field, OPTIONAL_FIELDS[field])
+
+
+def _num_devices(config: ml_collections.ConfigDict) -> int:
+  """Devices used on each process."""
+  return config.num_devices or jax.local_device_count()
+
+
+def validate_config(config: ml_collections.ConfigDict) -> objectives.Method:
+  """Every error a user can make in the config, before any data or compile.
+
+  Call after ``parallel.maybe_initialize_distributed`` (the device and
+  process counts enter the batch checks). Returns the method (built for 10
+  classes: the knobs' checks do not depend on the class count).
+  """
   def one_of(field, value, allowed):
     if value not in allowed:
       raise ValueError(f'{field} must be one of {list(allowed)}, got {value!r}')
@@ -95,18 +126,67 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   one_of('optimizer.schedule', config.optimizer.schedule, SCHEDULES)
   one_of('model.name', config.model.name, sorted(models.MODELS))
   one_of('method.name', config.method.name, sorted(objectives.PRESETS))
+  one_of('nan_policy', _opt(config, 'nan_policy'), NAN_POLICIES)
   name = config.dataset.name
   if not (name in data_lib.DATASET_NAMES or name.startswith('npz:')):
     one_of('dataset.name', name, data_lib.DATASET_NAMES)
   for field in ('batch_size', 'num_epochs', 'eval_batch_size', 'log_every_steps',
-                'checkpoint_every_steps'):
+                'checkpoint_every_steps', 'keep_checkpoints'):
     if not config[field] >= 1:
       raise ValueError(f'{field} must be >= 1, got {config[field]}')
-  build_method(config, num_classes=10)       # raises on any bad method knob
-  n_dev = config.num_devices or jax.local_device_count()
+  debug_nan = _opt(config, 'debug_nan_step')
+  if debug_nan is not None and not (isinstance(debug_nan, int) and debug_nan >= 0):
+    raise ValueError(f'debug_nan_step must be None or a step >= 0, got {debug_nan!r}')
+  try:                                                # the constructor checks its kwargs
+    models.get_model(config.model.name, 10, **config.model.kwargs)
+  except TypeError as e:
+    raise ValueError(f'model.kwargs {dict(config.model.kwargs)} do not fit '
+                     f'model.name={config.model.name!r}: {e}') from e
+  method = build_method(config, num_classes=10)       # raises on any bad method knob
+  local = jax.local_device_count()
+  n_dev = _num_devices(config)
+  if not 1 <= n_dev <= local:
+    raise ValueError(f'num_devices must be in [1, {local}] (the local devices), got {n_dev}')
+  if config.parallel == 'pmap' and jax.process_count() > 1:
+    raise ValueError("parallel='pmap' runs on one process only; use 'shard_map' on several hosts")
   if config.batch_size % (n_dev * jax.process_count()):
     raise ValueError(f'batch_size={config.batch_size} must be divisible by the number of devices '
                      f'({n_dev * jax.process_count()})')
+  method.check_batch(config.batch_size // (n_dev * jax.process_count()))
+  return method
+
+
+def validate_data(config: ml_collections.ConfigDict, ds: data_lib.Dataset,
+                  y_train: np.ndarray, module, method: objectives.Method) -> None:
+  """What needs the data: labels in [0, C) and features the model can take.
+
+  Runs after loading, before the model is initialised or the step compiled.
+  The model check traces ``module.init`` abstractly (``jax.eval_shape``:
+  nothing is compiled or allocated).
+  """
+  c = ds.num_classes
+  for split, y in (('train', y_train), ('test', ds.y_test)):
+    y = np.asarray(y)
+    if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
+      raise ValueError(f'dataset {ds.name!r}: y_{split} must be 1-D integer labels, got '
+                       f'{y.dtype} {y.shape}')
+    if y.size and (y.min() < 0 or y.max() >= c):
+      raise ValueError(f'dataset {ds.name!r}: {split} labels must lie in [0, {c}) '
+                       f'(num_classes={c}), got range [{y.min()}, {y.max()}]')
+  shape = tuple(ds.input_shape)
+  if config.model.name in IMAGE_MODELS and len(shape) not in (2, 3):
+    raise ValueError(f'model.name={config.model.name!r} takes images [H, W] or [H, W, C], but '
+                     f'dataset {ds.name!r} has examples of shape {shape}; use model.name=\'mlp\' '
+                     'for feature vectors')
+  if method.mixing.policy == 'cutmix' and len(shape) not in (2, 3):
+    raise ValueError(f"mixing.policy='cutmix' needs images [H, W(, C)], but dataset {ds.name!r} "
+                     f'has examples of shape {shape}')
+  try:
+    jax.eval_shape(lambda x: module.init(jax.random.PRNGKey(0), x, train=False),
+                   jax.ShapeDtypeStruct((1, *shape), jnp.float32))
+  except Exception as e:  # any trace-time shape error of the model
+    raise ValueError(f'model.name={config.model.name!r} (kwargs {dict(config.model.kwargs)}) '
+                     f'cannot take examples of shape {shape} from dataset {ds.name!r}: {e}') from e
 
 
 # ----------------------------------------------------------------------------
@@ -164,6 +244,93 @@ class _Writer:
         f.write(json.dumps(record) + '\n')
 
 
+def truncate_metrics(path: str, max_step: int, rewrite: bool = True) -> list[dict]:
+  """The records of ``path`` up to ``max_step``; with ``rewrite``, the file
+  is replaced (atomically) by exactly those.
+
+  A run killed after its last checkpoint has already appended records for
+  steps it will redo; the resumed run drops them, so the file ends up as an
+  uninterrupted run's. A line cut short by the kill is dropped too.
+  """
+  if not os.path.exists(path):
+    return []
+  kept, dropped = [], False
+  with open(path) as f:
+    for line in f:
+      try:
+        record = json.loads(line)
+      except ValueError:                       # a partial last line
+        dropped = True
+        continue
+      if record.get('step', 0) <= max_step:
+        kept.append(record)
+      else:
+        dropped = True
+  if rewrite and dropped:
+    tmp = f'{path}.tmp.{os.getpid()}'
+    with open(tmp, 'w') as f:
+      f.writelines(json.dumps(r) + '\n' for r in kept)
+    os.replace(tmp, path)
+  return kept
+
+
+class _Preemption:
+  """SIGTERM -> ``requested`` (a flag the loop reads), for the ``with`` body
+  only: the previous handler is put back on exit. A no-op outside the main
+  thread (Python delivers signals there only)."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous, self._installed = None, False
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self.requested = True
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      self._previous = signal.getsignal(signal.SIGTERM)
+      signal.signal(signal.SIGTERM, self._handle)
+      self._installed = True
+    return self
+
+  def __exit__(self, *exc):
+    if self._installed:
+      # None: the old handler was not installed from Python and cannot be restored.
+      signal.signal(signal.SIGTERM, self._previous if self._previous is not None else signal.SIG_DFL)
+    return False
+
+
+def _checkpoint_manager(workdir: str, keep: int = 2):
+  import orbax.checkpoint as ocp
+  return ocp.CheckpointManager(
+      os.path.join(workdir, 'checkpoints'),
+      options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
+
+
+def restore_state(workdir: str, step: int | None = None) -> tuple[int, dict]:
+  """``(step, state)`` of a workdir's checkpoint (the latest by default).
+
+  ``state`` is the saved ``TrainState`` as a nested dict of numpy arrays
+  (``params``, ``opt_state``, ``model_state``, ``step``, ``rng``,
+  ``scores``, ``skipped``); no config is needed, and the checkpoint may come
+  from any device count or number of processes. For tests and analysis; the
+  trainer restores into its own typed state.
+  """
+  import orbax.checkpoint as ocp
+  ckpt = ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), 'checkpoints'),
+                               item_handlers={'state': ocp.StandardCheckpointHandler()})
+  step = ckpt.latest_step() if step is None else step
+  if step is None:
+    raise FileNotFoundError(f'no checkpoint in {workdir!r}')
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
+                          ckpt.item_metadata(step)['state'])
+  restored = ckpt.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
+  ckpt.close()
+  return step, jax.device_get(restored['state'])
+
+
 def _check_workdir_config(workdir: str, config: ml_collections.ConfigDict) -> None:
   """Refuse to resume a checkpoint written by an incompatible config."""
   path = os.path.join(workdir, 'config.json')
@@ -213,14 +380,33 @@ def _plot(workdir: str) -> str | None:
 # The loop.
 # ----------------------------------------------------------------------------
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Trains ``config`` in ``workdir`` (resuming if it holds a checkpoint)."""
+  """Trains ``config`` in ``workdir`` (resuming if it holds a checkpoint).
+
+  Returns the summary (also written to ``summary.json``); after a SIGTERM,
+  ``{'preempted': True, 'step': s, ...}`` instead, with a checkpoint at
+  ``s`` (nothing else written): the next call with the same arguments
+  resumes from it.
+
+  Raises:
+    ValueError: a bad config or dataset (before anything compiles), or a
+      workdir holding an incompatible checkpoint.
+    FloatingPointError: ``nan_policy='stop'`` and a non-finite loss or
+      gradient norm; the last good checkpoint is kept.
+  """
+  with _Preemption() as preemption:
+    return _train_and_evaluate(config, workdir, preemption)
+
+
+def _train_and_evaluate(config, workdir, preemption: _Preemption) -> dict[str, Any]:
   t_start = time.time()
-  validate_config(config)
-  parallel.maybe_initialize_distributed()
+  parallel.maybe_initialize_distributed()  # before anything asks JAX for devices
+  method = validate_config(config)
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
   _check_workdir_config(workdir, config)
   lead = jax.process_index() == 0
+  nan_policy = _opt(config, 'nan_policy')
+  debug_nan_step = _opt(config, 'debug_nan_step')
 
   # -- Data ------------------------------------------------------------------
   ds = data_lib.load_dataset(config.dataset.name, os.path.expanduser(config.dataset.data_dir),
@@ -232,49 +418,66 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         train_fraction=config.dataset.train_fraction, seed=config.seed)
   steps_per_epoch = data_lib.steps_per_epoch(x_train.shape[0], config.batch_size)
   total_steps = config.num_epochs * steps_per_epoch
-  n_dev = config.num_devices or jax.local_device_count()
+  n_dev = _num_devices(config)
   per_device_batch = config.batch_size // (n_dev * jax.process_count())
 
   # -- Model, method, optimizer ------------------------------------------------
   module = models.get_model(config.model.name, ds.num_classes, **config.model.kwargs)
-  apply_fn = models.make_apply_fn(module)
   method = build_method(config, ds.num_classes)
-  method.check_batch(per_device_batch)
+  validate_data(config, ds, y_train, module, method)
+  apply_fn = models.make_apply_fn(module)
   use_stale = method.partition.rule != 'none' and method.sensitivity.estimator == 'stale'
   optimizer = build_optimizer(config, steps_per_epoch)
   objective = _augmented(objectives.make_objective(method, apply_fn, axis_name='batch'),
                          config.dataset.augment)
 
   # -- State: fresh, or the latest checkpoint -----------------------------------
+  # A checkpoint holds the TrainState (everything the step reads, including the
+  # stale scores; the step's rng is derived from state.step) and the open
+  # metrics window, so a resumed run logs what an uninterrupted one would.
+  import orbax.checkpoint as ocp
   params, model_state = models.init_model(module, jax.random.PRNGKey(config.seed), ds.input_shape)
   state = parallel.create_train_state(params, model_state, optimizer, config.seed,
                                       num_train=x_train.shape[0] if use_stale else 0)
-  import orbax.checkpoint as ocp
-  ckpt = ocp.CheckpointManager(
-      os.path.join(workdir, 'checkpoints'),
-      options=ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True))
+  ckpt = _checkpoint_manager(workdir, config.keep_checkpoints)
+  pending = []              # per-step metrics (host) since the last train record
   if ckpt.latest_step() is not None:
-    state = ckpt.restore(ckpt.latest_step(), args=ocp.args.StandardRestore(state))
+    restored = ckpt.restore(ckpt.latest_step(), args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(state), loop=ocp.args.JsonRestore()))
+    state = restored['state']
+    pending = [{k: np.float32(v) for k, v in m.items()} for m in restored['loop']['pending']]
   elif lead:
     with open(os.path.join(workdir, 'config.json'), 'w') as f:
       f.write(config.to_json(indent=2))
   start_step = int(state.step)
+  writer = _Writer(workdir, lead)
+  # Records past the restored step were written by a run killed before its next
+  # checkpoint: this run writes them again.
+  kept = truncate_metrics(writer.path, start_step, rewrite=lead)
 
   # -- The compiled step ---------------------------------------------------------
   per_device_step = parallel.make_per_device_step(objective, optimizer, axis_name='batch',
-                                                  use_stale_scores=use_stale)
+                                                  use_stale_scores=use_stale,
+                                                  skip_nonfinite=nan_policy == 'skip')
   devices = jax.local_devices()[:n_dev]
   if config.parallel == 'shard_map':
-    mesh = parallel.make_mesh(n_dev * jax.process_count() if jax.process_count() > 1 else n_dev)
+    if jax.process_count() > 1:     # the first n_dev devices of every process, by process
+      mesh = parallel.make_mesh(devices=[
+          d for p in range(jax.process_count())
+          for d in [d for d in jax.devices() if d.process_index == p][:n_dev]])
+    else:
+      mesh = parallel.make_mesh(n_dev)
     step_fn = parallel.shard_map_step(per_device_step, mesh)
     state = jax.device_put(state, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
     to_device = lambda b: parallel.global_batch_to_device(b, mesh, 'batch')
-    host_state = lambda s: s
+    host_state = lambda s: s                 # what is checkpointed: the global state
+    # For evaluation: this process's copy (replicated, so every copy is the same).
+    local_state = lambda s: jax.tree.map(lambda a: a.addressable_data(0), s)
   else:
     step_fn = parallel.pmap_step(per_device_step, devices=devices)
     state = parallel.replicate(state, devices)
     to_device = lambda b: parallel.shard_batch(b, n_dev)
-    host_state = parallel.unreplicate
+    host_state = local_state = parallel.unreplicate
 
   predict = jax.jit(lambda p, s, x: apply_fn(p, s, x, False)[0])
   score_fn = jax.jit(lambda p, s, x, y: sensitivity.scores(
@@ -283,30 +486,68 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       apply_fn, p, s, x, jax.nn.one_hot(y, ds.num_classes), method.sensitivity_rho))
 
   # -- Loop ---------------------------------------------------------------------
-  writer = _Writer(workdir, lead)
   batches = data_lib.BatchIterator((x_train, y_train), config.batch_size, config.seed,
                                    jax.process_index(), jax.process_count(), start_step=start_step)
   bar = None
   if config.progress and lead:
     from tqdm import tqdm
     bar = tqdm(total=total_steps, initial=start_step, unit='step', dynamic_ncols=True)
-  history, pending, last_eval = [], [], {}
+  history = [r for r in kept if r.get('split') == 'test']
+  last_eval = dict(history[-1]) if history else {}
   t_window, window_steps = time.time(), 0
   refresh_every = method.sensitivity.refresh_every
+  # Metrics of dispatched steps not yet read back. Each step's are read (a few
+  # scalars) once the next step is dispatched, so the host stays one step ahead
+  # while the flags they carry (non-finite, stop) are seen within a step.
+  in_flight: list[tuple[int, dict]] = []
+  stop = False
+
+  def drain(keep: int) -> bool:
+    """Reads all but the newest ``keep`` in-flight steps' metrics into
+    ``pending``; True when some process asked to stop."""
+    asked = False
+    while len(in_flight) > keep:
+      s, m = in_flight.pop(0)
+      m = {k: np.float32(np.mean(v)) for k, v in jax.device_get(m).items()}
+      if m['nonfinite'] and nan_policy == 'stop':
+        ckpt.wait_until_finished()
+        raise FloatingPointError(
+            f'non-finite loss or gradient at step {s} (loss={m.get("loss")}, '
+            f'grad_norm={m["grad_norm"]}); stopped (nan_policy=stop). The last good checkpoint '
+            f'(step {ckpt.latest_step()}) in {workdir}/checkpoints was kept. Lower the learning '
+            'rate or set optimizer.grad_clip and use a new workdir, or rerun the same command '
+            'with --config.nan_policy=skip to resume from it and skip such steps.')
+      asked |= bool(m.pop('stop', 0.0))
+      pending.append(m)
+    return asked
+
   for step in range(start_step, total_steps):
-    epoch = step // steps_per_epoch
     if use_stale and step % (refresh_every * steps_per_epoch) == 0:
-      s = host_state(state)
+      s = local_state(state)
       table = _refresh_scores(score_fn, s.params, s.model_state, x_train, y_train,
                               per_device_batch)
       state = parallel.set_scores(state, table)
     batch = next(batches)
+    if step == debug_nan_step:                 # test hook: a batch that makes the loss NaN
+      batch['x'] = np.full_like(batch['x'], np.nan)
+    # This process's stop request travels with its batch; the step returns the
+    # max over all devices, so every process stops after the same step.
+    batch['stop'] = np.full(batch['y'].shape, preemption.requested, np.int32)
     state, metrics = step_fn(state, to_device(batch))
-    pending.append(metrics)
+    in_flight.append((step, metrics))
     window_steps += 1
-    if (step + 1) % config.log_every_steps == 0 or step + 1 == total_steps:
-      values = jax.device_get(pending)
-      rec = {k: float(np.mean([np.mean(m[k]) for m in values])) for k in values[0]}
+    log_now = (step + 1) % config.log_every_steps == 0 or step + 1 == total_steps
+    end_of_epoch = (step + 1) % steps_per_epoch == 0
+    ckpt_now = (end_of_epoch or (step + 1) % config.checkpoint_every_steps == 0
+                or step + 1 == total_steps)
+    stop = drain(0 if (log_now or end_of_epoch or ckpt_now) else 1) or stop
+    # One process needs no agreement: stop after this step.
+    stop = stop or (preemption.requested and jax.process_count() == 1)
+    if stop:
+      drain(0)                                 # check the last step before saving it
+      ckpt_now = True
+    if log_now:
+      rec = _train_record(pending)
       dt = time.time() - t_window
       rec.update(split='train', step=step + 1, epoch=(step + 1) / steps_per_epoch,
                  examples_per_sec=window_steps * config.batch_size / max(dt, 1e-9))
@@ -317,11 +558,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       pending, t_window, window_steps = [], time.time(), 0
     if bar is not None:
       bar.update(1)
-    end_of_epoch = (step + 1) % steps_per_epoch == 0
     if end_of_epoch:
       jax.block_until_ready(state)  # finish the epoch's steps: they count as training time
       dt, steps_done = time.time() - t_window, window_steps
-      s = host_state(state)
+      s = local_state(state)
       last_eval = _evaluate(predict, s.params, s.model_state, ds.x_test, ds.y_test,
                             config.eval_batch_size)
       last_eval.update(split='test', step=step + 1, epoch=(step + 1) // steps_per_epoch)
@@ -330,15 +570,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       # Evaluation time is not training throughput: restart the window after it,
       # crediting the steps finished before it.
       t_window, window_steps = time.time() - dt, steps_done
-    if end_of_epoch or (step + 1) % config.checkpoint_every_steps == 0 or step + 1 == total_steps:
-      ckpt.save(step + 1, args=ocp.args.StandardSave(host_state(state)))
+    if ckpt_now:
+      ckpt.save(step + 1, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(host_state(state)),
+          loop=ocp.args.JsonSave({'pending': [{k: float(v) for k, v in m.items()}
+                                              for m in pending]})))
+    if stop:
+      break
   ckpt.wait_until_finished()
   if bar is not None:
     bar.close()
+  if stop and step + 1 < total_steps:
+    return {'preempted': True, 'step': step + 1, 'steps': total_steps, 'workdir': workdir,
+            'checkpoint': os.path.join(workdir, 'checkpoints', str(step + 1)),
+            'wall_time_sec': time.time() - t_start}
 
   # -- Summary -------------------------------------------------------------------
   if not last_eval:                # resumed after the last step: evaluate once
-    s = host_state(state)
+    s = local_state(state)
     last_eval = _evaluate(predict, s.params, s.model_state, ds.x_test, ds.y_test,
                           config.eval_batch_size)
   summary = {
@@ -349,6 +598,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       'num_test': int(ds.x_test.shape[0]), 'method': config.method.name,
       'model': config.model.name, 'dataset': config.dataset.name,
       'devices': n_dev * jax.process_count(), 'parallel': config.parallel,
+      'nonfinite_skipped': int(jax.device_get(local_state(state).skipped)),
       'wall_time_sec': time.time() - t_start,
   }
   if lead:
@@ -359,3 +609,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     with open(os.path.join(workdir, 'summary.json'), 'w') as f:
       json.dump(summary, f, indent=2)
   return summary
+
+
+def _train_record(pending: list[dict]) -> dict:
+  """One train record: each metric's mean over the window's steps, skipped
+  (non-finite) steps left out; ``nonfinite_skipped`` is the running count."""
+  used = [m for m in pending if not m['nonfinite']]
+  keys = [k for k in pending[0] if k not in ('nonfinite', 'nonfinite_skipped')]
+  rec = {k: float(np.mean([m[k] for m in used])) if used else float('nan') for k in keys}
+  rec['nonfinite_skipped'] = float(pending[-1]['nonfinite_skipped'])
+  return rec

@@ -2,9 +2,11 @@
 import json
 import os
 
+import numpy as np
 import pytest
 
 from configs import common
+from gmix_jax import data as data_lib
 from gmix_jax import train
 
 METHODS = ['erm', 'mixup', 'sam', 'gmix', 'bgmix', 'dgmix']
@@ -89,13 +91,26 @@ def test_incompatible_checkpoint_is_never_overwritten(tmp_path):
 
 
 @pytest.mark.parametrize('field,value,message', [
-    ('method.name', 'gmixx', 'method.name must be one of'),
-    ('model.name', 'resnet7', 'model.name must be one of'),
-    ('dataset.name', 'imagenet', 'dataset.name must be one of'),
-    ('parallel', 'xmap', 'parallel must be one of'),
-    ('batch_size', 7, 'must be divisible by the number of devices'),
-    ('method.partition.gamma', 1.5, r'partition.gamma must be in \[0, 1\]'),
+    # Unknown names: the message lists the valid ones.
+    ('method.name', 'gmixx', r"method.name must be one of \[.*'bgmix'.*'gmix'"),
+    ('model.name', 'resnet7', r"model.name must be one of \[.*'cnn'.*'resnet18'"),
+    ('dataset.name', 'imagenet', r"dataset.name must be one of \[.*'cifar10'.*'digits'"),
+    ('parallel', 'xmap', r"parallel must be one of \['shard_map', 'pmap'\]"),
+    ('nan_policy', 'ignore', r"nan_policy must be one of \['stop', 'skip'\]"),
+    ('method.mixing.policy', 'mixdown', r"mixing.policy must be one of \[.*'mixup'"),
+    # Out-of-range knobs.
     ('method.sharpness.rho', -0.1, 'sharpness.rho must be >= 0'),
+    ('method.partition.gamma', 1.5, r'partition.gamma must be in \[0, 1\]'),
+    ('method.partition.gamma', -0.1, r'partition.gamma must be in \[0, 1\]'),
+    ('method.mixing.alpha', 0.0, 'mixing.alpha must be > 0'),
+    ('method.mixing.k', 0, 'mixing.k must be >= 1'),
+    ('checkpoint_every_steps', 0, 'checkpoint_every_steps must be >= 1'),
+    ('debug_nan_step', -1, 'debug_nan_step must be None or a step >= 0'),
+    # Sizes: the per-device batch is 20 / 2 devices = 10.
+    ('batch_size', 7, r'batch_size=7 must be divisible by the number of devices \(2\)'),
+    ('method.sensitivity.chunk', 3, 'sensitivity.chunk=3 must divide the per-device batch 10'),
+    ('num_devices', 64, r'num_devices must be in \[1, 8\]'),
+    ('model.kwargs', {'depth': 3}, r"model.kwargs \{'depth': 3\} do not fit model.name='mlp'"),
 ])
 def test_bad_config_fails_before_any_work(field, value, message, tmp_path):
   c = tiny_config('bgmix', 'digits', tmp_path / 'data')
@@ -107,3 +122,49 @@ def test_bad_config_fails_before_any_work(field, value, message, tmp_path):
   with pytest.raises(ValueError, match=message):
     train.train_and_evaluate(c, str(tmp_path / 'wd'))
   assert not os.path.exists(tmp_path / 'data'), 'no data was prepared'
+
+
+def write_npz(path, case):
+  rng = np.random.default_rng(0)
+  arrays = {'x_train': rng.normal(size=(40, 6)).astype(np.float32), 'y_train': np.arange(40) % 3,
+            'x_test': rng.normal(size=(9, 6)).astype(np.float32), 'y_test': np.arange(9) % 3}
+  if case == 'missing':
+    del arrays['y_test']
+  elif case == 'rows':
+    arrays['y_train'] = arrays['y_train'][:39]
+  elif case == 'negative_label':
+    arrays['y_train'][5] = -1
+  np.savez(path, **arrays)
+  return f'npz:{path}'
+
+
+@pytest.mark.parametrize('case,method,model,message', [
+    ('missing', 'erm', 'mlp', r'missing key\(s\) y_test'),
+    ('rows', 'erm', 'mlp', 'x_train has 40 rows but y_train has 39'),
+    ('negative_label', 'erm', 'mlp', 'y_train has negative label -1'),
+    ('vectors', 'erm', 'cnn', r"model.name='cnn' takes images \[H, W\] or \[H, W, C\], but "
+                              r"dataset .* has examples of shape \(6,\)"),
+    ('vectors', 'cutmix', 'mlp', r"mixing.policy='cutmix' needs images"),
+])
+def test_bad_data_fails_before_compiling(case, method, model, message, tmp_path):
+  c = tiny_config(method, 'digits', tmp_path / 'data')
+  c.dataset.name = write_npz(tmp_path / 'd.npz', case)
+  c.dataset.examples_per_class = None
+  c.model.name = model
+  c.model.kwargs = {'width': 4} if model == 'cnn' else {'hidden_sizes': (16,)}
+  with pytest.raises(ValueError, match=message):
+    train.train_and_evaluate(c, str(tmp_path / 'wd'))
+  assert not os.path.exists(tmp_path / 'wd' / 'checkpoints'), 'no state was built'
+
+
+def test_labels_outside_the_classes_fail_before_compiling(tmp_path, monkeypatch):
+  x = np.zeros((40, 6), np.float32)
+  bad = data_lib.Dataset(name='fake', x_train=x, y_train=(np.arange(40) % 4).astype(np.int32),
+                         x_test=x[:4], y_test=np.zeros(4, np.int32), num_classes=3,
+                         input_shape=(6,), mean=np.zeros(6), std=np.ones(6))
+  monkeypatch.setattr(train.data_lib, 'load_dataset', lambda *a, **k: bad)
+  c = tiny_config('erm', 'digits', tmp_path / 'data')
+  c.dataset.examples_per_class = None
+  with pytest.raises(ValueError, match=r"'fake': train labels must lie in \[0, 3\) .*got range \[0, 3\]"):
+    train.train_and_evaluate(c, str(tmp_path / 'wd'))
+  assert not os.path.exists(tmp_path / 'wd' / 'checkpoints'), 'no state was built'
