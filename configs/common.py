@@ -18,12 +18,32 @@ def method(name: str) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict({
       'name': name,
       'mixing': {'policy': s(), 'alpha': f(), 'lam_mode': s(), 'k': i(), 'budget': s(),
-                 'eta': f(), 'tau': f()},
+                 'eta': f(), 'tau': f(), 'mixupe_version': i(),
+                 'layers': s()},          # manifold's mixing points, e.g. '0,1,2'
       'sharpness': {'rule': s(), 'rho': f(), 'asam_eta': f(), 'gsam_alpha': f(), 'esam_beta': f(),
-                    'm': s()},             # 'device' | 'global' | a group size such as '32'
+                    'm': s(),              # 'device' | 'global' | a group size such as '32'
+                    'rho_schedule': s(),   # 'constant' | 'lr' (GSAM: rho follows the LR)
+                    'rho_min': f()},
       'partition': {'rule': s(), 'gamma': f(), 'bgmix_rule': s(), 'mix_subset': s(),
                     'partners': s(), 'rho_plus': f(), 'rho_minus': f()},
       'sensitivity': {'estimator': s(), 'rho': f(), 'chunk': i(), 'refresh_every': i()},
+      # SAMix / SAMix^P only (gmix_jax.samix.SAMixConfig documents each knob);
+      # the other methods' configs stay as they were, so their workdirs resume.
+      **({'samix': samix()} if name in SAMIX_METHODS else {}),
+  })
+
+
+SAMIX_METHODS = ('samix', 'samix_p')
+
+
+def samix() -> ml_collections.ConfigDict:
+  """``method.samix``: None keeps gmix_jax.samix.SAMixConfig's default."""
+  s, f, i = (lambda: placeholder(str)), (lambda: placeholder(float)), (lambda: placeholder(int))
+  return ml_collections.ConfigDict({
+      'source_workdir': s(),   # samix_p: workdir of a finished samix run (same model + dataset)
+      'alpha': f(), 'eta': f(), 'mask_weight': f(), 'clean_weight': f(), 'momentum': f(),
+      'mixblock_lr': f(), 'mixblock_dim': i(),
+      'feature_layer': s(),    # encoder layer feeding the mixblock, e.g. 'conv1', 'stage3_block2'
   })
 
 
@@ -83,7 +103,8 @@ def cifar(method_name: str, dataset: str = 'cifar10', model: str = 'preact_resne
   c.dataset.augment = True
   c.model.name = model
   c.method = method(method_name)
-  c.method.sensitivity.chunk = 16          # peak memory grows with the chunk; divides 128/8
+  if method_name not in SAMIX_METHODS:     # SAMix has no sensitivity pass
+    c.method.sensitivity.chunk = 16        # peak memory grows with the chunk; divides 128/8
   c.batch_size = 128
   c.num_epochs = 200
   c.optimizer.learning_rate = 0.1

@@ -7,6 +7,12 @@ as configs/default.py (which is this file with ``bgmix``): 10 epochs on the
 4000 training images, about 30 s (ERM) to 100 s (BG-Mix) on a 2-core CPU.
 Measured, one seed each: erm 93.9 %, gmix 92.4 %, bgmix 93.2 % test accuracy.
 Limited data: ``--config.dataset.examples_per_class=50``.
+
+SAMix, then SAMix^P with the first run's mixblock and EMA encoder (frozen):
+
+  python -m gmix_jax.main --config=configs/mnist_subset.py:samix --workdir=workdirs/mnist_samix
+  python -m gmix_jax.main --config=configs/mnist_subset.py:samix_p --workdir=workdirs/mnist_samix_p \
+      --config.method.samix.source_workdir=workdirs/mnist_samix
 """
 from configs import common
 
@@ -17,10 +23,11 @@ def get_config(method: str = 'bgmix'):
   c.model.name = 'cnn'
   c.model.kwargs = {'width': 32, 'norm': 'none'}
   c.method = common.method(method)
-  # On a CPU, one example at a time (lax.map) is the fastest way to take
-  # per-example gradients of a conv net: 187 ms/step vs 389 (whole batch
-  # vmapped) and 419 (chunks of 32); see README, "Cost per step".
-  c.method.sensitivity.chunk = 1
+  if method not in common.SAMIX_METHODS:   # SAMix has no sensitivity pass
+    # On a CPU, one example at a time (lax.map) is the fastest way to take
+    # per-example gradients of a conv net: 187 ms/step vs 389 (whole batch
+    # vmapped) and 419 (chunks of 32); see README, "Cost per step".
+    c.method.sensitivity.chunk = 1
   c.batch_size = 128
   c.num_epochs = 10
   c.optimizer.learning_rate = 0.1

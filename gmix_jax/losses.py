@@ -83,3 +83,25 @@ def mixupe_rescale(mix_loss: jax.Array, term: jax.Array, eta: float) -> jax.Arra
   L_mix, only the gradient changes (MixupE's official recipe)."""
   total = mix_loss - eta * term
   return jax.lax.stop_gradient(jnp.abs(mix_loss) / jnp.abs(total)) * total
+
+
+def mixupe_term_v1(logits: jax.Array, jvp_logits: jax.Array, labels: jax.Array,
+                   alpha: float, tau: float) -> jax.Array:
+  """MixupE's version-1 term R₁ (Zou et al. 2023; official code, "more accurate").
+
+  The first-order term of mixup's Taylor expansion (Zhang et al. 2021):
+  r_i = ⟨J_f(x_i) δ_i, sg(p_i − y_i)⟩ with δ_i = sg(x̄ − x_i), i.e. the
+  directional derivative of the logits towards the input mean, dotted with
+  the (stopped) residual; R₁ = (1−λ̄)/B Σ_{i: r_i<τ} r_i, λ̄ = (α+1)/(2α+1).
+  ``jvp_logits`` is J_f(x) δ (``jax.jvp``); the official code gets the same
+  number by double backprop, ⟨∇_x ⟨f(x_i), b_i⟩, δ_i⟩. The gradient reaches
+  the weights only through J_f δ (second-order terms, as in the official
+  code). With x̄ = 0 and a positively homogeneous f (J_f(x) x = f(x)), r_i
+  equals version 3's r_i.
+  """
+  dtype = jnp.promote_types(logits.dtype, jnp.float32)
+  logits = logits.astype(dtype)
+  residual = jax.lax.stop_gradient(jax.nn.softmax(logits, axis=-1) - labels.astype(dtype))
+  r = jnp.sum(jvp_logits.astype(dtype) * residual, axis=-1)
+  lam_bar = (alpha + 1.0) / (2.0 * alpha + 1.0)
+  return (1.0 - lam_bar) / logits.shape[0] * jnp.sum(jnp.where(r < tau, r, 0.0))

@@ -16,13 +16,16 @@ Policies (METHODS.md § 1):
   * ``cutmix``    — Yun et al. 2019, "CutMix", area-corrected λ.
   * ``multimix``  — "Mixup Augmentation with Multiple Interpolations": K sorted
                     λ per pair, ``expand`` or ``fixed`` budget.
+  * ``manifold``  — Verma et al. 2019, "Manifold Mixup": mixup's λ and partners,
+                    applied by the model to its hidden state at a sampled
+                    mixing point (``HiddenMix``); the inputs stay unmixed.
 
 Adding a policy = one function here + one line in ``POLICIES``.
 """
 from __future__ import annotations
 
 import functools
-from typing import Callable, NamedTuple
+from typing import Callable, NamedTuple, Sequence, Union
 
 import jax
 import jax.numpy as jnp
@@ -46,6 +49,20 @@ class Mixed(NamedTuple):
   lam: jax.Array
   index_a: jax.Array
   index_b: jax.Array
+
+
+class ManifoldMixed(NamedTuple):
+  """``Mixed`` of the ``manifold`` policy, plus the sampled mixing point.
+
+  ``x`` holds the *unmixed* inputs (rows ``index_a``): the model mixes its
+  hidden state at point ``layer`` (an int32 scalar) by ``hidden_mix(m)``.
+  """
+  x: jax.Array
+  y: jax.Array
+  lam: jax.Array
+  index_a: jax.Array
+  index_b: jax.Array
+  layer: jax.Array
 
 
 Policy = Callable[[jax.Array, jax.Array, jax.Array], Mixed]
@@ -86,14 +103,18 @@ def mixup(rng: jax.Array, x: jax.Array, y: jax.Array, *, alpha: float = 1.0,
   or one per example (``'example'``); π is a uniform random permutation and
   x̃_i = λ x_i + (1−λ) x_π(i), ỹ_i = λ y_i + (1−λ) y_π(i).
   """
+  lam, perm = _mixup_draw(rng, x.shape[0], alpha, lam_mode)
+  return interpolate(x, y, lam, jnp.arange(x.shape[0]), perm)
+
+
+def _mixup_draw(rng: jax.Array, b: int, alpha: float, lam_mode: str):
+  """Mixup's (λ [B], π [B]) from ``rng``; shared by ``mixup`` and ``manifold``."""
   if lam_mode not in LAM_MODES:
     raise ValueError(f'mixup.lam_mode must be one of {LAM_MODES}, got {lam_mode!r}')
-  b = x.shape[0]
   k_lam, k_perm = jax.random.split(rng)
   shape = () if lam_mode == 'batch' else (b,)
   lam = jnp.broadcast_to(sample_lam(k_lam, alpha, shape), (b,))
-  perm = jax.random.permutation(k_perm, b)
-  return interpolate(x, y, lam, jnp.arange(b), perm)
+  return lam, jax.random.permutation(k_perm, b)
 
 
 def box_mask(rng: jax.Array, lam: jax.Array, height: int, width: int) -> jax.Array:
@@ -161,11 +182,71 @@ def multimix(rng: jax.Array, x: jax.Array, y: jax.Array, *, k: int = 5,
   return interpolate(x, y, lam, index_a, index_b)
 
 
-POLICIES: dict[str, Callable[..., Mixed]] = {
+class HiddenMix(NamedTuple):
+  """Manifold Mixup's instruction to a model (Verma et al. 2019).
+
+  A model that supports Manifold Mixup takes ``mix`` (a ``HiddenMix`` or
+  ``None``) and, at each of its eligible mixing points j = 0, 1, …, P−1
+  (0 = the input, then e.g. after each stage), replaces its hidden state h
+  by ``mix(j, h)``:
+
+    mix(j, h)_r = λ_r h_r + (1 − λ_r) h_{partner(r)}   if j = k,   else h_r.
+
+  k is a traced scalar, so the structure is static: one ``lax.cond`` per
+  point, only the taken branch runs (under ``vmap`` both do). Partners and λ
+  are the same at every point; rows with λ = 1 and partner(r) = r (BG-Mix's
+  clean rows) pass through exactly. Its ``apply_fn`` declares P as the
+  attribute ``apply_fn.mix_points`` (``models.make_apply_fn`` does this).
+
+  Attributes:
+    layer: k, the sampled mixing point (int32 scalar).
+    lam: λ_r ``[R]``.
+    partner: partner(r), an index into the R rows of the same forward pass.
+  """
+  layer: jax.Array
+  lam: jax.Array
+  partner: jax.Array
+
+  def __call__(self, point: int, h: jax.Array) -> jax.Array:
+    def mixed(h):
+      lam = _per_row(self.lam, h)
+      return lam * h + (1 - lam) * h[self.partner]
+    return jax.lax.cond(self.layer == point, mixed, lambda h: h, h)
+
+
+def hidden_mix(m: ManifoldMixed) -> HiddenMix:
+  """The ``HiddenMix`` of a ``manifold`` batch (partners index its rows)."""
+  return HiddenMix(m.layer, m.lam, m.index_b)
+
+
+def manifold(rng: jax.Array, x: jax.Array, y: jax.Array, *, layers: Sequence[int],
+             alpha: float = 2.0, lam_mode: str = 'batch') -> ManifoldMixed:
+  """Manifold Mixup (Verma et al. 2019): mixup at a random mixing point.
+
+  k is drawn uniformly from ``layers`` (the eligible points; 0 = input); λ
+  and π are drawn exactly as ``mixup`` draws them from the same ``rng`` (so
+  ``layers=(0,)`` *is* input mixup), labels are mixed with them:
+  ỹ_i = λ y_i + (1−λ) y_π(i). The returned ``x`` is unmixed: the model mixes
+  h_k by ``hidden_mix(result)``. METHODS.md § 1: λ ~ Beta(2, 2).
+  """
+  layers = tuple(int(l) for l in layers)
+  if not layers or min(layers) < 0:
+    raise ValueError(f'manifold.layers must be a non-empty set of points >= 0, got {layers}')
+  b = x.shape[0]
+  lam, perm = _mixup_draw(rng, b, alpha, lam_mode)
+  # The point gets its own stream: λ and π stay those of mixup(rng, ...).
+  pick = jax.random.randint(jax.random.fold_in(rng, 0x4D4D), (), 0, len(layers))
+  layer = jnp.asarray(layers, jnp.int32)[pick]
+  lam_y = lam[:, None].astype(y.dtype)
+  return ManifoldMixed(x, lam_y * y + (1 - lam_y) * y[perm], lam, jnp.arange(b), perm, layer)
+
+
+POLICIES: dict[str, Callable[..., Union[Mixed, ManifoldMixed]]] = {
     'none': identity,
     'mixup': mixup,
     'cutmix': cutmix,
     'multimix': multimix,
+    'manifold': manifold,
 }
 
 

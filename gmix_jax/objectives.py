@@ -22,6 +22,13 @@ and each part's gradient is taken at its own perturbed point:
                                (the batches of BG-Mix ``mix_one_subset``, with
                                one perturbation per subset).
 
+Manifold Mixup (Verma et al. 2019) fits the same parts: its rows carry the
+unmixed inputs plus λ, partners among the part's rows and the point k, and
+the model mixes h_k (``mixing.HiddenMix``); clean rows of a part are λ = 1
+rows that are their own partners. Partners must therefore be rows of the
+same forward pass, which rules out BG-Mix ``sam_on_sensitive``, DG-Mix with
+``partners='whole_batch'`` and m-groups (rejected when the Method is built).
+
 The split (``partition``) comes from per-example sharpness-sensitivity
 (``sensitivity``) of the clean examples. BG-/DG-Mix are reconstructed from
 the G-Mix abstract (Li & Tang); their knobs are ``PartitionConfig``'s.
@@ -32,7 +39,7 @@ pass, averaged over parts by their weight; perturbed passes never update it.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Callable, Mapping, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -53,6 +60,7 @@ MIXING_POLICIES = (*mixing.POLICIES, 'mixupe')
 BGMIX_RULES = ('mix_one_subset', 'pair_within_subsets', 'sam_on_sensitive')
 MIX_SUBSETS = ('sensitive', 'insensitive')
 PARTNERS = ('within_subset', 'whole_batch')
+MIXUPE_VERSIONS = (1, 3)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,9 +68,15 @@ class MixingConfig:
   """Mixing policy and its knobs (METHODS.md § 1; defaults as documented).
 
   ``alpha`` is Beta(α, α)'s parameter for every policy; ``lam_mode`` is
-  mixup's; ``k`` and ``budget`` are multi-mix's. ``mixupe`` is mixup plus
-  MixupE's term on a second, clean forward pass, weighted by ``eta`` and
-  thresholded at ``tau`` (its preset uses α = 2, as the paper does).
+  mixup's (and manifold's); ``k`` and ``budget`` are multi-mix's. ``mixupe``
+  is mixup plus MixupE's term on a second, clean forward pass, weighted by
+  ``eta`` and thresholded at ``tau`` (its preset uses α = 2, as the paper
+  does); ``mixupe_version`` 3 (default, ⟨f(x), y − p⟩) or 1 (the directional
+  derivative J_f(x)(x̄ − x), ``losses.mixupe_term_v1``). ``manifold`` mixes
+  hidden states at a point drawn uniformly from ``layers`` (``None``: all
+  of the model's points, METHODS.md § 1; Verma et al.'s PreActResNet runs
+  used ``(0, 1, 2)``; a string ``'0,1,2'`` is read as that tuple); its
+  preset uses α = 2 (Beta(2, 2), METHODS.md).
   """
   policy: str = 'none'
   alpha: float = 1.0
@@ -71,8 +85,19 @@ class MixingConfig:
   budget: str = 'expand'
   eta: float = 0.001
   tau: float = 1.0
+  mixupe_version: int = 3
+  layers: Optional[tuple] = None
 
   def __post_init__(self):
+    if isinstance(self.layers, str):          # from a config string such as '0,1,2'
+      try:
+        layers = tuple(int(v) for v in self.layers.replace(' ', '').strip('()[]').split(',') if v)
+      except ValueError:
+        raise ValueError(f"mixing.layers must be mixing points such as '0,1,2', "
+                         f'got {self.layers!r}') from None
+      object.__setattr__(self, 'layers', layers)
+    elif self.layers is not None:
+      object.__setattr__(self, 'layers', tuple(self.layers))
     if self.policy not in MIXING_POLICIES:
       raise ValueError(f'mixing.policy must be one of {sorted(MIXING_POLICIES)}, '
                        f'got {self.policy!r}')
@@ -86,10 +111,25 @@ class MixingConfig:
       raise ValueError(f'mixing.eta must be >= 0, got {self.eta}')
     if self.budget not in mixing.BUDGETS:
       raise ValueError(f'mixing.budget must be one of {mixing.BUDGETS}, got {self.budget!r}')
+    if self.mixupe_version not in MIXUPE_VERSIONS:
+      raise ValueError(f'mixing.mixupe_version must be one of {MIXUPE_VERSIONS}, '
+                       f'got {self.mixupe_version!r}')
+    if self.layers is not None and not (
+        self.layers and all(isinstance(l, int) and l >= 0 for l in self.layers)):
+      raise ValueError('mixing.layers must be None (all of the model\'s points) or a non-empty '
+                       f'tuple of mixing points >= 0, got {self.layers!r}')
 
-  def make_policy(self) -> mixing.Policy:
+  def make_policy(self, mix_points: Optional[int] = None) -> mixing.Policy:
+    """The policy; ``manifold`` needs the model's number of mixing points."""
     if self.policy == 'mixupe':        # MixupE mixes exactly as mixup does
       return mixing.get_policy('mixup', alpha=self.alpha, lam_mode=self.lam_mode)
+    if self.policy == 'manifold':
+      layers = self.layers if self.layers is not None else tuple(range(mix_points or 0))
+      if mix_points is None or max(layers) >= mix_points:
+        raise ValueError(f'mixing.layers={layers} must lie in [0, {mix_points}): the model '
+                         f'has {mix_points} mixing points')
+      return mixing.get_policy('manifold', alpha=self.alpha, lam_mode=self.lam_mode,
+                               layers=layers)
     kwargs = {'mixup': dict(alpha=self.alpha, lam_mode=self.lam_mode),
               'cutmix': dict(alpha=self.alpha),
               'multimix': dict(alpha=self.alpha, k=self.k, budget=self.budget),
@@ -164,6 +204,24 @@ class Method:
     if self.mixing.policy == 'mixupe' and isinstance(self.sharpness.m, int):
       raise ValueError(f"sharpness.m={self.sharpness.m} (groups) is not defined for "
                        "mixing.policy='mixupe'; use 'device' or 'global'")
+    if self.mixing.policy == 'manifold':
+      # The model mixes a row with its partner inside one forward pass, so
+      # partners must be rows of the same part (and the same group of m).
+      if isinstance(self.sharpness.m, int):
+        raise ValueError(f"sharpness.m={self.sharpness.m} (groups) is not defined for "
+                         "mixing.policy='manifold': a group would be forwarded without its "
+                         "rows' partners; use 'device' or 'global'")
+      if self.partition.rule == 'binary' and self.partition.bgmix_rule == 'sam_on_sensitive':
+        raise ValueError("mixing.policy='manifold' cannot be combined with partition.bgmix_rule="
+                         "'sam_on_sensitive': its two parts are forwarded at different weights "
+                         'but mix rows across them; use mix_one_subset or pair_within_subsets')
+      if self.partition.rule == 'decomposed' and self.partition.partners == 'whole_batch':
+        raise ValueError("mixing.policy='manifold' cannot be combined with partition.rule="
+                         "'decomposed' and partners='whole_batch': the mixed subset's partners "
+                         "would be in the other subset's forward pass; use 'within_subset'")
+    if self.mixing.policy != 'mixupe' and self.mixing.mixupe_version != 3:
+      raise ValueError(f'mixing.mixupe_version={self.mixing.mixupe_version} needs '
+                       f"mixing.policy='mixupe', got {self.mixing.policy!r}")
     if split and not self.sharpness.active and self.partition.rule == 'decomposed':
       raise ValueError("partition.rule='decomposed' needs a sharpness rule; got sharpness.rule='none'")
 
@@ -194,6 +252,8 @@ PRESETS: dict[str, dict] = {
     'cutmix': dict(mixing=MixingConfig('cutmix')),
     'multimix': dict(mixing=MixingConfig('multimix')),
     'mixupe': dict(mixing=MixingConfig('mixupe', alpha=2.0)),
+    'mixupe_v1': dict(mixing=MixingConfig('mixupe', alpha=2.0, mixupe_version=1)),
+    'manifold_mixup': dict(mixing=MixingConfig('manifold', alpha=2.0)),
     'sam': dict(sharpness=sharpness.SharpnessRule('sam')),
     'asam': dict(sharpness=sharpness.SharpnessRule('asam')),
     'gsam': dict(sharpness=sharpness.SharpnessRule('gsam')),
@@ -203,6 +263,8 @@ PRESETS: dict[str, dict] = {
                   partition=PartitionConfig('binary')),
     'dgmix': dict(mixing=MixingConfig('mixup'), sharpness=sharpness.SharpnessRule('sam'),
                   partition=PartitionConfig('decomposed')),
+    'manifold_gmix': dict(mixing=MixingConfig('manifold', alpha=2.0),
+                          sharpness=sharpness.SharpnessRule('sam')),
 }
 
 
@@ -243,21 +305,67 @@ class _Part:
   rule: sharpness.SharpnessRule
   rho: float
   clean: Optional[tuple] = None   # (x, y) of the clean batch, for MixupE's term
+  mix: Optional[mixing.HiddenMix] = None   # Manifold Mixup: mixed inside the model
 
 
-def _concat(a: Optional[tuple], b: Optional[tuple]) -> tuple:
-  """Concatenate two (x, y, w) triples, either of which may be absent."""
+class _Rows(NamedTuple):
+  """Rows of a part: inputs, labels, weights and, for Manifold Mixup, how the
+  model mixes them (λ_r, partner(r) among these rows, the point k)."""
+  x: jax.Array
+  y: jax.Array
+  w: jax.Array
+  lam: Optional[jax.Array] = None
+  partner: Optional[jax.Array] = None
+  layer: Optional[jax.Array] = None
+
+  def part(self, share: float, rule, rho, clean=None) -> _Part:
+    mix = None if self.lam is None else mixing.HiddenMix(self.layer, self.lam, self.partner)
+    return _Part(self.x, self.y, self.w, share, rule, rho, clean, mix)
+
+
+def _concat(a: Optional[_Rows], b: Optional[_Rows]) -> _Rows:
+  """Rows of a followed by rows of b, either of which may be absent.
+
+  With Manifold Mixup, rows without a mix become λ = 1 rows that are their
+  own partners (they pass the model's mixing point unchanged), b's partners
+  are shifted past a's rows, and the part keeps a's point k (one forward
+  pass mixes at one point).
+  """
   if a is None or b is None:
     return a if b is None else b
-  return tuple(jnp.concatenate([u, v]) for u, v in zip(a, b))
+  x, y, w = (jnp.concatenate([u, v]) for u, v in zip(a[:3], b[:3]))
+  if a.lam is None and b.lam is None:
+    return _Rows(x, y, w)
+  def mix_of(r: _Rows):
+    n = r.x.shape[0]
+    if r.lam is None:
+      return jnp.ones((n,), jnp.float32), jnp.arange(n)
+    return r.lam, r.partner
+  (lam_a, part_a), (lam_b, part_b) = mix_of(a), mix_of(b)
+  return _Rows(x, y, w, jnp.concatenate([lam_a, lam_b]),
+               jnp.concatenate([part_a, part_b + a.x.shape[0]]),
+               a.layer if a.layer is not None else b.layer)
 
 
-def _rows(x, y, share: float) -> Optional[tuple]:
+def _rows(x, y, share: float) -> Optional[_Rows]:
   """(x, y, uniform weights summing to ``share``), or None if empty."""
   if x.shape[0] == 0:
     return None
   dtype = jnp.promote_types(x.dtype, jnp.float32)
-  return x, y, jnp.full((x.shape[0],), share / x.shape[0], dtype)
+  return _Rows(x, y, jnp.full((x.shape[0],), share / x.shape[0], dtype))
+
+
+def _mixed_rows(m, share: float, stop: Optional[int] = None) -> Optional[_Rows]:
+  """The first ``stop`` rows of a policy's output, weights summing to ``share``.
+
+  For Manifold Mixup the rows keep λ, the partners (indices into the rows of
+  ``m``: with ``stop`` they are valid only once the rest of ``m``'s rows
+  follow, see ``_build_parts``) and the point.
+  """
+  rows = _rows(m.x[:stop], m.y[:stop], share)
+  if rows is None or not isinstance(m, mixing.ManifoldMixed):
+    return rows
+  return rows._replace(lam=m.lam[:stop], partner=m.index_b[:stop], layer=m.layer)
 
 
 def _mix_by_first_parent(policy, rng, x, y, first: jax.Array, rest: jax.Array):
@@ -265,12 +373,13 @@ def _mix_by_first_parent(policy, rng, x, y, first: jax.Array, rest: jax.Array):
 
   The policy sees the batch reordered as [first, rest], so partners come from
   the whole batch, and the rows whose first parent is in ``first`` are the
-  leading ``cut`` rows — a static count, since mixup, cutmix and multi-mix
-  (expand) emit R/B consecutive rows per first parent. Returns (x, y, cut).
+  leading ``cut`` rows — a static count, since mixup, cutmix, multi-mix
+  (expand) and manifold emit R/B consecutive rows per first parent. Returns
+  (the policy's output, cut).
   """
   order = jnp.concatenate([first, rest])
   m = policy(rng, x[order], y[order])
-  return m.x, m.y, first.shape[0] * (m.x.shape[0] // x.shape[0])
+  return m, first.shape[0] * (m.x.shape[0] // x.shape[0])
 
 
 def _build_parts(method: Method, policy, x, y, split, rng) -> list[_Part]:
@@ -281,7 +390,7 @@ def _build_parts(method: Method, policy, x, y, split, rng) -> list[_Part]:
   if split is None:                                  # ERM, Mixup, SAM, G-Mix
     m = policy(rng, x, y)
     clean = (x, y) if method.mixing.policy == 'mixupe' else None
-    return [_Part(*_rows(m.x, m.y, 1.0), 1.0, rule, rho, clean)]
+    return [_mixed_rows(m, 1.0).part(1.0, rule, rho, clean)]
 
   plus, minus = split.sensitive, split.insensitive
   k = plus.shape[0]
@@ -291,34 +400,34 @@ def _build_parts(method: Method, policy, x, y, split, rng) -> list[_Part]:
     rows = None
     for key, idx in ((rng, plus), (jax.random.fold_in(rng, 1), minus)):
       if idx.shape[0]:
-        m = policy(key, x[idx], y[idx])
-        rows = _concat(rows, _rows(m.x, m.y, idx.shape[0] / b))
-    return [_Part(*rows, 1.0, rule, rho)]
+        rows = _concat(rows, _mixed_rows(policy(key, x[idx], y[idx]), idx.shape[0] / b))
+    return [rows.part(1.0, rule, rho)]
 
   if part_cfg.rule == 'binary' and part_cfg.bgmix_rule == 'sam_on_sensitive':
     # All rows mixed as in G-Mix; rows whose first parent is sensitive get
     # the sharpness rule, the others their plain gradient (ESAM's selection).
-    xm, ym, cut = _mix_by_first_parent(policy, rng, x, y, plus, minus)
+    m, cut = _mix_by_first_parent(policy, rng, x, y, plus, minus)
     parts = []
     if k:
-      parts.append(_Part(*_rows(xm[:cut], ym[:cut], k / b), k / b, rule, rho))
+      parts.append(_rows(m.x[:cut], m.y[:cut], k / b).part(k / b, rule, rho))
     if k < b:
-      parts.append(_Part(*_rows(xm[cut:], ym[cut:], (b - k) / b), (b - k) / b,
-                         sharpness.SharpnessRule('none'), 0.0))
+      parts.append(_rows(m.x[cut:], m.y[cut:], (b - k) / b).part(
+          (b - k) / b, sharpness.SharpnessRule('none'), 0.0))
     return parts
 
   # BG-Mix mix_one_subset and DG-Mix: subset A mixed, subset C clean.
   a_idx, c_idx = (plus, minus) if part_cfg.mix_subset == 'sensitive' else (minus, plus)
   mixed = None
   if a_idx.shape[0] and whole:
-    xm, ym, cut = _mix_by_first_parent(policy, rng, x, y, a_idx, c_idx)
-    mixed = _rows(xm[:cut], ym[:cut], a_idx.shape[0] / b)
+    # Manifold: the partners index [A; C] = the rows of `mixed` followed by
+    # `clean` below, i.e. exactly the concatenated BG-Mix part.
+    m, cut = _mix_by_first_parent(policy, rng, x, y, a_idx, c_idx)
+    mixed = _mixed_rows(m, a_idx.shape[0] / b, cut)
   elif a_idx.shape[0]:
-    m = policy(rng, x[a_idx], y[a_idx])
-    mixed = _rows(m.x, m.y, a_idx.shape[0] / b)
+    mixed = _mixed_rows(policy(rng, x[a_idx], y[a_idx]), a_idx.shape[0] / b)
   clean = _rows(x[c_idx], y[c_idx], c_idx.shape[0] / b)
   if part_cfg.rule == 'binary':
-    return [_Part(*_concat(mixed, clean), 1.0, rule, rho)]
+    return [_concat(mixed, clean).part(1.0, rule, rho)]
 
   # DG-Mix: one perturbation per subset, ρ⁺ for S⁺ and ρ⁻ for S⁻.
   rho_of = {'sensitive': part_cfg.rho_plus, 'insensitive': part_cfg.rho_minus}
@@ -327,7 +436,7 @@ def _build_parts(method: Method, policy, x, y, split, rng) -> list[_Part]:
   for rows, idx, which in ((mixed, a_idx, part_cfg.mix_subset), (clean, c_idx, other)):
     if rows is not None:
       r = rho if rho_of[which] is None else rho_of[which]
-      parts.append(_Part(*rows, idx.shape[0] / b, rule, r))
+      parts.append(rows.part(idx.shape[0] / b, rule, r))
   return parts
 
 
@@ -344,16 +453,35 @@ def _average_states(states: list[PyTree], shares: list[float]) -> PyTree:
   return jax.tree.map(avg, *states)
 
 
+def _mixupe_loss(apply_fn, p, model_state, mix_loss, clean, mix_cfg: MixingConfig):
+  """MixupE: the term on a second, clean forward pass, then the rescaling."""
+  x, y = clean
+  if mix_cfg.mixupe_version == 3:          # L = L_mix − ηR, r_i = ⟨f(x_i), y_i − p_i⟩
+    clean_logits, _ = apply_fn(p, model_state, x, True)
+    term = losses.mixupe_term(clean_logits, y, mix_cfg.alpha, mix_cfg.tau)
+    return losses.mixupe_rescale(mix_loss, term, mix_cfg.eta)
+  # Version 1: L = L_mix + ηR₁ (the official code's sign), with the directional
+  # derivative J_f(x_i) δ_i, δ_i = x̄ − x_i, from one jvp. x̄ is the mean of the
+  # clean per-device batch (the official code uses the training-set mean, which
+  # the objective does not see; the batch mean estimates it).
+  delta = jax.lax.stop_gradient(jnp.mean(x, axis=0, keepdims=True) - x)
+  clean_logits, jd = jax.jvp(lambda v: apply_fn(p, model_state, v, True)[0], (x,), (delta,))
+  term = losses.mixupe_term_v1(clean_logits, jd, y, mix_cfg.alpha, mix_cfg.tau)
+  return losses.mixupe_rescale(mix_loss, -term, mix_cfg.eta)
+
+
 def _part_gradient(apply_fn, params, model_state, part: _Part, rng, axis_name,
-                   mix_cfg: MixingConfig):
-  """Gradient of Σ_r w_r ℓ_r for one part, at its own perturbed point."""
+                   mix_cfg: MixingConfig, rho):
+  """Gradient of Σ_r w_r ℓ_r for one part, at its own perturbed point of radius ``rho``."""
+  # Manifold Mixup: the model mixes its hidden state; the perturbed pass uses
+  # the same point, λ and partners.
+  mix_kw = {} if part.mix is None else {'mix': part.mix}
+
   def loss_fn(p, x, y, w):
-    logits, new_state = apply_fn(p, model_state, x, True)
+    logits, new_state = apply_fn(p, model_state, x, True, **mix_kw)
     loss = losses.weighted_loss(logits, y, w)
     if part.clean is not None:          # MixupE: a second, clean forward pass
-      clean_logits, _ = apply_fn(p, model_state, part.clean[0], True)
-      term = losses.mixupe_term(clean_logits, part.clean[1], mix_cfg.alpha, mix_cfg.tau)
-      loss = losses.mixupe_rescale(loss, term, mix_cfg.eta)
+      loss = _mixupe_loss(apply_fn, p, model_state, loss, part.clean, mix_cfg)
     return loss, new_state
 
   def one_group(x, y, w, key):
@@ -362,7 +490,7 @@ def _part_gradient(apply_fn, params, model_state, part: _Part, rng, axis_name,
       return g, new_state, loss, loss
     grad_fn = lambda p: jax.value_and_grad(loss_fn, has_aux=True)(p, x, y, w)[::-1]
     g, (loss_p, _) = sharpness.sharpness_gradient(
-        part.rule, grad_fn, params, g, rng=key, rho=part.rho, axis_name=axis_name)
+        part.rule, grad_fn, params, g, rng=key, rho=rho, axis_name=axis_name)
     return g, new_state, loss, loss_p
 
   m = part.rule.m
@@ -379,26 +507,49 @@ def _part_gradient(apply_fn, params, model_state, part: _Part, rng, axis_name,
 
 
 def make_objective(method: Method, apply_fn: ApplyFn, *,
-                   axis_name: Optional[str] = None) -> Objective:
+                   axis_name: Optional[str] = None, lr_schedule=None,
+                   num_steps: Optional[int] = None) -> Objective:
   """The per-device objective of ``method``.
 
   Args:
     method: the composition (see ``get_method``).
     apply_fn: ``apply_fn(params, model_state, x, train) -> (logits, new_state)``.
+      For ``mixing.policy='manifold'`` it must also take ``mix=`` (a
+      ``mixing.HiddenMix``, applied at each of the model's mixing points) and
+      declare their number as ``apply_fn.mix_points``; ``models.make_apply_fn``
+      does both for every model of this library.
     axis_name: the data-parallel axis; used only by ``sharpness.m='global'``
       (the all-reduce of the ascent gradient). The final gradient is *not*
       averaged here: the train step does that, in one place.
+    lr_schedule, num_steps: the optimizer's learning rate (a schedule
+      ``step -> lr`` or a float) and the run's length; needed only by
+      ``sharpness.rho_schedule='lr'`` (GSAM's ρ_t = ρ_min + (ρ − ρ_min)
+      (lr_t − lr_min)/(lr_max − lr_min), applied to every part's ρ, DG-Mix's
+      ρ± included), which then reads the step from ``batch['step']``.
 
   Returns:
     ``objective(params, model_state, batch, rng) -> (grads, new_state, metrics)``
     with ``batch = {'x': [B, ...], 'y': int [B] or soft [B, C]}`` plus
-    ``'score'`` ``[B]`` for the ``stale`` estimator. ``metrics`` holds
+    ``'score'`` ``[B]`` for the ``stale`` estimator and ``'step'`` (int
+    scalar) for ``rho_schedule='lr'``. ``metrics`` holds
     ``loss`` (the objective at w), ``perturbed_loss`` (at the perturbed
     points) and, for partitioned methods, ``sensitivity`` (mean s_i) and
     ``sensitive_minus_rest`` (mean s over S⁺ minus mean over S⁻).
   """
-  policy = method.mixing.make_policy()
+  if method.mixing.policy == 'manifold' and getattr(apply_fn, 'mix_points', None) is None:
+    raise ValueError("mixing.policy='manifold' needs a model that mixes hidden states: an "
+                     'apply_fn(params, model_state, x, train, mix=None) that applies mix(j, h) at '
+                     'each of its mixing points j = 0..P-1 and declares apply_fn.mix_points = P '
+                     '(models.make_apply_fn does this for every model of gmix_jax.models)')
+  policy = method.mixing.make_policy(getattr(apply_fn, 'mix_points', None))
   split_on = method.partition.rule != 'none'
+  scheduled = method.sharpness.rho_schedule == 'lr'
+  lr_position = None                  # None: ρ constant (also for a constant LR)
+  if scheduled:
+    if lr_schedule is None or num_steps is None:
+      raise ValueError("sharpness.rho_schedule='lr' needs make_objective(..., lr_schedule=, "
+                       'num_steps=): the learning rate that rho follows')
+    lr_position = sharpness.lr_fraction(lr_schedule, num_steps)
 
   def objective(params, model_state, batch, rng):
     x = batch['x']
@@ -418,12 +569,24 @@ def make_objective(method: Method, apply_fn: ApplyFn, *,
         metrics['sensitive_minus_rest'] = (jnp.mean(s[split.sensitive]) -
                                            jnp.mean(s[split.insensitive]))
     parts = _build_parts(method, policy, x, y, split, k_mix)
+    u = None
+    if lr_position is not None:
+      if 'step' not in batch:
+        raise ValueError("sharpness.rho_schedule='lr' needs the step count as batch['step'] "
+                         '(parallel.make_per_device_step supplies it)')
+      u = lr_position(batch['step'])
+      metrics['rho'] = sharpness.scheduled_rho(method.sharpness.radius,
+                                               method.sharpness.rho_min, u)
+    elif scheduled:
+      metrics['rho'] = jnp.asarray(method.sharpness.radius, jnp.float32)
     grads, states, shares = None, [], []
     loss = loss_p = 0.0
     for i, part in enumerate(parts):
+      rho = part.rho if u is None else sharpness.scheduled_rho(
+          part.rho, method.sharpness.rho_min, u)
       g, state, l, lp = _part_gradient(apply_fn, params, model_state, part,
                                        jax.random.fold_in(k_sharp, i), axis_name,
-                                       method.mixing)
+                                       method.mixing, rho)
       grads = g if grads is None else sharpness.add(grads, g)
       states.append(state)
       shares.append(part.share)

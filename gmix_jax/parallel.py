@@ -60,6 +60,9 @@ class TrainState(struct.PyTreeNode):
       cannot save a zero-size array).
     skipped: int32 scalar, the number of updates skipped because their loss
       or gradient was not finite (``skip_nonfinite``; 0 otherwise).
+    extra: the state of a method that keeps its own (e.g. SAMix's EMA
+      encoder, mixblock and mixblock optimizer state), updated by the step's
+      ``extra_update``; a ``(1,)`` placeholder when unused (as ``scores``).
   """
   step: jax.Array
   params: PyTree
@@ -68,12 +71,14 @@ class TrainState(struct.PyTreeNode):
   rng: jax.Array
   scores: jax.Array
   skipped: jax.Array
+  extra: PyTree
 
 
 def create_train_state(params: PyTree, model_state: PyTree,
                        optimizer: optax.GradientTransformation, rng_seed: int,
-                       num_train: int = 0) -> TrainState:
-  """A fresh state at step 0; ``num_train > 0`` allocates the stale-score table."""
+                       num_train: int = 0, extra: Optional[PyTree] = None) -> TrainState:
+  """A fresh state at step 0; ``num_train > 0`` allocates the stale-score table,
+  ``extra`` is a method's own state (see ``make_per_device_step``)."""
   return TrainState(
       step=jnp.zeros((), jnp.int32),
       params=params,
@@ -81,7 +86,8 @@ def create_train_state(params: PyTree, model_state: PyTree,
       model_state=model_state,
       rng=jax.random.key_data(jax.random.key(rng_seed)),
       scores=jnp.zeros((max(num_train, 1),), jnp.float32),
-      skipped=jnp.zeros((), jnp.int32))
+      skipped=jnp.zeros((), jnp.int32),
+      extra=jnp.zeros((1,), jnp.float32) if extra is None else extra)
 
 
 def step_key(rng: jax.Array, step: jax.Array, axis_name: str) -> jax.Array:
@@ -107,7 +113,8 @@ def _pmean_state(tree: PyTree, axis_name: str) -> PyTree:
 
 def make_per_device_step(objective: Callable, optimizer: optax.GradientTransformation, *,
                          axis_name: str = 'batch', use_stale_scores: bool = False,
-                         skip_nonfinite: bool = False):
+                         skip_nonfinite: bool = False,
+                         extra_update: Optional[Callable] = None):
   """The train step for one device shard, with the named axis ``axis_name``.
 
   Args:
@@ -124,6 +131,14 @@ def make_per_device_step(objective: Callable, optimizer: optax.GradientTransform
       ``state.skipped``. Decided on values after the ``pmean``, so every
       device takes the same branch, inside the compiled step (no host
       round-trip).
+    extra_update: for a method that keeps its own state in ``state.extra``
+      (SAMix). The objective is then called as ``objective(params,
+      model_state, batch, rng, extra)`` and returns a fourth value, this
+      device's gradients for that state (any pytree), averaged with the model
+      gradient in the one ``pmean``; after the model update,
+      ``extra_update(extra, averaged_extra_grads, new_params,
+      new_model_state, step) -> new_extra``. It must give the same value on
+      every device (it sees only averaged or replicated inputs).
 
   Returns:
     ``per_device_step(state, batch) -> (new_state, metrics)``; ``metrics``
@@ -133,12 +148,14 @@ def make_per_device_step(objective: Callable, optimizer: optax.GradientTransform
     count ``state.skipped``). An optional ``batch['stop']`` (int, one per
     example; the trainer's preemption flag) is not seen by the objective; its
     maximum over all devices comes back as ``metrics['stop']``, so every
-    process learns that any one of them was asked to stop.
+    process learns that any one of them was asked to stop. The objective
+    also sees ``batch['step']`` (``state.step``, an int32 scalar).
   """
   def per_device_step(state: TrainState, batch: Batch):
     key = step_key(state.rng, state.step, axis_name)
     batch = dict(batch)
     stop = batch.pop('stop', None)
+    batch['step'] = state.step      # for schedules inside the objective (GSAM's ρ_t)
     # Pitfall: under shard_map the state arrives replicated (device-invariant)
     # and jax.grad w.r.t. an invariant value is psum'd over the axis, i.e. the
     # SAM ascent would use the sum of all devices' gradients. Marking the
@@ -148,10 +165,18 @@ def make_per_device_step(objective: Callable, optimizer: optax.GradientTransform
     params = jax.lax.pcast(state.params, axis_name, to='varying')
     if use_stale_scores:
       batch = {**batch, 'score': sensitivity.lookup(state.scores, batch['index'])}
-    grads, model_state, metrics = objective(params, state.model_state, batch, key)
+    if extra_update is None:
+      grads, model_state, metrics = objective(params, state.model_state, batch, key)
+      extra_grads = ()
+    else:
+      # The extra state is differentiated too (e.g. SAMix's mixblock): the same
+      # pitfall, the same cast.
+      extra = jax.lax.pcast(state.extra, axis_name, to='varying')
+      grads, model_state, metrics, extra_grads = objective(
+          params, state.model_state, batch, key, extra)
 
     # The one place of averaging over devices.
-    grads = jax.lax.pmean(grads, axis_name)
+    grads, extra_grads = jax.lax.pmean((grads, extra_grads), axis_name)
     model_state = _pmean_state(model_state, axis_name)
     metrics = jax.lax.pmean(dict(metrics), axis_name)
     metrics['grad_norm'] = optax.tree.norm(grads)
@@ -162,19 +187,24 @@ def make_per_device_step(objective: Callable, optimizer: optax.GradientTransform
     finite = jnp.isfinite(metrics['grad_norm'])
     if 'loss' in metrics:
       finite &= jnp.isfinite(metrics['loss'])
+    new_extra = state.extra
+    if extra_update is not None:
+      finite &= jnp.isfinite(optax.tree.norm(extra_grads))
+      new_extra = extra_update(state.extra, extra_grads, new_params, model_state, state.step)
     skipped = state.skipped
     if skip_nonfinite:
       keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
       new_params = keep(new_params, state.params)
       opt_state = keep(opt_state, state.opt_state)
       model_state = keep(model_state, state.model_state)
+      new_extra = keep(new_extra, state.extra)
       skipped = skipped + jnp.where(finite, 0, 1).astype(skipped.dtype)
     metrics['nonfinite'] = jnp.where(finite, 0.0, 1.0).astype(jnp.float32)
     metrics['nonfinite_skipped'] = skipped.astype(jnp.float32)
     if stop is not None:
       metrics['stop'] = jax.lax.pmax(jnp.max(stop), axis_name).astype(jnp.float32)
     new_state = state.replace(step=state.step + 1, params=new_params, opt_state=opt_state,
-                              model_state=model_state, skipped=skipped)
+                              model_state=model_state, skipped=skipped, extra=new_extra)
     return new_state, metrics
 
   return per_device_step

@@ -22,6 +22,7 @@ from typing import Any, Callable, Optional, Union
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 PyTree = Any
 EPS_NORM = 1e-12
@@ -30,6 +31,7 @@ RULES = ('none', 'sam', 'asam', 'gsam', 'esam')
 # ρ defaults differ per rule: ASAM's ρ lives in the rescaled space T⁻¹ε.
 DEFAULT_RHO = {'none': 0.0, 'sam': 0.05, 'asam': 0.5, 'gsam': 0.05, 'esam': 0.05}
 M_MODES = ('device', 'global')
+RHO_SCHEDULES = ('constant', 'lr')
 
 
 def _wide(x: jax.Array) -> jax.Array:
@@ -116,6 +118,12 @@ class SharpnessRule:
       ``'device'`` (the per-device batch, default), ``'global'`` (the ascent
       gradient is all-reduced over the data axis first) or a positive int m
       (groups of m examples, each with its own ε; m must divide the batch).
+    rho_schedule: ``'constant'`` (ρ every step) or ``'lr'`` (GSAM, Zhuang et
+      al. 2022: ρ_t = ρ_min + (ρ − ρ_min)(lr_t − lr_min)/(lr_max − lr_min),
+      ρ following the learning-rate schedule; the objective then needs the
+      schedule, see ``objectives.make_objective``).
+    rho_min: ρ_min of ``rho_schedule='lr'`` (ρ is ρ_max); 0 by default (not
+      given by METHODS.md).
   """
   name: str = 'sam'
   rho: Optional[float] = None
@@ -123,6 +131,8 @@ class SharpnessRule:
   gsam_alpha: float = 0.1
   esam_beta: float = 0.5
   m: Union[str, int] = 'device'
+  rho_schedule: str = 'constant'
+  rho_min: float = 0.0
 
   def __post_init__(self):
     # Numeric knobs are checked when they are Python numbers; arrays (e.g.
@@ -141,6 +151,14 @@ class SharpnessRule:
         raise ValueError(f"sharpness.m must be 'device', 'global' or a positive int, got {self.m!r}")
     elif not (isinstance(self.m, int) and self.m > 0):
       raise ValueError(f"sharpness.m must be 'device', 'global' or a positive int, got {self.m!r}")
+    if self.rho_schedule not in RHO_SCHEDULES:
+      raise ValueError(f'sharpness.rho_schedule must be one of {RHO_SCHEDULES}, '
+                       f'got {self.rho_schedule!r}')
+    if number(self.rho_min) and (self.rho is None or number(self.rho)) and \
+        not 0 <= self.rho_min <= self.radius:
+      raise ValueError(f'sharpness.rho_min must be in [0, rho={self.radius}], got {self.rho_min}')
+    if self.rho_schedule == 'lr' and not self.active:
+      raise ValueError("sharpness.rho_schedule='lr' needs a sharpness rule; got sharpness.rule='none'")
 
   @property
   def active(self) -> bool:
@@ -149,6 +167,40 @@ class SharpnessRule:
   @property
   def radius(self) -> float:
     return DEFAULT_RHO[self.name] if self.rho is None else self.rho
+
+
+def lr_fraction(lr_schedule, num_steps: int) -> Optional[Callable[[jax.Array], jax.Array]]:
+  """u_t = (lr_t − lr_min)/(lr_max − lr_min) ∈ [0, 1], GSAM's LR position.
+
+  lr_min and lr_max are the schedule's extremes over steps 0 … num_steps−1,
+  found once on the host when this is built (not inside the step). A
+  constant learning rate (a float, or a flat schedule) returns ``None``:
+  ρ_t = ρ_max every step, i.e. plain GSAM (the formula's 0/0 read as u = 1).
+  """
+  if not callable(lr_schedule):
+    return None
+  lrs = np.asarray(jax.vmap(lr_schedule)(jnp.arange(max(int(num_steps), 1))), np.float64)
+  lr_min, lr_max = float(lrs.min()), float(lrs.max())
+  if lr_max - lr_min <= 1e-12 * max(abs(lr_max), 1e-30):
+    return None
+  return lambda step: ((lr_schedule(step) - lr_min) / (lr_max - lr_min)).astype(jnp.float32)
+
+
+def scheduled_rho(rho_max, rho_min, u):
+  """GSAM's ρ_t = ρ_min + (ρ_max − ρ_min) u_t (Zhuang et al. 2022, § 5)."""
+  return rho_min + (rho_max - rho_min) * u
+
+
+def rho_following_lr(rho_max: float, rho_min: float, lr_schedule,
+                     num_steps: int) -> Callable[[jax.Array], jax.Array]:
+  """The schedule ``step -> ρ_t`` of GSAM: ρ follows the learning rate.
+
+  Pass it as ``rho`` to ``transforms.gsam`` (or any sharpness transform).
+  """
+  u = lr_fraction(lr_schedule, num_steps)
+  if u is None:
+    return lambda step: jnp.asarray(rho_max, jnp.float32)
+  return lambda step: scheduled_rho(rho_max, rho_min, u(step))
 
 
 def perturbation(rule: SharpnessRule, grads: PyTree, params: PyTree,

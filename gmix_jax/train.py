@@ -36,6 +36,7 @@ from gmix_jax import losses
 from gmix_jax import models
 from gmix_jax import objectives
 from gmix_jax import parallel
+from gmix_jax import samix
 from gmix_jax import sensitivity
 
 PARALLEL_MODES = ('shard_map', 'pmap')
@@ -46,6 +47,8 @@ NAN_POLICIES = ('stop', 'skip')
 OPTIONAL_FIELDS = {
     'nan_policy': 'stop',       # 'stop' | 'skip' on a non-finite loss or gradient norm
     'debug_nan_step': None,     # test hook: the batch of this global step is made NaN
+    'eval_every_epochs': 1,     # test-set eval + epoch-end checkpoint every k epochs (and at the end)
+    'plots': True,              # write curves.png at the end (sweeps turn it off)
 }
 # Models that read their inputs as images [H, W] or [H, W, C].
 IMAGE_MODELS = ('cnn', 'resnet18', 'preact_resnet18', 'wrn28', 'wrn28_2', 'wrn28_10')
@@ -64,27 +67,55 @@ def _set_fields(section: ml_collections.ConfigDict, rename=None) -> dict:
 
 
 def build_method(config: ml_collections.ConfigDict, num_classes: int) -> objectives.Method:
-  """``config.method`` -> ``objectives.Method`` (preset + explicit overrides)."""
+  """``config.method`` -> ``objectives.Method`` (preset + explicit overrides).
+
+  A method with its own step (``samix.METHODS``) brings its own mixing; only
+  a sharpness rule composes with it (its other knobs: ``build_samix``).
+  """
   mc = config.method
   sharp = _set_fields(mc.sharpness, rename={'rule': 'name'})
   if 'm' in sharp and isinstance(sharp['m'], str) and sharp['m'].isdigit():
     sharp['m'] = int(sharp['m'])
+  if mc.name in samix.METHODS:
+    for section in ('mixing', 'partition', 'sensitivity'):
+      if _set_fields(mc[section]):
+        raise ValueError(f'method.{section} {_set_fields(mc[section])} cannot be combined with '
+                         f'method.name={mc.name!r}: it mixes with its own mixblock (knobs: '
+                         'method.samix.*); only method.sharpness composes with it')
+    if isinstance(sharp.get('m'), int):
+      raise ValueError(f"sharpness.m={sharp['m']} (groups) is not defined for method.name="
+                       f"{mc.name!r}; use 'device' or 'global'")
+    if sharp.get('rho_schedule', 'constant') != 'constant':
+      raise ValueError(f"sharpness.rho_schedule={sharp['rho_schedule']!r} is not implemented for "
+                       f"method.name={mc.name!r}; use 'constant'")
+    return objectives.get_method('erm', num_classes, sharpness=sharp)
   return objectives.get_method(
       mc.name, num_classes,
       mixing=_set_fields(mc.mixing), sharpness=sharp,
       partition=_set_fields(mc.partition), sensitivity=_set_fields(mc.sensitivity))
 
 
-def build_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int) -> optax.GradientTransformation:
-  """One optax chain from the config (big_vision style)."""
+def build_samix(config: ml_collections.ConfigDict) -> samix.SAMixConfig:
+  """``config.method.samix`` (absent: defaults) -> ``samix.SAMixConfig``."""
+  section = config.method.get('samix')
+  return samix.get_config(config.method.name, **(_set_fields(section) if section else {}))
+
+
+def build_lr_schedule(config: ml_collections.ConfigDict, steps_per_epoch: int):
+  """The learning rate: an optax schedule ``step -> lr``, or a float."""
   oc = config.optimizer
   total = config.num_epochs * steps_per_epoch
   warmup = int(oc.warmup_epochs * steps_per_epoch)
   if oc.schedule == 'cosine':
-    lr = optax.warmup_cosine_decay_schedule(0.0 if warmup else oc.learning_rate, oc.learning_rate,
-                                            max(warmup, 1) if warmup else 1, max(total, warmup + 1))
-  else:
-    lr = optax.linear_schedule(0.0, oc.learning_rate, warmup) if warmup else oc.learning_rate
+    return optax.warmup_cosine_decay_schedule(0.0 if warmup else oc.learning_rate, oc.learning_rate,
+                                              max(warmup, 1) if warmup else 1, max(total, warmup + 1))
+  return optax.linear_schedule(0.0, oc.learning_rate, warmup) if warmup else oc.learning_rate
+
+
+def build_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int) -> optax.GradientTransformation:
+  """One optax chain from the config (big_vision style)."""
+  oc = config.optimizer
+  lr = build_lr_schedule(config, steps_per_epoch)
   chain = []
   if oc.grad_clip:
     chain.append(optax.clip_by_global_norm(oc.grad_clip))
@@ -125,7 +156,7 @@ def validate_config(config: ml_collections.ConfigDict) -> objectives.Method:
   one_of('optimizer.name', config.optimizer.name, OPTIMIZERS)
   one_of('optimizer.schedule', config.optimizer.schedule, SCHEDULES)
   one_of('model.name', config.model.name, sorted(models.MODELS))
-  one_of('method.name', config.method.name, sorted(objectives.PRESETS))
+  one_of('method.name', config.method.name, sorted([*objectives.PRESETS, *samix.METHODS]))
   one_of('nan_policy', _opt(config, 'nan_policy'), NAN_POLICIES)
   name = config.dataset.name
   if not (name in data_lib.DATASET_NAMES or name.startswith('npz:')):
@@ -134,6 +165,8 @@ def validate_config(config: ml_collections.ConfigDict) -> objectives.Method:
                 'checkpoint_every_steps', 'keep_checkpoints'):
     if not config[field] >= 1:
       raise ValueError(f'{field} must be >= 1, got {config[field]}')
+  if not (isinstance(_opt(config, 'eval_every_epochs'), int) and _opt(config, 'eval_every_epochs') >= 1):
+    raise ValueError(f"eval_every_epochs must be an int >= 1, got {_opt(config, 'eval_every_epochs')!r}")
   debug_nan = _opt(config, 'debug_nan_step')
   if debug_nan is not None and not (isinstance(debug_nan, int) and debug_nan >= 0):
     raise ValueError(f'debug_nan_step must be None or a step >= 0, got {debug_nan!r}')
@@ -143,6 +176,11 @@ def validate_config(config: ml_collections.ConfigDict) -> objectives.Method:
     raise ValueError(f'model.kwargs {dict(config.model.kwargs)} do not fit '
                      f'model.name={config.model.name!r}: {e}') from e
   method = build_method(config, num_classes=10)       # raises on any bad method knob
+  if config.method.name in samix.METHODS:
+    samix_cfg = build_samix(config)
+    samix.feature_layer(samix_cfg, config.model.name)  # an encoder with a spatial map
+    if samix_cfg.pretrained:                           # the source run, file-level
+      samix.check_source(samix_cfg, json.loads(config.to_json()))
   local = jax.local_device_count()
   n_dev = _num_devices(config)
   if not 1 <= n_dev <= local:
@@ -187,6 +225,8 @@ def validate_data(config: ml_collections.ConfigDict, ds: data_lib.Dataset,
   except Exception as e:  # any trace-time shape error of the model
     raise ValueError(f'model.name={config.model.name!r} (kwargs {dict(config.model.kwargs)}) '
                      f'cannot take examples of shape {shape} from dataset {ds.name!r}: {e}') from e
+  if config.method.name in samix.METHODS:     # the mixblock's feature map exists and is spatial
+    samix.feature_shape(module, samix.feature_layer(build_samix(config), config.model.name), shape)
 
 
 # ----------------------------------------------------------------------------
@@ -196,10 +236,27 @@ def _augmented(objective, augment: bool):
   """Wrap the objective so random crop + flip happen on device, in the step."""
   if not augment:
     return objective
-  def wrapped(params, model_state, batch, rng):
+  def wrapped(params, model_state, batch, rng, *extra):
     x = data_lib.random_crop_flip(jax.random.fold_in(rng, 0x5EED), batch['x'])
-    return objective(params, model_state, {**batch, 'x': x}, rng)
+    return objective(params, model_state, {**batch, 'x': x}, rng, *extra)
   return wrapped
+
+
+def build_step_parts(config, method, module, apply_fn, ds, total_steps, params, model_state):
+  """``(objective, extra, extra_update)`` for ``parallel.make_per_device_step``.
+
+  A composed method (``objectives``) has no extra state; a method that owns
+  its step's extra state (``samix.METHODS``) builds all three.
+  """
+  if config.method.name not in samix.METHODS:
+    # The LR schedule is for sharpness.rho_schedule='lr' (GSAM's ρ_t).
+    lr = build_lr_schedule(config, total_steps // config.num_epochs)
+    return objectives.make_objective(method, apply_fn, axis_name='batch', lr_schedule=lr,
+                                     num_steps=total_steps), None, None
+  return samix.build(build_samix(config), config.model.name, module, apply_fn,
+                     tuple(ds.input_shape), ds.num_classes, total_steps, params, model_state,
+                     jax.random.fold_in(jax.random.PRNGKey(config.seed), 0x5A41),
+                     rule=method.sharpness, restore=restore_state)
 
 
 def _evaluate(predict, params, model_state, x, y, batch_size: int) -> dict:
@@ -313,7 +370,7 @@ def restore_state(workdir: str, step: int | None = None) -> tuple[int, dict]:
 
   ``state`` is the saved ``TrainState`` as a nested dict of numpy arrays
   (``params``, ``opt_state``, ``model_state``, ``step``, ``rng``,
-  ``scores``, ``skipped``); no config is needed, and the checkpoint may come
+  ``scores``, ``skipped``, ``extra``); no config is needed, and the checkpoint may come
   from any device count or number of processes. For tests and analysis; the
   trainer restores into its own typed state.
   """
@@ -331,6 +388,14 @@ def restore_state(workdir: str, step: int | None = None) -> tuple[int, dict]:
   return step, jax.device_get(restored['state'])
 
 
+def _without_none(d):
+  """``d`` without None-valued entries: a knob left at None (its default)
+  means the same as a knob an older version of the config did not have."""
+  if isinstance(d, dict):
+    return {k: _without_none(v) for k, v in d.items() if v is not None}
+  return d
+
+
 def _check_workdir_config(workdir: str, config: ml_collections.ConfigDict) -> None:
   """Refuse to resume a checkpoint written by an incompatible config."""
   path = os.path.join(workdir, 'config.json')
@@ -342,7 +407,7 @@ def _check_workdir_config(workdir: str, config: ml_collections.ConfigDict) -> No
   def get(d, dotted):
     for k in dotted.split('.'):
       d = d.get(k) if isinstance(d, dict) else None
-    return d
+    return _without_none(d)
   changed = [k for k in INCOMPATIBLE_FIELDS if get(old, k) != get(new, k)]
   if changed and os.path.isdir(os.path.join(workdir, 'checkpoints')):
     raise ValueError(
@@ -428,8 +493,6 @@ def _train_and_evaluate(config, workdir, preemption: _Preemption) -> dict[str, A
   apply_fn = models.make_apply_fn(module)
   use_stale = method.partition.rule != 'none' and method.sensitivity.estimator == 'stale'
   optimizer = build_optimizer(config, steps_per_epoch)
-  objective = _augmented(objectives.make_objective(method, apply_fn, axis_name='batch'),
-                         config.dataset.augment)
 
   # -- State: fresh, or the latest checkpoint -----------------------------------
   # A checkpoint holds the TrainState (everything the step reads, including the
@@ -437,8 +500,11 @@ def _train_and_evaluate(config, workdir, preemption: _Preemption) -> dict[str, A
   # metrics window, so a resumed run logs what an uninterrupted one would.
   import orbax.checkpoint as ocp
   params, model_state = models.init_model(module, jax.random.PRNGKey(config.seed), ds.input_shape)
+  objective, extra, extra_update = build_step_parts(config, method, module, apply_fn, ds,
+                                                    total_steps, params, model_state)
+  objective = _augmented(objective, config.dataset.augment)
   state = parallel.create_train_state(params, model_state, optimizer, config.seed,
-                                      num_train=x_train.shape[0] if use_stale else 0)
+                                      num_train=x_train.shape[0] if use_stale else 0, extra=extra)
   ckpt = _checkpoint_manager(workdir, config.keep_checkpoints)
   pending = []              # per-step metrics (host) since the last train record
   if ckpt.latest_step() is not None:
@@ -458,7 +524,8 @@ def _train_and_evaluate(config, workdir, preemption: _Preemption) -> dict[str, A
   # -- The compiled step ---------------------------------------------------------
   per_device_step = parallel.make_per_device_step(objective, optimizer, axis_name='batch',
                                                   use_stale_scores=use_stale,
-                                                  skip_nonfinite=nan_policy == 'skip')
+                                                  skip_nonfinite=nan_policy == 'skip',
+                                                  extra_update=extra_update)
   devices = jax.local_devices()[:n_dev]
   if config.parallel == 'shard_map':
     if jax.process_count() > 1:     # the first n_dev devices of every process, by process
@@ -537,7 +604,9 @@ def _train_and_evaluate(config, workdir, preemption: _Preemption) -> dict[str, A
     in_flight.append((step, metrics))
     window_steps += 1
     log_now = (step + 1) % config.log_every_steps == 0 or step + 1 == total_steps
-    end_of_epoch = (step + 1) % steps_per_epoch == 0
+    # An evaluated epoch end (every eval_every_epochs-th, and the last step).
+    end_of_epoch = ((step + 1) % (steps_per_epoch * _opt(config, 'eval_every_epochs')) == 0
+                    or step + 1 == total_steps)
     ckpt_now = (end_of_epoch or (step + 1) % config.checkpoint_every_steps == 0
                 or step + 1 == total_steps)
     stop = drain(0 if (log_now or end_of_epoch or ckpt_now) else 1) or stop
@@ -602,7 +671,7 @@ def _train_and_evaluate(config, workdir, preemption: _Preemption) -> dict[str, A
       'wall_time_sec': time.time() - t_start,
   }
   if lead:
-    plot = _plot(workdir)
+    plot = _plot(workdir) if _opt(config, 'plots') else None
     if plot:
       summary['curves'] = plot
     summary['metrics'] = writer.path

@@ -113,8 +113,9 @@ def gsam(rho: ScalarOrSchedule = 0.05, alpha: float = 0.1, *,
          global_ascent: bool = False) -> optax.GradientTransformationExtraArgs:
   """GSAM (Zhuang et al. 2022, arXiv:2203.08065): update g_p − α g_⊥.
 
-  Pass a schedule as ``rho`` to let ρ follow the learning rate, e.g.
-  ``rho=lambda t: rho_max * lr_schedule(t) / lr_max``.
+  Pass a schedule as ``rho`` to let ρ follow the learning rate as in the
+  paper, ρ_t = ρ_min + (ρ_max − ρ_min)(lr_t − lr_min)/(lr_max − lr_min):
+  ``rho=sharpness.rho_following_lr(rho_max, rho_min, lr_schedule, num_steps)``.
   """
   return sharpness_aware(sharpness.SharpnessRule('gsam', gsam_alpha=alpha), rho,
                          batch_axis_name=batch_axis_name, global_ascent=global_ascent)

@@ -11,7 +11,9 @@ import toy_models as toy
 from gmix_jax import objectives
 from gmix_jax.sharpness import SharpnessRule
 
-MIXING = ['none', 'mixup', 'cutmix', 'multimix', 'mixupe']
+# 'mixupe_v1' is mixupe with mixupe_version=1; manifold mixes the toy MLP's
+# hidden layer or its input (toy_models.mlp_apply has both points).
+MIXING = ['none', 'mixup', 'cutmix', 'multimix', 'mixupe', 'mixupe_v1', 'manifold']
 SHARPNESS = ['none', 'sam', 'asam', 'gsam', 'esam']
 PARTITION = ['none', 'binary', 'decomposed']
 B = 8
@@ -19,16 +21,18 @@ B = 8
 # (mixing, sharpness, partition) -> the reason it is rejected.
 REJECTED = {}
 for mix, sharp in itertools.product(MIXING, SHARPNESS):
-  if mix == 'mixupe':
+  if mix in ('mixupe', 'mixupe_v1'):
     for part in ('binary', 'decomposed'):
       REJECTED[(mix, sharp, part)] = "'mixupe' cannot be combined with partition"
-  if sharp == 'none' and mix != 'mixupe':
+  if sharp == 'none' and mix not in ('mixupe', 'mixupe_v1'):
     REJECTED[(mix, sharp, 'decomposed')] = "'decomposed' needs a sharpness rule"
 
 
 def build(mix, sharp, part):
+  mixing = (objectives.MixingConfig('mixupe', k=2, mixupe_version=1) if mix == 'mixupe_v1'
+            else objectives.MixingConfig(mix, k=2))
   return objectives.get_method(
-      'erm', toy.C, mixing=objectives.MixingConfig(mix, k=2),
+      'erm', toy.C, mixing=mixing,
       sharpness=SharpnessRule(sharp), partition=objectives.PartitionConfig(part))
 
 

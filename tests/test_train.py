@@ -90,6 +90,20 @@ def test_incompatible_checkpoint_is_never_overwritten(tmp_path):
   assert sorted(os.listdir(tmp_path / 'wd' / 'checkpoints')) == before
 
 
+def test_knob_added_at_its_none_default_still_resumes(tmp_path):
+  """A workdir written before a knob existed resumes when the knob is None."""
+  train.train_and_evaluate(tiny_config('erm', 'digits', tmp_path / 'data'), str(tmp_path / 'wd'))
+  path = tmp_path / 'wd' / 'config.json'
+  old = json.loads(path.read_text())
+  del old['method']['mixing']['tau']          # as if written before `tau` was added
+  path.write_text(json.dumps(old))
+  train._check_workdir_config(str(tmp_path / 'wd'), tiny_config('erm', 'digits', tmp_path / 'data'))
+  old['method']['mixing']['tau'] = 2.0        # a real change is still refused
+  path.write_text(json.dumps(old))
+  with pytest.raises(ValueError, match='different config .*method'):
+    train._check_workdir_config(str(tmp_path / 'wd'), tiny_config('erm', 'digits', tmp_path / 'data'))
+
+
 @pytest.mark.parametrize('field,value,message', [
     # Unknown names: the message lists the valid ones.
     ('method.name', 'gmixx', r"method.name must be one of \[.*'bgmix'.*'gmix'"),

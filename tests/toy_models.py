@@ -1,8 +1,9 @@
 """Tiny pure-JAX models with the library's apply_fn contract, for core tests.
 
 The core never imports Flax, so its tests use models written here by hand:
-an MLP without state, and a model with a BatchNorm-like running mean that
-couples examples in train mode (to test the model-state rules).
+an MLP without state (with Manifold Mixup points: 0 = input, 1 = hidden), and
+a model with a BatchNorm-like running mean that couples examples in train
+mode (to test the model-state rules; it has no mixing points).
 """
 import jax
 import jax.numpy as jnp
@@ -18,10 +19,14 @@ def init_mlp(key, dtype=jnp.float32):
           'b2': jnp.zeros((C,), dtype)}
 
 
-def mlp_apply(params, model_state, x, train):
+def mlp_apply(params, model_state, x, train, mix=None):
   del train
-  h = jnp.tanh(x.reshape(x.shape[0], -1) @ params['w1'] + params['b1'])
-  return h @ params['w2'] + params['b2'], model_state
+  mix = mix or (lambda j, h: h)
+  h = jnp.tanh(mix(0, x.reshape(x.shape[0], -1)) @ params['w1'] + params['b1'])
+  return mix(1, h) @ params['w2'] + params['b2'], model_state
+
+
+mlp_apply.mix_points = 2
 
 
 MOMENTUM = 0.9

@@ -79,7 +79,7 @@ def init_model(module: nn.Module, rng: jax.Array,
 
 
 def make_apply_fn(module: nn.Module):
-  """Returns `apply_fn(params, model_state, x, train, rng=None)`.
+  """Returns `apply_fn(params, model_state, x, train, rng=None, mix=None)`.
 
   - `train` must be a Python bool (it selects the program, not a value).
   - `train=True`: BatchNorm normalises with batch statistics and the returned
@@ -90,18 +90,26 @@ def make_apply_fn(module: nn.Module):
   - `rng` is optional and feeds only dropout (the 'dropout' rng stream);
     without it dropout is off. The core calls apply_fn with four positional
     arguments.
+  - `mix` is optional: a `mixing.HiddenMix` (Manifold Mixup) that the model
+    applies at its mixing points. For a module with a `mix_points` property
+    (every model here) the returned function carries it as
+    `apply_fn.mix_points`, which is how the core's `manifold` policy learns
+    that the model opts in and how many points it has.
   Logits are float32.
   """
 
-  def apply_fn(params, model_state, x, train, rng=None):
+  def apply_fn(params, model_state, x, train, rng=None, mix=None):
     variables = {'params': params, **model_state}
     rngs = None if rng is None else {'dropout': rng}
+    kwargs = {} if mix is None else {'mix': mix}
     if train and model_state:
       logits, updates = module.apply(
-          variables, x, train=True, rngs=rngs, mutable=list(model_state))
+          variables, x, train=True, rngs=rngs, mutable=list(model_state), **kwargs)
       return logits, {**model_state, **updates}
-    return module.apply(variables, x, train=train, rngs=rngs), model_state
+    return module.apply(variables, x, train=train, rngs=rngs, **kwargs), model_state
 
+  if hasattr(module, 'mix_points'):
+    apply_fn.mix_points = module.mix_points
   return apply_fn
 
 

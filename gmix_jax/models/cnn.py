@@ -42,6 +42,9 @@ class CNN(nn.Module):
   averages in the `batch_stats` collection), `train=False` with the running
   averages.
 
+  Manifold Mixup points (``mix``, see ``gmix_jax.mixing.HiddenMix``): 0 = the
+  input, j = the output of conv layer j (after its ReLU), j = 1, 2, 3.
+
   Attributes:
     num_classes: number of output logits.
     width: channels of the first conv; the next two have 2x and 4x as many.
@@ -57,8 +60,13 @@ class CNN(nn.Module):
   bn_momentum: float = 0.9
   dtype: Any = jnp.float32
 
+  @property
+  def mix_points(self) -> int:
+    """Number of Manifold Mixup points: the input and each conv layer."""
+    return 4
+
   @nn.compact
-  def __call__(self, x, train: bool = False):
+  def __call__(self, x, train: bool = False, mix=None):
     if self.norm not in ('none', 'batch'):
       raise ValueError(f"norm must be 'none' or 'batch'; got {self.norm!r}.")
     use_bn = self.norm == 'batch'
@@ -69,12 +77,13 @@ class CNN(nn.Module):
         nn.BatchNorm, use_running_average=not train,
         momentum=self.bn_momentum, epsilon=1e-5, dtype=self.dtype)
 
-    x = as_image_batch(x, self.dtype)
+    mix = mix or (lambda j, h: h)
+    x = mix(0, as_image_batch(x, self.dtype))
     for i, multiplier in enumerate((1, 2, 4)):
       x = conv(multiplier * self.width, name=f'conv{i}')(x)
       if use_bn:
         x = norm(name=f'bn{i}')(x)
-      x = nn.relu(x)
+      x = mix(i + 1, nn.relu(x))
     x = jnp.mean(x, axis=(1, 2))
     x = nn.Dense(self.num_classes, dtype=self.dtype, name='head')(x)
     return x.astype(jnp.float32)

@@ -11,6 +11,8 @@ class MLP(nn.Module):
   """Fully connected ReLU network: flatten -> [Dense(h) -> ReLU]* -> Dense(C).
 
   Accepts inputs of any rank: everything after the batch axis is flattened.
+  Manifold Mixup points (``mix``, see ``gmix_jax.mixing.HiddenMix``): 0 = the
+  flattened input, j = the output of hidden layer j (after its ReLU).
   No normalisation layers, so every example is processed independently and
   the model state is empty. `train` is accepted for interface uniformity and
   has no effect.
@@ -25,11 +27,17 @@ class MLP(nn.Module):
   hidden_sizes: Sequence[int] = (256, 256)
   dtype: Any = jnp.float32
 
+  @property
+  def mix_points(self) -> int:
+    """Number of Manifold Mixup points: the input and each hidden layer."""
+    return 1 + len(self.hidden_sizes)
+
   @nn.compact
-  def __call__(self, x, train: bool = False):
+  def __call__(self, x, train: bool = False, mix=None):
     del train  # No train-time behaviour.
-    x = jnp.asarray(x, self.dtype).reshape(x.shape[0], -1)
+    mix = mix or (lambda j, h: h)
+    x = mix(0, jnp.asarray(x, self.dtype).reshape(x.shape[0], -1))
     for i, h in enumerate(self.hidden_sizes):
-      x = nn.relu(nn.Dense(h, dtype=self.dtype, name=f'dense{i}')(x))
+      x = mix(i + 1, nn.relu(nn.Dense(h, dtype=self.dtype, name=f'dense{i}')(x)))
     x = nn.Dense(self.num_classes, dtype=self.dtype, name='head')(x)
     return x.astype(jnp.float32)

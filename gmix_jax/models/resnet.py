@@ -4,6 +4,10 @@ The CIFAR variants replace the ImageNet stem (7x7/2 conv + max-pool) with a
 single 3x3/1 conv, so the four stages run at 32, 16, 8 and 4 pixels for a
 32x32 input. This is the form used by the mixup, SAM and G-Mix CIFAR
 experiments.
+
+Manifold Mixup points (``mix``, see ``gmix_jax.mixing.HiddenMix``): 0 = the
+input, i = the output of stage i (the stem belongs to stage 1), as in the
+Manifold Mixup code's PreActResNet (Verma et al. 2019 mix at {0, 1, 2}).
 """
 
 import functools
@@ -86,14 +90,20 @@ class ResNet(nn.Module):
   bn_momentum: float = 0.9
   dtype: Any = jnp.float32
 
+  @property
+  def mix_points(self) -> int:
+    """Manifold Mixup points: 0 = input, i = the output of stage i."""
+    return 1 + len(self.stage_sizes)
+
   @nn.compact
-  def __call__(self, x, train: bool = False):
+  def __call__(self, x, train: bool = False, mix=None):
+    mix = mix or (lambda j, h: h)
     conv = functools.partial(nn.Conv, use_bias=False, padding='SAME',
                              kernel_init=conv_init, dtype=self.dtype)
     norm = functools.partial(nn.BatchNorm, use_running_average=not train,
                              momentum=self.bn_momentum, epsilon=1e-5,
                              dtype=self.dtype)
-    x = as_image_batch(x, self.dtype)
+    x = mix(0, as_image_batch(x, self.dtype))
     x = conv(self.width, (3, 3), name='stem_conv')(x)
     x = nn.relu(norm(name='stem_bn')(x))
     for i, n_blocks in enumerate(self.stage_sizes):
@@ -101,6 +111,7 @@ class ResNet(nn.Module):
         strides = 2 if i > 0 and j == 0 else 1
         x = BasicBlock(self.width * 2**i, strides, conv, norm,
                        name=f'stage{i + 1}_block{j + 1}')(x)
+      x = mix(i + 1, x)
     x = jnp.mean(x, axis=(1, 2))
     x = nn.Dense(self.num_classes, dtype=self.dtype, name='head')(x)
     return x.astype(jnp.float32)
@@ -133,20 +144,27 @@ class PreActResNet(nn.Module):
   bn_momentum: float = 0.9
   dtype: Any = jnp.float32
 
+  @property
+  def mix_points(self) -> int:
+    """Manifold Mixup points: 0 = input, i = the output of stage i."""
+    return 1 + len(self.stage_sizes)
+
   @nn.compact
-  def __call__(self, x, train: bool = False):
+  def __call__(self, x, train: bool = False, mix=None):
+    mix = mix or (lambda j, h: h)
     conv = functools.partial(nn.Conv, use_bias=False, padding='SAME',
                              kernel_init=conv_init, dtype=self.dtype)
     norm = functools.partial(nn.BatchNorm, use_running_average=not train,
                              momentum=self.bn_momentum, epsilon=1e-5,
                              dtype=self.dtype)
-    x = as_image_batch(x, self.dtype)
+    x = mix(0, as_image_batch(x, self.dtype))
     x = conv(self.width, (3, 3), name='stem_conv')(x)
     for i, n_blocks in enumerate(self.stage_sizes):
       for j in range(n_blocks):
         strides = 2 if i > 0 and j == 0 else 1
         x = PreActBlock(self.width * 2**i, strides, conv, norm,
                         name=f'stage{i + 1}_block{j + 1}')(x)
+      x = mix(i + 1, x)
     x = nn.relu(norm(name='final_bn')(x))
     x = jnp.mean(x, axis=(1, 2))
     x = nn.Dense(self.num_classes, dtype=self.dtype, name='head')(x)

@@ -70,8 +70,15 @@ class WideResNet(nn.Module):
   bn_momentum: float = 0.9
   dtype: Any = jnp.float32
 
+  @property
+  def mix_points(self) -> int:
+    """Manifold Mixup points (``mix``, see ``gmix_jax.mixing.HiddenMix``):
+    0 = input, i = the output of stage i, i = 1, 2, 3."""
+    return 4
+
   @nn.compact
-  def __call__(self, x, train: bool = False):
+  def __call__(self, x, train: bool = False, mix=None):
+    mix = mix or (lambda j, h: h)
     if (self.depth - 4) % 6:
       raise ValueError(f'WRN depth - 4 must be divisible by 6; got {self.depth}.')
     n_blocks = (self.depth - 4) // 6
@@ -80,13 +87,14 @@ class WideResNet(nn.Module):
     norm = functools.partial(nn.BatchNorm, use_running_average=not train,
                              momentum=self.bn_momentum, epsilon=1e-5,
                              dtype=self.dtype)
-    x = as_image_batch(x, self.dtype)
+    x = mix(0, as_image_batch(x, self.dtype))
     x = conv(16, (3, 3), name='stem_conv')(x)
     for i in range(3):
       for j in range(n_blocks):
         strides = 2 if i > 0 and j == 0 else 1
         x = WideBlock(16 * self.width * 2**i, strides, self.dropout_rate,
                       conv, norm, name=f'stage{i + 1}_block{j + 1}')(x, train)
+      x = mix(i + 1, x)
     x = nn.relu(norm(name='final_bn')(x))
     x = jnp.mean(x, axis=(1, 2))
     x = nn.Dense(self.num_classes, dtype=self.dtype, name='head')(x)
