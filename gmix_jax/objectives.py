@@ -259,8 +259,12 @@ PRESETS: dict[str, dict] = {
     'gsam': dict(sharpness=sharpness.SharpnessRule('gsam')),
     'esam': dict(sharpness=sharpness.SharpnessRule('esam')),
     'gmix': dict(mixing=MixingConfig('mixup'), sharpness=sharpness.SharpnessRule('sam')),
+    # BG-Mix ranks by the `shared` estimator: in the ablation (experiments/RESULTS.md)
+    # it was more accurate than `per_example` beyond 2 s.e., at 1.5x SAM's step
+    # cost instead of 6x (README, "Cost per step"). DG-Mix showed no such gain.
     'bgmix': dict(mixing=MixingConfig('mixup'), sharpness=sharpness.SharpnessRule('sam'),
-                  partition=PartitionConfig('binary')),
+                  partition=PartitionConfig('binary'),
+                  sensitivity=sensitivity.SensitivityConfig('shared')),
     'dgmix': dict(mixing=MixingConfig('mixup'), sharpness=sharpness.SharpnessRule('sam'),
                   partition=PartitionConfig('decomposed')),
     'manifold_gmix': dict(mixing=MixingConfig('manifold', alpha=2.0),

@@ -70,6 +70,10 @@ def assert_tree_close(a, b, rtol=1e-9, atol=1e-12):
     np.testing.assert_allclose(u, v, rtol=rtol, atol=atol)
 
 
+# The hand-written versions rank by the per-example estimator (the bgmix preset's is `shared`).
+PER_EXAMPLE = sensitivity.SensitivityConfig('per_example')
+
+
 def scores_of(params, x, y, rho=0.05):
   return sensitivity.per_example(toy.mlp_apply, params, {}, x, y, rho)
 
@@ -122,7 +126,8 @@ def test_multimix_is_uniform_mean_over_all_rows(setup):
 def test_bgmix_mix_one_subset(setup, partners, mix_subset):
   params, x, labels, y = setup
   method = objectives.get_method(
-      'bgmix', toy.C, partition=PartitionConfig('binary', gamma=0.375, mix_subset=mix_subset, partners=partners))
+      'bgmix', toy.C, partition=PartitionConfig('binary', gamma=0.375, mix_subset=mix_subset, partners=partners),
+      sensitivity=PER_EXAMPLE)
   g, _, metrics = run(method, params, x, labels)
   plus, minus = split_by_hand(scores_of(params, x, y), 0.375)
   a, c = (plus, minus) if mix_subset == 'sensitive' else (minus, plus)
@@ -140,7 +145,8 @@ def test_bgmix_mix_one_subset(setup, partners, mix_subset):
 
 def test_bgmix_pair_within_subsets(setup):
   params, x, labels, y = setup
-  method = objectives.get_method('bgmix', toy.C, partition=PartitionConfig('binary', bgmix_rule='pair_within_subsets'))
+  method = objectives.get_method('bgmix', toy.C, partition=PartitionConfig('binary', bgmix_rule='pair_within_subsets'),
+                                 sensitivity=PER_EXAMPLE)
   g, _, _ = run(method, params, x, labels)
   plus, minus = split_by_hand(scores_of(params, x, y), 0.5)
   xp, yp = mixup_rows(keys()[0], x[plus], y[plus])
@@ -151,7 +157,8 @@ def test_bgmix_pair_within_subsets(setup):
 
 def test_bgmix_sam_on_sensitive(setup):
   params, x, labels, y = setup
-  method = objectives.get_method('bgmix', toy.C, partition=PartitionConfig('binary', gamma=0.25, bgmix_rule='sam_on_sensitive'))
+  method = objectives.get_method('bgmix', toy.C, partition=PartitionConfig('binary', gamma=0.25, bgmix_rule='sam_on_sensitive'),
+                                 sensitivity=PER_EXAMPLE)
   g, _, _ = run(method, params, x, labels)
   plus, minus = split_by_hand(scores_of(params, x, y), 0.25)
   order = np.concatenate([plus, minus])

@@ -1,0 +1,96 @@
+"""The sweep pipeline end to end on the smoke grid: one run trains, is
+measured and recorded; a rerun skips it; report.py turns the records into
+tables. Also the grids' budgets and the filter."""
+import json
+import os
+
+import pytest
+
+from experiments import grids, report, sweep
+
+RECORD_FIELDS = ('run_id', 'grid', 'dataset', 'method', 'seed', 'examples_per_class', 'config',
+                 'final_test_accuracy', 'best_test_accuracy', 'final_test_loss', 'ece',
+                 'lambda_max', 'rho_sharpness', 'wall_time_sec', 'steps', 'target_steps',
+                 'git_commit', 'device', 'jax_version', 'curve', 'analysis')
+
+
+def test_grids_share_one_budget_and_skip_absent_methods():
+  runs, notes = grids.get_grid('benchmark', methods=('erm', 'gmix', 'no_such_method'))
+  assert {r.method for r in runs} == {'erm', 'gmix'} and 'no_such_method' in notes[0]
+  assert len({(r.steps, r.batch_size) for r in runs}) == 1
+  assert len({r.run_id for r in runs}) == len(runs)
+  abl, _ = grids.get_grid('ablation')
+  assert len({r.run_id for r in abl}) == len(abl)
+  assert {r.examples_per_class for r in abl} == {50}
+
+
+def test_smoke_run_record_resume_and_report(tmp_path, capsys):
+  results, scratch = tmp_path / 'results', tmp_path / 'scratch'
+  argv = ['--grid', 'smoke', '--workers', '0', '--filter', 'erm-s0$', '--results', str(results),
+          '--scratch', str(scratch), '--data-dir', str(tmp_path / 'data'), '--steps', '6',
+          '--power-iters', '3', '--ascent-steps', '1', '--eval-examples', '64',
+          '--no-compile-cache']
+  assert sweep.main(argv) == 0
+  path = results / 'smoke' / 'digits-n10-erm-s0.json'
+  rec = json.loads(path.read_text())
+  for field in RECORD_FIELDS:
+    assert field in rec, field
+  assert rec['steps'] == 6 and rec['num_train'] == 100 and rec['config']['seed'] == 0
+  assert 0.0 <= rec['final_test_accuracy'] <= 1.0 and rec['lambda_max'] > 0
+  assert rec['rho_sharpness'] >= 0 and len(rec['analysis']['lambda_trace']) == 4
+  workdir = rec['workdir']
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    tests = [r for r in map(json.loads, f) if r['split'] == 'test']
+  assert [r['step'] for r in tests] == [6]        # eval_every_epochs: only at the end
+  assert not os.path.exists(os.path.join(workdir, 'checkpoints'))   # not a landscape run
+
+  capsys.readouterr()
+  assert sweep.main(argv) == 0                    # resumable: the record is there
+  assert '0 to run' in capsys.readouterr().out
+
+  out = tmp_path / 'RESULTS.md'
+  assert report.main(['--results', str(results), '--grids', 'smoke', '--out', str(out),
+                      '--plots', str(tmp_path / 'plots'), '--readme', '']) == 0
+  text = out.read_text()
+  assert '### digits, 10 per class' in text and '| ERM | 1 |' in text
+  assert os.path.exists(tmp_path / 'plots' / 'acc_vs_size_digits.png')
+
+
+def test_report_bolds_best_and_computes_claims(tmp_path):
+  def rec(method, acc, lam, seed, grid='benchmark', variant=''):
+    return {'run_id': f'{method}{variant}{seed}', 'grid': grid, 'dataset': 'd', 'size': '5',
+            'num_train': 50, 'method': method, 'variant': variant, 'seed': seed,
+            'final_test_accuracy': acc, 'ece': 0.1, 'lambda_max': lam, 'rho_sharpness': 0.01,
+            'wall_time_sec': 1.0, 'target_steps': 10}
+  recs = [rec('mixup', 0.70, 5.0, 0), rec('mixup', 0.72, 5.0, 1), rec('sam', 0.75, 4.0, 0),
+          rec('sam', 0.77, 4.0, 1), rec('gmix', 0.80, 2.0, 0), rec('gmix', 0.82, 2.0, 1),
+          rec('bgmix', 0.90, 2.0, 0, 'ablation', 'gamma0.25'),
+          rec('bgmix', 0.91, 2.0, 1, 'ablation', 'gamma0.25')]
+  for r in recs:
+    (tmp_path / r['grid']).mkdir(exist_ok=True)
+    (tmp_path / r['grid'] / f"{r['run_id']}.json").write_text(json.dumps(r))
+  out = tmp_path / 'R.md'
+  readme = tmp_path / 'README.md'
+  readme.write_text(f'# top\n{report.README_BEGIN}\nstale\n{report.README_END}\n## next\n')
+  assert report.main(['--results', str(tmp_path), '--out', str(out),
+                      '--plots', str(tmp_path / 'plots'), '--readme', str(readme)]) == 0
+  block = readme.read_text()
+  assert block.startswith('# top\n') and block.endswith(f'{report.README_END}\n## next\n')
+  assert 'stale' not in block and '| G-Mix | **81.0 ± 1.4** |' in block
+  assert 'G-Mix beats max(Mixup, SAM) in test accuracy: held in 1/1' in block
+  text = out.read_text()
+  assert '| G-Mix | 2 | **81.00 ± 1.41**' in text
+  assert 'G-Mix beats max(Mixup, SAM) in test accuracy: held in 1/1' in text
+  assert 'vs SAM: **yes** (+5.00 pts' in text
+  ablation = text.split('## Ablation')[1]        # variants + the benchmark's references
+  assert '| BG-Mix [gamma0.25] | 2 | **90.50 ± 0.71**' in ablation and '| G-Mix | 2 |' in ablation
+
+
+def test_eval_subset_is_fixed_and_stratified():
+  import numpy as np
+  y = np.repeat(np.arange(10), 100)                 # sorted by class, as mnist_subset's test split
+  x = np.arange(1000)
+  xs, ys = sweep.eval_subset(x, y, 512)
+  assert xs.shape == (512,) and np.bincount(ys, minlength=10).min() >= 51
+  np.testing.assert_array_equal(xs, sweep.eval_subset(x, y, 512)[0])
+  assert sweep.eval_subset(x, y, 5000)[0].shape == (1000,)
