@@ -53,16 +53,21 @@ def test_threshold_excludes_large_residual_products(setup):
   assert losses.mixupe_term(logits, y, 2.0, tau=-1e9) == 0.0
 
 
+def mixed_by_hand(x, labels, alpha):
+  """The objective's mixup draw (same key split), mixed by hand: (y, x̃, ỹ)."""
+  y = jax.nn.one_hot(labels, C, dtype=jnp.float64)
+  m = mixing.mixup(jax.random.split(RNG)[0], x, y, alpha=alpha)
+  lam = m.lam[:, None].astype(x.dtype)
+  return y, lam * x + (1 - lam) * x[m.index_b], lam * y + (1 - lam) * y[m.index_b]
+
+
 def test_objective_value_is_the_mixup_loss_and_gradient_is_rescaled(setup):
   params, x, labels = setup
   eta, alpha, tau = 0.3, 2.0, 1.0       # a large η so the term visibly moves the gradient
   method = objectives.get_method('mixupe', C, mixing={'eta': eta})
   grads, _, metrics = objectives.make_objective(method, linear_apply)(
       params, {}, {'x': x, 'y': labels}, RNG)
-  y = jax.nn.one_hot(labels, C, dtype=jnp.float64)
-  m = mixing.mixup(jax.random.split(RNG)[0], x, y, alpha=alpha)
-  lam = m.lam[:, None].astype(x.dtype)
-  xm, ym = lam * x + (1 - lam) * x[m.index_b], lam * y + (1 - lam) * y[m.index_b]
+  y, xm, ym = mixed_by_hand(x, labels, alpha)
 
   def l_mix(p):
     f = xm @ p['w'] + p['b']
@@ -169,10 +174,7 @@ def test_v1_objective_against_the_closed_form_on_a_linear_model(setup):
   method = objectives.get_method('mixupe_v1', C, mixing={'eta': eta, 'tau': tau})
   grads, _, metrics = objectives.make_objective(method, linear_apply)(
       params, {}, {'x': x, 'y': labels}, RNG)
-  y = jax.nn.one_hot(labels, C, dtype=jnp.float64)
-  m = mixing.mixup(jax.random.split(RNG)[0], x, y, alpha=alpha)
-  lam = m.lam[:, None].astype(x.dtype)
-  xm, ym = lam * x + (1 - lam) * x[m.index_b], lam * y + (1 - lam) * y[m.index_b]
+  y, xm, ym = mixed_by_hand(x, labels, alpha)
   delta = jnp.mean(x, 0) - x
 
   def l_mix(p):
