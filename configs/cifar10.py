@@ -12,7 +12,8 @@ CIFAR-100: ``--config.dataset.name=cifar100``. Other models:
 ``--config.model.name=resnet18`` or ``wrn28`` (``--config.model.kwargs.width=10``).
 
 Expected results, for orientation only — papers' figures, not measured with
-this library yet (no GPU run has been made):
+this library yet (no CIFAR training run has been made; step costs on an
+H100 are in the README):
   erm     5.53 % test error, PreActResNet-18 (mixup paper, official README)
   mixup   4.24 % test error, PreActResNet-18, α = 1 (mixup paper, official README)
   sam     SAM reports 0.5-1 point lower error than SGD on CIFAR-10 ResNets

@@ -11,10 +11,10 @@ Grids:
 - ``benchmark``: the limited-data benchmark. Every method of ``METHODS`` that
   the code base defines (``objectives.PRESETS`` or ``samix.METHODS``; absent
   ones are skipped with a note), on ``digits`` (small CNN, 8×8) and
-  ``mnist_subset`` (small CNN, 28×28) at three training-set sizes, 3 seeds.
+  ``mnist_subset`` (small CNN, 28×28) at three training-set sizes, 5 seeds.
 - ``ablation``: the reconstruction knobs of BG-Mix / DG-Mix (METHODS.md § 4),
   one at a time around the defaults, on ``mnist_subset`` at 50 per class,
-  with ERM, Mixup, SAM and G-Mix as references, 3 seeds. The defaults and
+  with ERM, Mixup, SAM and G-Mix as references, 5 seeds. The defaults and
   references are the benchmark's own runs (shared records, trained once).
 - ``smoke``: 2 methods × 1 size × 2 seeds × 30 steps on digits (tests).
 - ``all``: benchmark + ablation in one queue (one pool of workers).
@@ -31,7 +31,7 @@ from typing import Any
 # The limited-data benchmark's methods; samix / manifold_mixup only where defined.
 METHODS = ('erm', 'mixup', 'cutmix', 'sam', 'asam', 'gmix', 'bgmix', 'dgmix', 'mixupe',
            'multimix', 'samix', 'manifold_mixup')
-SEEDS = (0, 1, 2)
+SEEDS = (0, 1, 2, 3, 4)
 STEPS = 400             # optimizer steps per run, every method and size
 BATCH = 64
 # examples_per_class; None = the whole training split (digits 1347, mnist_subset 4000).
