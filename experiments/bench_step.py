@@ -1,6 +1,7 @@
 """Compiled train-step time and memory per method, relative to ERM, in one process.
 
   python experiments/bench_step.py [--model cnn] [--batch 128] [--steps 30] [--devices 1] [--chunk 32]
+  python experiments/bench_step.py --methods erm,samix,samix_p     # any preset or SAMix name
   python experiments/bench_step.py --model resnet18 --input 32,32,3 --batch 128,256 \\
       --optax-sam --chunks 8,16,32,64,128 --out experiments/bench_step_gpu.json   # on a GPU
 
@@ -33,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from gmix_jax import losses, models, objectives, parallel, transforms
+from gmix_jax import losses, models, objectives, parallel, samix, transforms
 
 
 def _memory(compiled) -> dict:
@@ -64,16 +65,36 @@ def _random_batch(batch, input_shape, num_classes):
           'index': np.arange(batch, dtype=np.int32)}
 
 
-def bench(method_name, module, input_shape, num_classes, batch, steps, n_dev, overrides):
+def _samix_parts(name, model_name, module, apply_fn, input_shape, num_classes, params, model_state):
+  """SAMix's objective, extra state and update (``samix_p``: a fresh SAMix's
+  mixblock and EMA encoder stand in for the checkpoint it would load)."""
+  build = lambda cfg, restore=None: samix.build(
+      cfg, model_name, module, apply_fn, input_shape, num_classes, 1000, params, model_state,
+      jax.random.PRNGKey(1), restore=restore)
+  if name == 'samix':
+    return build(samix.get_config('samix'))
+  _, source, _ = build(samix.get_config('samix'))
+  return build(samix.get_config('samix_p', source_workdir='(in memory)'),
+               restore=lambda workdir: (0, {'extra': jax.device_get(source)}))
+
+
+def bench(method_name, model_name, module, input_shape, num_classes, batch, steps, n_dev, overrides):
   apply_fn = models.make_apply_fn(module)
-  method = objectives.get_method(method_name, num_classes, **overrides)
   optimizer = optax.sgd(0.05, momentum=0.9)
   params, model_state = models.init_model(module, jax.random.PRNGKey(0), input_shape)
-  stale = method.partition.rule != 'none' and method.sensitivity.estimator == 'stale'
-  state = parallel.create_train_state(params, model_state, optimizer, 0, num_train=batch if stale else 0)
+  if method_name in samix.METHODS:
+    objective, extra, extra_update = _samix_parts(method_name, model_name, module, apply_fn, input_shape,
+                                                  num_classes, params, model_state)
+    stale = False
+  else:
+    method = objectives.get_method(method_name, num_classes, **overrides)
+    objective, extra, extra_update = objectives.make_objective(method, apply_fn), None, None
+    stale = method.partition.rule != 'none' and method.sensitivity.estimator == 'stale'
+  state = parallel.create_train_state(params, model_state, optimizer, 0,
+                                      num_train=batch if stale else 0, extra=extra)
   mesh = parallel.make_mesh(n_dev)
   step = parallel.shard_map_step(parallel.make_per_device_step(
-      objectives.make_objective(method, apply_fn), optimizer, use_stale_scores=stale), mesh)
+      objective, optimizer, use_stale_scores=stale, extra_update=extra_update), mesh)
   state = parallel.replicate_on_mesh(state, mesh)
   data = parallel.global_batch_to_device(_random_batch(batch, input_shape, num_classes), mesh, 'batch')
   t = time.perf_counter()
@@ -162,13 +183,13 @@ def main():
         variants = [(f' ({e})', {'sensitivity': {'estimator': e, 'chunk': a.chunk if e in ('per_example', 'first_order') else 0}})
                     for e in a.estimators.split(',')]
       for suffix, overrides in variants:
-        r = bench(name, module, input_shape, 10, batch, a.steps, a.devices, overrides)
+        r = bench(name, a.model, module, input_shape, 10, batch, a.steps, a.devices, overrides)
         result['rows'].append({'method': name + suffix, 'batch': batch, **r})
         print(f"batch {batch} {name + suffix:24s} {r['median_ms']:8.1f} ms  "
               f"temp {r.get('temp_mib', float('nan')):8.1f} MiB  compile {r['compile_s']:.0f} s", flush=True)
         save()
     for chunk in (int(c) for c in a.chunks.split(',') if c):
-      r = bench('bgmix', module, input_shape, 10, batch, a.steps, a.devices,
+      r = bench('bgmix', a.model, module, input_shape, 10, batch, a.steps, a.devices,
                 {'sensitivity': {'estimator': 'per_example', 'chunk': chunk}})
       result['chunks'].append({'batch': batch, 'chunk': chunk, **r})
       print(f"batch {batch} bgmix per_example chunk {chunk:4d} {r['median_ms']:8.1f} ms  "
