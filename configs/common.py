@@ -84,6 +84,8 @@ def base() -> ml_collections.ConfigDict:
   c.checkpoint_every_steps = 500           # also at the end of every epoch
   c.keep_checkpoints = 2
   c.progress = True                        # tqdm bar with throughput and ETA
+  c.eval_every_epochs = 1                  # test eval + epoch-end checkpoint every k epochs (and at the end)
+  c.plots = True                           # write curves.png at the end
   c.nan_policy = 'stop'                    # non-finite loss/grad: 'stop' (keep last good ckpt) | 'skip'
   c.debug_nan_step = placeholder(int)      # test hook: make this global step's batch NaN
   return c
