@@ -5,8 +5,8 @@ Everything here is pure and jit-able and reaches the model only through
 ``apply_fn(params, model_state, x, train)`` (called with ``train=False``:
 BatchNorm uses its running statistics, so the loss at given weights does not
 depend on how the evaluation set is batched). The loss is the mean soft-label
-cross-entropy over a *fixed* evaluation set, split into equal batches under
-``lax.map`` (static shapes; padding rows carry weight 0).
+cross-entropy over a *fixed* evaluation set, split into equal batches (static
+shapes; padding rows carry weight 0).
 
 - ``hvp`` / ``hessian_top_eigenvalue``: λ_max of ∇²L(w) by power iteration on
   Hessian-vector products (Keskar et al. 2017 use the Hessian spectrum as the
@@ -29,32 +29,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from gmix_jax import losses
+from gmix_jax import sharpness
 
-EPS_NORM = 1e-12  # METHODS.md: never divide by a zero norm
 
+EPS_NORM = sharpness.EPS_NORM
 expected_calibration_error = losses.expected_calibration_error
 
 
 # ----------------------------------------------------------------------------
-# Pytree algebra (params are nested dicts of arrays).
+# A random direction (the pytree algebra is sharpness.py's).
 # ----------------------------------------------------------------------------
-def tree_dot(a, b) -> jax.Array:
-  return sum(jnp.vdot(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
-
-
-def tree_norm(a) -> jax.Array:
-  return jnp.sqrt(tree_dot(a, a))
-
-
-def tree_axpy(alpha, x, y):
-  """α x + y, leaf by leaf."""
-  return jax.tree.map(lambda u, v: alpha * u + v, x, y)
-
-
-def tree_scale(alpha, x):
-  return jax.tree.map(lambda u: alpha * u, x)
-
-
 def tree_normal(rng: jax.Array, like):
   """Standard normal pytree shaped (and typed) like ``like``."""
   leaves, treedef = jax.tree.flatten(like)
@@ -143,22 +127,21 @@ def hessian_top_eigenvalue(loss_fn: Callable, params, rng: jax.Array,
   loop: slower to compile, but XLA:CPU runs a conv net's HVP inside a loop
   body many times slower than unrolled (see ``make_loss_fn``).
   """
-  v0 = tree_normal(rng, params)
-  v0 = tree_scale(1.0 / (tree_norm(v0) + EPS_NORM), v0)
+  v0 = sharpness.normalize(tree_normal(rng, params))
   dtype = jnp.result_type(*jax.tree.leaves(params))
 
   def body(i, carry):
     v, _, trace = carry
     hv = hvp(loss_fn, params, v)
-    lam = tree_dot(v, hv)                       # Rayleigh quotient (‖v‖ = 1)
-    v = tree_scale(1.0 / (tree_norm(hv) + EPS_NORM), hv)
+    lam = sharpness.tree_dot(v, hv)      # Rayleigh quotient (‖v‖ = 1)
+    v = sharpness.normalize(hv)
     return v, lam, trace.at[i].set(lam)
 
   v, lam, trace = jax.lax.fori_loop(
       0, num_iters, body, (v0, jnp.zeros((), dtype), jnp.zeros((num_iters + 1,), dtype)),
       unroll=unroll or None)
   # The Rayleigh quotient of the final iterate (the loop's λ is one behind it).
-  lam = tree_dot(v, hvp(loss_fn, params, v))
+  lam = sharpness.tree_dot(v, hvp(loss_fn, params, v))
   return PowerIteration(lam, v, trace.at[num_iters].set(lam))
 
 
@@ -189,23 +172,23 @@ def rho_sharpness(loss_fn: Callable, params, rho: float, num_steps: int = 5,
   eta = rho if step_size is None else step_size
   value_and_grad = jax.value_and_grad(loss_fn)
   base, g = value_and_grad(params)
-  eps = tree_scale(rho / (tree_norm(g) + EPS_NORM), g)
+  eps = sharpness.sam_perturbation(g, rho)
 
   def body(_, carry):
     eps, best, best_eps = carry
-    val, g = value_and_grad(tree_axpy(1.0, eps, params))
+    val, g = value_and_grad(sharpness.add(params, eps))
     better = val > best
     best = jnp.where(better, val, best)
     best_eps = jax.tree.map(lambda a, b: jnp.where(better, a, b), eps, best_eps)
-    eps = tree_axpy(eta / (tree_norm(g) + EPS_NORM), g, eps)
-    eps = tree_scale(jnp.minimum(1.0, rho / (tree_norm(eps) + EPS_NORM)), eps)
+    eps = sharpness.add(eps, sharpness.scale(sharpness.normalize(g), eta))
+    eps = sharpness.scale(eps, jnp.minimum(1.0, rho / (sharpness.global_norm(eps) + EPS_NORM)))
     return eps, best, best_eps
 
   eps, best, best_eps = jax.lax.fori_loop(
       0, num_steps, body, (eps, jnp.full((), -jnp.inf, base.dtype), eps),
       unroll=(unroll or None) if num_steps else None)
   # The last iterate was moved to but not evaluated.
-  last = loss_fn(tree_axpy(1.0, eps, params))
+  last = loss_fn(sharpness.add(params, eps))
   better = last > best
   best = jnp.where(better, last, best)
   best_eps = jax.tree.map(lambda a, b: jnp.where(better, a, b), eps, best_eps)
@@ -243,7 +226,8 @@ def filter_normalized_direction(rng: jax.Array, params, ignore_1d: bool = True):
 
 def plane_loss(loss_fn: Callable) -> Callable:
   """``at(params, d1, d2, α, β) = L(w + α d₁ + β d₂)``, compiled once."""
-  return jax.jit(lambda params, d1, d2, a, b: loss_fn(tree_axpy(a, d1, tree_axpy(b, d2, params))))
+  return jax.jit(lambda params, d1, d2, a, b: loss_fn(
+      sharpness.add(params, sharpness.add(sharpness.scale(d1, a), sharpness.scale(d2, b)))))
 
 
 def landscape_1d(loss_fn: Callable, params, direction, alphas) -> np.ndarray:

@@ -39,7 +39,8 @@ def _wide(x: jax.Array) -> jax.Array:
   return x.astype(jnp.promote_types(x.dtype, jnp.float32))
 
 
-def _tree_dot(a: PyTree, b: PyTree) -> jax.Array:
+def tree_dot(a: PyTree, b: PyTree) -> jax.Array:
+  """⟨a, b⟩ over all leaves, accumulated in (at least) float32."""
   leaves = jax.tree.leaves(jax.tree.map(lambda x, y: jnp.sum(_wide(x) * _wide(y)), a, b))
   return sum(leaves, jnp.zeros((), jnp.float32))
 
@@ -96,7 +97,7 @@ def esam_swp_perturbation(rng: jax.Array, grads: PyTree, rho, beta: float = 0.5,
 def gsam_combine(grads: PyTree, perturbed_grads: PyTree, alpha,
                  eps: float = EPS_NORM) -> PyTree:
   """GSAM's update g_p − α g_⊥, where g_⊥ = g − (⟨g, g_p⟩/‖g_p‖²) g_p."""
-  coef = _tree_dot(grads, perturbed_grads) / (jnp.square(global_norm(perturbed_grads)) + eps)
+  coef = tree_dot(grads, perturbed_grads) / (jnp.square(global_norm(perturbed_grads)) + eps)
   return jax.tree.map(
       lambda g, gp: (gp - alpha * (g - coef * gp)).astype(gp.dtype),
       grads, perturbed_grads)
