@@ -11,22 +11,48 @@ from ml_collections.config_dict import placeholder
 def method(name: str) -> ml_collections.ConfigDict:
   """A method preset (gmix_jax.objectives.PRESETS) and its overridable knobs.
 
-  Knobs left at None keep the preset's / METHODS.md's default.
+  Knobs left at None keep the preset's default (docs/methods.md).
   """
   # A fresh placeholder per field: a shared FieldReference would tie fields together.
   s, f, i = (lambda: placeholder(str)), (lambda: placeholder(float)), (lambda: placeholder(int))
   return ml_collections.ConfigDict({
-      'name': name,
-      'mixing': {'policy': s(), 'alpha': f(), 'lam_mode': s(), 'k': i(), 'budget': s(),
-                 'eta': f(), 'tau': f(), 'mixupe_version': i(),
-                 'layers': s()},          # manifold's mixing points, e.g. '0,1,2'
-      'sharpness': {'rule': s(), 'rho': f(), 'asam_eta': f(), 'gsam_alpha': f(), 'esam_beta': f(),
-                    'm': s(),              # 'device' | 'global' | a group size such as '32'
-                    'rho_schedule': s(),   # 'constant' | 'lr' (GSAM: rho follows the LR)
-                    'rho_min': f()},
-      'partition': {'rule': s(), 'gamma': f(), 'bgmix_rule': s(), 'mix_subset': s(),
-                    'partners': s(), 'rho_plus': f(), 'rho_minus': f()},
-      'sensitivity': {'estimator': s(), 'rho': f(), 'chunk': i(), 'refresh_every': i()},
+      'name': name,                 # the preset: gmix_jax.objectives.PRESETS, or samix / samix_p
+      'mixing': {                   # docs/methods.md § 1
+          'policy': s(),            # none | mixup | cutmix | multimix | manifold | mixupe
+          'alpha': f(),             # λ ~ Beta(α, α)
+          'lam_mode': s(),          # mixup: 'batch' (one λ) | 'example' (one λ per example)
+          'k': i(),                 # multimix: interpolations per pair
+          'budget': s(),            # multimix: 'expand' (K·B examples) | 'fixed' (B examples)
+          'eta': f(),               # mixupe: weight η of the MixupE term
+          'tau': f(),               # mixupe: threshold τ on r_i
+          'mixupe_version': i(),    # mixupe: 3 (⟨f(x), y − p⟩) | 1 (directional derivative)
+          'layers': s(),            # manifold: mixing points to draw from, e.g. '0,1,2'
+      },
+      'sharpness': {                # docs/methods.md § 2
+          'rule': s(),              # none | sam | asam | gsam | esam
+          'rho': f(),               # ρ, the perturbation radius
+          'asam_eta': f(),          # asam: η_a in T = |w| + η_a
+          'gsam_alpha': f(),        # gsam: α, weight of the removed orthogonal component
+          'esam_beta': f(),         # esam: β, probability of keeping a tensor in the ascent
+          'm': s(),                 # 'device' | 'global' | a group size such as '32'
+          'rho_schedule': s(),      # 'constant' | 'lr' (GSAM: ρ follows the LR)
+          'rho_min': f(),           # rho_schedule='lr': ρ at the end of the schedule
+      },
+      'partition': {                # BG-/DG-Mix, docs/methods.md § 4 (reconstruction)
+          'rule': s(),              # none | binary (BG-Mix) | decomposed (DG-Mix)
+          'gamma': f(),             # γ: fraction of the batch in the sensitive subset
+          'bgmix_rule': s(),        # binary: mix_one_subset | pair_within_subsets | sam_on_sensitive
+          'mix_subset': s(),        # mix_one_subset: 'sensitive' | 'insensitive' subset is mixed
+          'partners': s(),          # 'within_subset' | 'whole_batch': where mixing partners come from
+          'rho_plus': f(),          # decomposed: ρ⁺ of the sensitive subset (None = ρ)
+          'rho_minus': f(),         # decomposed: ρ⁻ of the other subset (None = ρ)
+      },
+      'sensitivity': {              # per-example s_i for the split, docs/methods.md § 3
+          'estimator': s(),         # per_example | first_order | shared | stale
+          'rho': f(),               # ρ of the sensitivity probe (None = the sharpness ρ)
+          'chunk': i(),             # examples per vmapped chunk (0 = whole batch); memory ∝ chunk
+          'refresh_every': i(),     # stale: epochs between refreshes of the score table
+      },
       # SAMix / SAMix^P only (gmix_jax.samix.SAMixConfig documents each knob);
       # the other methods' configs stay as they were, so their workdirs resume.
       **({'samix': samix()} if name in SAMIX_METHODS else {}),
@@ -41,15 +67,20 @@ def samix() -> ml_collections.ConfigDict:
   s, f, i = (lambda: placeholder(str)), (lambda: placeholder(float)), (lambda: placeholder(int))
   return ml_collections.ConfigDict({
       'source_workdir': s(),   # samix_p: workdir of a finished samix run (same model + dataset)
-      'alpha': f(), 'eta': f(), 'mask_weight': f(), 'clean_weight': f(), 'momentum': f(),
-      'mixblock_lr': f(), 'mixblock_dim': i(),
+      'alpha': f(),            # λ ~ Beta(α, α)
+      'eta': f(),              # η: weight of the non-target classes in the mixblock's loss
+      'mask_weight': f(),      # β: weight of the mask-area regulariser
+      'clean_weight': f(),     # κ: weight of the backbone's clean-image loss
+      'momentum': f(),         # m₀: EMA momentum at step 0 (cosine to 1)
+      'mixblock_lr': f(),      # the mixblock's Adam learning rate
+      'mixblock_dim': i(),     # the mixblock's query/key width
       'feature_layer': s(),    # encoder layer feeding the mixblock, e.g. 'conv1', 'stage3_block2'
   })
 
 
 def base() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
-  c.seed = 0
+  c.seed = 0                               # data order, init, mixing draws: the run is a function of it
 
   c.dataset = ml_collections.ConfigDict()
   c.dataset.name = 'mnist_subset'          # see gmix_jax.data.DATASET_NAMES
@@ -61,28 +92,28 @@ def base() -> ml_collections.ConfigDict:
 
   c.model = ml_collections.ConfigDict()
   c.model.name = 'cnn'                     # see gmix_jax.models.MODELS
-  c.model.kwargs = ml_collections.ConfigDict()   # passed to the model constructor
+  c.model.kwargs = ml_collections.ConfigDict()   # the model's constructor arguments (dropped when model.name changes)
 
   c.method = method('gmix')
 
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.name = 'sgd'                 # 'sgd' (momentum, nesterov) | 'adam' | 'adamw'
-  c.optimizer.learning_rate = 0.05
-  c.optimizer.momentum = 0.9
-  c.optimizer.nesterov = True
+  c.optimizer.learning_rate = 0.05         # peak learning rate (finite, >= 0)
+  c.optimizer.momentum = 0.9               # sgd: momentum (0 = none)
+  c.optimizer.nesterov = True              # sgd: Nesterov momentum
   c.optimizer.weight_decay = 5e-4          # decoupled: added to the update before the LR
   c.optimizer.schedule = 'cosine'          # 'cosine' | 'constant'
-  c.optimizer.warmup_epochs = 0.0
+  c.optimizer.warmup_epochs = 0.0          # linear warmup from 0, in epochs
   c.optimizer.grad_clip = placeholder(float)  # global-norm clip, or None
 
   c.batch_size = 128                       # global batch; divided over all devices
-  c.num_epochs = 10
-  c.eval_batch_size = 500
+  c.num_epochs = 10                        # epochs over the training set
+  c.eval_batch_size = 500                  # test-set evaluation batch
   c.parallel = 'shard_map'                 # 'shard_map' (jit + shard_map) | 'pmap'
   c.num_devices = placeholder(int)         # None = all local devices
-  c.log_every_steps = 20
-  c.checkpoint_every_steps = 500           # also at the end of every epoch
-  c.keep_checkpoints = 2
+  c.log_every_steps = 20                   # a train record in metrics.jsonl every k steps
+  c.checkpoint_every_steps = 500           # also at every evaluated epoch end and at the end
+  c.keep_checkpoints = 2                   # checkpoints kept in workdir/checkpoints
   c.progress = True                        # tqdm bar with throughput and ETA
   c.eval_every_epochs = 1                  # test eval + epoch-end checkpoint every k epochs (and at the end)
   c.plots = True                           # write curves.png at the end
