@@ -1,0 +1,115 @@
+"""The command line explains itself: help, one-line errors, configs from anywhere, model kwargs."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+from gmix_jax import cli, main, models, objectives
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_main(capsys, *argv):
+  code = main.main(list(argv))
+  out = capsys.readouterr()
+  return code, out.out, out.err
+
+
+def test_help_exits_zero_and_lists_fields_presets_models_datasets(capsys):
+  code, out, err = run_main(capsys, '--help')
+  assert code == 0 and not err
+  for preset in [*objectives.PRESETS, 'samix', 'samix_p']:
+    assert preset in out
+  for model in models.MODELS:
+    assert f'\n  {model} ' in out
+  assert 'mnist_subset' in out and 'npz:' in out and 'configs/digits.py' in out
+  # Every field of the shared defaults is listed with its value and its comment.
+  assert "optimizer.learning_rate = 0.05  # peak learning rate" in out
+  assert "method.partition.gamma = None  # γ: fraction of the batch" in out
+  assert "  cnn             width=32, norm='none'" in out     # a model's kwargs and defaults
+
+
+def test_every_default_field_has_a_doc():
+  """configs/common.py documents every field where it is set (the help reads it)."""
+  docs = cli.field_docs()
+  leaves = [name for name, _ in cli._leaves(cli._common_defaults())]
+  assert [name for name in leaves if name not in docs] == []
+
+
+def test_config_help_shows_that_configs_values(capsys):
+  code, out, _ = run_main(capsys, '--config=configs/digits.py:dgmix', '--config.seed=3', '--help')
+  assert code == 0
+  assert "method.name = 'dgmix'" in out and 'seed = 3' in out
+  assert "model.kwargs = {'hidden_sizes': (256, 256)}" in out
+
+
+def test_help_and_config_from_another_directory(tmp_path):
+  """configs/X.py resolves against the repository when the cwd has no such file,
+  and its ``from configs import common`` works there too (a fresh process)."""
+  env = dict(os.environ, PYTHONPATH=REPO)
+  out = subprocess.run([sys.executable, '-m', 'gmix_jax.main', '--config=configs/digits.py:gmix',
+                        '--help'], cwd=tmp_path, env=env, capture_output=True, text=True)
+  assert out.returncode == 0, out.stderr
+  assert "method.name = 'gmix'" in out.stdout and "dataset.name = 'digits'" in out.stdout
+
+
+def test_relative_path_prefers_the_working_directory(tmp_path, monkeypatch):
+  (tmp_path / 'configs').mkdir()
+  (tmp_path / 'configs' / 'digits.py').write_text(
+      'from configs import common\n\ndef get_config():\n'
+      '  c = common.base()\n  c.seed = 42\n  return c\n')
+  monkeypatch.chdir(tmp_path)
+  assert cli.resolve_config_path('configs/digits.py') == str(tmp_path / 'configs' / 'digits.py')
+  assert cli.resolve_config_path('configs/mnist_subset.py') == os.path.join(
+      REPO, 'configs', 'mnist_subset.py')
+  with pytest.raises(cli.UsageError, match=r"config file 'configs/nope.py' not found"):
+    cli.resolve_config_path('configs/nope.py')
+
+
+@pytest.mark.parametrize('flag,message', [
+    ('--config.method.nme=gmix',
+     "error: unknown config field 'method.nme'; did you mean 'method.name'?"),
+    ('--config.optimizer.learning_rat=0.1',
+     "error: unknown config field 'optimizer.learning_rat'; did you mean 'optimizer.learning_rate'?"),
+    ('--config.batch_size=many', 'error: --config.batch_size=many: expected an int'),
+    ('--config.progress=maybe', 'error: --config.progress=maybe: expected true or false'),
+    ('--config.optimizer.learning_rate=fast',
+     'error: --config.optimizer.learning_rate=fast: expected a float'),
+    ('--workdirr=/tmp/x', 'error: unknown flag --workdirr'),
+])
+def test_bad_fields_and_values_give_one_line_and_exit_2(capsys, flag, message):
+  code, out, err = run_main(capsys, '--config=configs/digits.py:gmix', '--workdir=/unused', flag)
+  assert code == 2 and not out
+  assert err.startswith(message) and err.count('\n') == 1, err
+  assert 'Traceback' not in err
+
+
+def test_missing_flags_are_named(capsys):
+  code, _, err = run_main(capsys, '--config=configs/digits.py')
+  assert code == 2 and '--config and --workdir are required' in err
+
+
+def test_kwargs_are_dropped_when_the_model_changes_unless_given():
+  config, notes = cli.load('configs/default.py', [('model.name', 'mlp')])
+  assert config.model.name == 'mlp' and dict(config.model.kwargs) == {}
+  assert len(notes) == 1 and "they were for 'cnn'" in notes[0]
+  # Given on the command line (in any order): kept, and new keys are allowed.
+  config, notes = cli.load('configs/cifar10.py:gmix', [('model.kwargs.width', '10'),
+                                                      ('model.name', 'wrn28')])
+  assert (config.model.name, dict(config.model.kwargs), notes) == ('wrn28', {'width': 10}, [])
+  config, _ = cli.load('configs/digits.py', [('model.kwargs.hidden_sizes', '(16,)')])
+  assert dict(config.model.kwargs) == {'hidden_sizes': (16,)}
+  config, _ = cli.load('configs/digits.py', [('model.kwargs', "{'hidden_sizes': (8, 8)}")])
+  assert dict(config.model.kwargs) == {'hidden_sizes': (8, 8)}
+
+
+def test_values_parse_as_the_fields_type():
+  config, _ = cli.load('configs/digits.py', [
+      ('dataset.examples_per_class', '50'), ('optimizer.grad_clip', '1'),
+      ('method.sharpness.m', 'global'), ('optimizer.nesterov', 'false'),
+      ('dataset.train_fraction', 'None')])
+  assert config.dataset.examples_per_class == 50
+  assert config.optimizer.grad_clip == 1.0 and isinstance(config.optimizer.grad_clip, float)
+  assert config.method.sharpness.m == 'global' and config.optimizer.nesterov is False
+  assert config.dataset.train_fraction is None
