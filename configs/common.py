@@ -62,6 +62,13 @@ def method(name: str) -> ml_collections.ConfigDict:
 SAMIX_METHODS = ('samix', 'samix_p')
 
 
+def splits_batch(name: str) -> bool:
+  """Whether preset ``name`` splits the batch by sensitivity (BG-/DG-Mix):
+  only then are the ``method.sensitivity`` knobs read."""
+  from gmix_jax import objectives
+  return name in objectives.PRESETS and objectives.get_method(name, 10).partition.rule != 'none'
+
+
 def samix() -> ml_collections.ConfigDict:
   """``method.samix``: None keeps gmix_jax.samix.SAMixConfig's default."""
   s, f, i = (lambda: placeholder(str)), (lambda: placeholder(float)), (lambda: placeholder(int))
@@ -136,7 +143,7 @@ def cifar(method_name: str, dataset: str = 'cifar10', model: str = 'preact_resne
   c.dataset.augment = True
   c.model.name = model
   c.method = method(method_name)
-  if method_name not in SAMIX_METHODS:     # SAMix has no sensitivity pass
+  if splits_batch(method_name):            # the other methods compute no sensitivity
     c.method.sensitivity.chunk = 16        # peak memory grows with the chunk; divides 128/8
   c.batch_size = 128
   c.num_epochs = 200

@@ -24,7 +24,7 @@ def get_config(method: str = 'bgmix'):
   c.model.name = 'cnn'
   c.model.kwargs = {'width': 32, 'norm': 'none'}
   c.method = common.method(method)
-  if method not in common.SAMIX_METHODS:   # SAMix has no sensitivity pass
+  if common.splits_batch(method):          # only BG-/DG-Mix compute sensitivities
     # On a CPU, one example at a time (lax.map) is the fastest way to take
     # per-example gradients of a conv net: 187 ms/step vs 389 (whole batch
     # vmapped) and 419 (chunks of 32); see README, "Cost per step".

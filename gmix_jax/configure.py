@@ -10,6 +10,8 @@ pure, so a test or a notebook can call them without a trainer.
 from __future__ import annotations
 
 import json
+import math
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -88,8 +90,10 @@ def build_lr_schedule(config: ml_collections.ConfigDict, steps_per_epoch: int):
   total = config.num_epochs * steps_per_epoch
   warmup = int(oc.warmup_epochs * steps_per_epoch)
   if oc.schedule == 'cosine':
+    # decay_steps > warmup_steps, also for a one-step run (optax rejects an
+    # empty decay); for two or more steps this is max(total, warmup + 1).
     return optax.warmup_cosine_decay_schedule(0.0 if warmup else oc.learning_rate, oc.learning_rate,
-                                              max(warmup, 1) if warmup else 1, max(total, warmup + 1))
+                                              max(warmup, 1), max(total, max(warmup, 1) + 1))
   return optax.linear_schedule(0.0, oc.learning_rate, warmup) if warmup else oc.learning_rate
 
 
@@ -151,6 +155,7 @@ def validate_config(config: ml_collections.ConfigDict) -> objectives.Method:
   debug_nan = opt(config, 'debug_nan_step')
   if debug_nan is not None and not (isinstance(debug_nan, int) and debug_nan >= 0):
     raise ValueError(f'debug_nan_step must be None or a step >= 0, got {debug_nan!r}')
+  check_numbers(config)
   try:                                                # the constructor checks its kwargs
     models.get_model(config.model.name, 10, **config.model.kwargs)
   except TypeError as e:
@@ -172,7 +177,93 @@ def validate_config(config: ml_collections.ConfigDict) -> objectives.Method:
     raise ValueError(f'batch_size={config.batch_size} must be divisible by the number of devices '
                      f'({n_dev * jax.process_count()})')
   method.check_batch(config.batch_size // (n_dev * jax.process_count()))
+  for message in ignored_knobs(config, method):
+    warnings.warn(message, IgnoredKnobWarning, stacklevel=2)
   return method
+
+
+def _finite(value) -> bool:
+  return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_numbers(config: ml_collections.ConfigDict) -> None:
+  """Seeds, optimizer numbers and every float knob of the method: finite and
+  in range (a NaN or negative learning rate would compile and diverge)."""
+  if not (isinstance(config.seed, int) and not isinstance(config.seed, bool) and config.seed >= 0):
+    raise ValueError(f'seed must be an int >= 0, got {config.seed!r}')
+  oc = config.optimizer
+  for field, low, allow_none in (('learning_rate', 0.0, False), ('momentum', 0.0, True),
+                                 ('weight_decay', 0.0, True), ('warmup_epochs', 0.0, False)):
+    value = oc[field]
+    if value is None and allow_none:
+      continue
+    if not (_finite(value) and value >= low):
+      raise ValueError(f'optimizer.{field} must be a finite number >= {low:g}, got {value!r}')
+  if oc.grad_clip is not None and not (_finite(oc.grad_clip) and oc.grad_clip > 0):
+    raise ValueError(f'optimizer.grad_clip must be None or a finite number > 0, got {oc.grad_clip!r}')
+  for section in ('mixing', 'sharpness', 'partition', 'sensitivity', 'samix'):
+    for key, value in (config.method.get(section) or {}).items():
+      if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f'method.{section}.{key} must be finite, got {value!r}')
+
+
+class IgnoredKnobWarning(UserWarning):
+  """A config knob the chosen method does not read (it has no effect)."""
+
+
+# Which resolved choice a knob belongs to: (section, knob) -> (choice, values that read it).
+_KNOB_OWNERS = {
+    ('mixing', 'k'): ('mixing.policy', ('multimix',)),
+    ('mixing', 'budget'): ('mixing.policy', ('multimix',)),
+    ('mixing', 'eta'): ('mixing.policy', ('mixupe',)),
+    ('mixing', 'tau'): ('mixing.policy', ('mixupe',)),
+    ('mixing', 'mixupe_version'): ('mixing.policy', ('mixupe',)),
+    ('mixing', 'layers'): ('mixing.policy', ('manifold',)),
+    ('mixing', 'lam_mode'): ('mixing.policy', ('mixup', 'mixupe', 'manifold')),
+    ('mixing', 'alpha'): ('mixing.policy', ('mixup', 'cutmix', 'multimix', 'mixupe', 'manifold')),
+    ('sharpness', 'asam_eta'): ('sharpness.rule', ('asam',)),
+    ('sharpness', 'gsam_alpha'): ('sharpness.rule', ('gsam',)),
+    ('sharpness', 'esam_beta'): ('sharpness.rule', ('esam',)),
+    ('partition', 'bgmix_rule'): ('partition.rule', ('binary',)),
+    ('partition', 'mix_subset'): ('partition.rule', ('binary', 'decomposed')),
+    ('partition', 'partners'): ('partition.rule', ('binary', 'decomposed')),
+    ('partition', 'rho_plus'): ('partition.rule', ('decomposed',)),
+    ('partition', 'rho_minus'): ('partition.rule', ('decomposed',)),
+    ('partition', 'gamma'): ('partition.rule', ('binary', 'decomposed')),
+    ('sensitivity', 'refresh_every'): ('sensitivity.estimator', ('stale',)),
+}
+
+
+def ignored_knobs(config: ml_collections.ConfigDict, method: objectives.Method) -> list[str]:
+  """Messages for the knobs set in ``config.method`` that ``method`` never
+  reads: a sharpness knob without a sharpness rule (ρ on ERM or Mixup), a
+  partition or sensitivity knob without a split (γ or ``sensitivity.chunk``
+  on G-Mix), a rule's own knob under another rule (``asam_eta`` on SAM)."""
+  if config.method.name in samix.METHODS:
+    return []                      # other sections are rejected; samix knobs are all read
+  chosen = {'mixing.policy': method.mixing.policy, 'sharpness.rule': method.sharpness.name,
+            'partition.rule': method.partition.rule,
+            'sensitivity.estimator': method.sensitivity.estimator}
+  split = method.partition.rule != 'none'
+  messages = []
+  for section in ('mixing', 'sharpness', 'partition', 'sensitivity'):
+    for key, value in _set_fields(config.method[section]).items():
+      field = f'method.{section}.{key}'
+      where = f'method.name={config.method.name!r}'
+      if section == 'sharpness' and not method.sharpness.active and key != 'rule':
+        messages.append(f'{field}={value!r} has no effect: {where} has no sharpness rule')
+      elif section == 'sensitivity' and not split:
+        messages.append(f'{field}={value!r} has no effect: {where} does not split the batch '
+                        '(the sensitivity scores are not computed)')
+      elif section == 'sharpness' and key == 'rho_min' and method.sharpness.rho_schedule != 'lr':
+        messages.append(f"{field}={value!r} has no effect: sharpness.rho_schedule is "
+                        f"{method.sharpness.rho_schedule!r}, not 'lr'")
+      elif (section, key) in _KNOB_OWNERS:
+        choice, readers = _KNOB_OWNERS[section, key]
+        if chosen[choice] not in readers:
+          messages.append(f'{field}={value!r} has no effect: {where} has {choice}='
+                          f'{chosen[choice]!r} (read only by {", ".join(readers)})')
+  return messages
 
 
 def validate_data(config: ml_collections.ConfigDict, ds: data_lib.Dataset,
