@@ -7,6 +7,10 @@ import os
 
 import numpy as np
 
+# Record fields that measure the clock, not the run: they differ between two
+# runs of the same config (and between a resumed run and an uninterrupted one).
+WALL_CLOCK_FIELDS = ('examples_per_sec', 'wall_time_sec', 'timestamp')
+
 
 def train_record(pending: list[dict]) -> dict:
   """One train record: each metric's mean over the window's steps, skipped
@@ -18,28 +22,87 @@ def train_record(pending: list[dict]) -> dict:
   return rec
 
 
-def plot(workdir: str) -> str | None:
-  """``curves.png`` from ``metrics.jsonl`` (None without matplotlib)."""
-  try:
-    import matplotlib
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
-  except ImportError:
-    return None
+def read_metrics(workdir: str) -> tuple[list[dict], list[dict]]:
+  """``(train records, test records)`` of ``workdir/metrics.jsonl``."""
   train, test = [], []
   with open(os.path.join(workdir, 'metrics.jsonl')) as f:
     for line in f:
       r = json.loads(line)
       (train if r['split'] == 'train' else test).append(r)
-  fig, ax = plt.subplots(1, 2, figsize=(9, 3.2))
-  ax[0].plot([r['step'] for r in train], [r['loss'] for r in train], label='train (mixed) loss')
-  ax[0].plot([r['step'] for r in test], [r['loss'] for r in test], 'o-', label='test loss')
-  ax[0].set_xlabel('step'); ax[0].legend()
-  ax[1].plot([r['epoch'] for r in test], [r['accuracy'] for r in test], 'o-')
-  ax[1].set_xlabel('epoch'); ax[1].set_ylabel('test accuracy')
+  return train, test
+
+
+def curves_title(info: dict) -> str:
+  """``method · dataset · model · seed s — test accuracy a %, ECE e`` from a summary."""
+  head = ' · '.join(str(info[k]) for k in ('method', 'dataset', 'model') if k in info)
+  if 'seed' in info:
+    head += f" · seed {info['seed']}"
+  if 'final_test_accuracy' in info:
+    head += (f" — test accuracy {100 * info['final_test_accuracy']:.1f} %, "
+             f"ECE {info['final_test_ece']:.3f}")
+  return head
+
+
+def _series(records: list[dict], key: str, x: str = 'step'):
+  points = [(r[x], r[key]) for r in records if key in r]
+  return [p[0] for p in points], [p[1] for p in points]
+
+
+def curves_figure(train: list[dict], test: list[dict], info: dict):
+  """The figure of ``curves.png``: losses; test accuracy and ECE; learning
+  rate and ρ; and, for BG-/DG-Mix, the sensitivity scores. Every panel's x
+  axis is the training step."""
+  import matplotlib
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+  sensitive = any('sensitivity' in r for r in train)
+  fig, axes = plt.subplots(1, 4 if sensitive else 3, figsize=(16 if sensitive else 12.5, 3.6))
+  ax = axes[0]
+  ax.plot(*_series(train, 'loss'), label='train loss (mixed batch)')
+  if any('perturbed_loss' in r for r in train):
+    ax.plot(*_series(train, 'perturbed_loss'), label='train loss at w + ε')
+  ax.plot(*_series(test, 'loss'), 'o-', ms=3, label='test loss')
+  ax.set(xlabel='step', ylabel='cross-entropy', title='loss')
+  ax = axes[1]
+  ax.plot(*_series(test, 'accuracy'), 'o-', ms=3, label='test accuracy')
+  ax.plot(*_series(test, 'ece'), 's--', ms=3, label='test ECE')
+  ax.set(xlabel='step', ylabel='fraction', title='test accuracy and calibration', ylim=(0, 1.02))
+  ax = axes[2]
+  ax.plot(*_series(train, 'learning_rate'), color='C0', label='learning rate')
+  ax.set(xlabel='step', ylabel='learning rate', title='schedule')
+  if any('rho' in r for r in train):
+    twin = ax.twinx()
+    steps, rhos = _series(train, 'rho')
+    twin.plot(steps, rhos, color='C3', ls='--', label='ρ (SAM radius)')
+    twin.set_ylim(0, 1.15 * max(rhos))       # from 0: a constant ρ reads as constant
+    twin.set_ylabel('ρ')
+    twin.legend(loc='center right', fontsize=8)
+  if sensitive:
+    ax = axes[3]
+    ax.plot(*_series(train, 'sensitivity'), label='mean s_i')
+    ax.plot(*_series(train, 'sensitive_minus_rest'), label='mean s_i: S⁺ − S⁻')
+    ax.set(xlabel='step', ylabel='sharpness-sensitivity', title='per-example sensitivity')
+  for ax in axes:
+    if ax.get_legend_handles_labels()[0]:
+      ax.legend(loc='upper left' if ax is axes[2] else 'best', fontsize=8)
+    ax.grid(alpha=0.3)
+  fig.suptitle(curves_title(info))
   fig.tight_layout()
+  return fig
+
+
+def plot(workdir: str, info: dict | None = None) -> str | None:
+  """``curves.png`` from ``metrics.jsonl``, titled from ``info`` (the summary
+  plus ``seed``); None without matplotlib."""
+  try:
+    import matplotlib  # noqa: F401
+  except ImportError:
+    return None
+  import matplotlib.pyplot as plt
+  fig = curves_figure(*read_metrics(workdir), info or {})
   path = os.path.join(workdir, 'curves.png')
-  fig.savefig(path, dpi=100)
+  # The title is also stored in the PNG's metadata, for tools that index runs.
+  fig.savefig(path, dpi=100, metadata={'Title': curves_title(info or {})})
   plt.close(fig)
   return path
 

@@ -62,6 +62,7 @@ class Setup:
   total_steps: int
   n_dev: int                  # devices per process
   use_stale: bool             # the `stale` estimator keeps a score table in the state
+  lr_at: Callable             # step -> learning rate (recorded in metrics.jsonl)
 
   @property
   def lead(self) -> bool:
@@ -98,6 +99,8 @@ class Loop:
   in_flight: list = dataclasses.field(default_factory=list)
   t_window: float = dataclasses.field(default_factory=time.time)
   window_steps: int = 0
+  t_start: float = dataclasses.field(default_factory=time.time)   # for wall_time_sec
+  last_train: dict = dataclasses.field(default_factory=dict)       # the last train record
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -119,6 +122,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     s = setup(config, workdir)
     state, objective, extra_update = fresh_state(s)
     state, loop = restore_or_start(s, state)
+    loop.t_start = t_start
     state, placed = place(s, state, objective, extra_update)
     state, step, stopped = run_loop(s, placed, state, loop, preemption)
     loop.ckpt.wait_until_finished()
@@ -160,7 +164,16 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Setup:
       optimizer=configure.build_optimizer(config, steps_per_epoch),
       steps_per_epoch=steps_per_epoch, total_steps=config.num_epochs * steps_per_epoch,
       n_dev=configure.num_devices(config),
-      use_stale=method.partition.rule != 'none' and method.sensitivity.estimator == 'stale')
+      use_stale=method.partition.rule != 'none' and method.sensitivity.estimator == 'stale',
+      lr_at=_lr_at(configure.build_lr_schedule(config, steps_per_epoch)))
+
+
+def _lr_at(schedule) -> Callable:
+  """``step -> float`` learning rate: one small compiled function, or a constant."""
+  if not callable(schedule):
+    return lambda step: float(schedule)
+  compiled = jax.jit(schedule)
+  return lambda step: float(compiled(step))
 
 
 def fresh_state(s: Setup):
@@ -244,9 +257,6 @@ def run_loop(s: Setup, placed: Placed, state, loop: Loop, preemption: Preemption
   batches = data_lib.BatchIterator((s.x_train, s.y_train), config.batch_size, config.seed,
                                    jax.process_index(), jax.process_count(),
                                    start_step=start_step)
-  if config.progress and s.lead:
-    from tqdm import tqdm
-    loop.bar = tqdm(total=s.total_steps, initial=start_step, unit='step', dynamic_ncols=True)
   debug_nan_step = configure.opt(config, 'debug_nan_step')
   eval_every = s.steps_per_epoch * configure.opt(config, 'eval_every_epochs')
   loop.t_window, loop.window_steps = time.time(), 0
@@ -262,11 +272,18 @@ def run_loop(s: Setup, placed: Placed, state, loop: Loop, preemption: Preemption
     state, metrics = placed.step_fn(state, placed.to_device(batch))
     loop.in_flight.append((step, metrics))
     loop.window_steps += 1
+    if step == start_step:     # compilation is not throughput: start the clocks after it
+      jax.block_until_ready(metrics)
+      loop.t_window, loop.window_steps = time.time(), 0
+      if config.progress and s.lead:
+        loop.bar = _progress_bar(s, step)
 
     last = step + 1 == s.total_steps
     log_now = (step + 1) % config.log_every_steps == 0 or last
     end_of_epoch = (step + 1) % eval_every == 0 or last      # an evaluated epoch end
-    ckpt_now = end_of_epoch or (step + 1) % config.checkpoint_every_steps == 0
+    # Checkpoints: every checkpoint_every_steps, at the end, and on a stop
+    # request (SIGTERM) below; a SIGKILL loses at most checkpoint_every_steps.
+    ckpt_now = last or (step + 1) % config.checkpoint_every_steps == 0
     stop = drain(s, loop, keep=0 if (log_now or end_of_epoch or ckpt_now) else 1) or stop
     # One process needs no agreement: stop after this step.
     stop = stop or (preemption.requested and jax.process_count() == 1)
@@ -275,7 +292,7 @@ def run_loop(s: Setup, placed: Placed, state, loop: Loop, preemption: Preemption
       ckpt_now = True
     if log_now:
       log_train(s, loop, step)
-    if loop.bar is not None:
+    if loop.bar is not None and step > start_step:   # the first step is the bar's start
       loop.bar.update(1)
     if end_of_epoch:
       evaluate_epoch(s, placed, state, loop, step)
@@ -284,6 +301,13 @@ def run_loop(s: Setup, placed: Placed, state, loop: Loop, preemption: Preemption
     if stop:
       break
   return state, step, stop
+
+
+def _progress_bar(s: Setup, step: int):
+  """A tqdm bar started once the first step is done, so that its rate and
+  ETA leave out the step's compilation."""
+  from tqdm import tqdm
+  return tqdm(total=s.total_steps, initial=step + 1, unit='step', dynamic_ncols=True)
 
 
 def summarize(s: Setup, placed: Placed, state, loop: Loop, t_start: float) -> dict[str, Any]:
@@ -305,7 +329,8 @@ def summarize(s: Setup, placed: Placed, state, loop: Loop, t_start: float) -> di
       'wall_time_sec': time.time() - t_start,
   }
   if s.lead:
-    curves = outputs.plot(s.workdir) if configure.opt(config, 'plots') else None
+    curves = (outputs.plot(s.workdir, {**summary, 'seed': config.seed})
+              if configure.opt(config, 'plots') else None)
     if curves:
       summary['curves'] = curves
     summary['metrics'] = loop.writer.path
@@ -356,12 +381,16 @@ def log_train(s: Setup, loop: Loop, step: int) -> None:
   rec = outputs.train_record(loop.pending)
   dt = time.time() - loop.t_window
   rec.update(split='train', step=step + 1, epoch=(step + 1) / s.steps_per_epoch,
-             examples_per_sec=loop.window_steps * s.config.batch_size / max(dt, 1e-9))
+             # None for a window holding only the first (compiling) step.
+             examples_per_sec=(loop.window_steps * s.config.batch_size / max(dt, 1e-9)
+                               if loop.window_steps else None),
+             learning_rate=s.lr_at(step))
+  if 'rho' not in rec and s.method.sharpness.active:   # a scheduled ρ is the step's own mean
+    rec['rho'] = float(s.method.sharpness.radius)
+  rec.update(_clock(loop))
   loop.writer.write(rec)
-  if loop.bar is not None:
-    last = loop.last_eval
-    loop.bar.set_postfix(loss=f"{rec['loss']:.3f}", ex_s=f"{rec['examples_per_sec']:.0f}",
-                         **({'test_acc': f"{last['accuracy']:.4f}"} if last else {}))
+  loop.last_train = rec
+  _show(loop)
   loop.pending, loop.t_window, loop.window_steps = [], time.time(), 0
 
 
@@ -371,11 +400,33 @@ def evaluate_epoch(s: Setup, placed: Placed, state, loop: Loop, step: int) -> No
   dt, steps_done = time.time() - loop.t_window, loop.window_steps
   loop.last_eval = _evaluate(s, placed, state)
   loop.last_eval.update(split='test', step=step + 1, epoch=(step + 1) // s.steps_per_epoch)
-  loop.writer.write(loop.last_eval)
+  loop.writer.write({**loop.last_eval, **_clock(loop)})
   loop.history.append(loop.last_eval)
+  _show(loop)                   # the bar shows this evaluation now, not at the next log
+  if loop.bar is not None:
+    loop.bar.unpause()          # its rate leaves the evaluation out
   # Evaluation time is not training throughput: restart the window after it,
   # crediting the steps finished before it.
   loop.t_window, loop.window_steps = time.time() - dt, steps_done
+
+
+def _show(loop: Loop) -> None:
+  """The bar's postfix: the last train record's loss and throughput, the last
+  evaluation's accuracy and ECE."""
+  if loop.bar is None:
+    return
+  train, test = loop.last_train, loop.last_eval
+  loop.bar.set_postfix(
+      **({'loss': f"{train['loss']:.3f}"} if train else {}),
+      **({'ex_s': f"{train['examples_per_sec']:.0f}"} if train.get('examples_per_sec') else {}),
+      **({'test_acc': f"{test['accuracy']:.4f}", 'ece': f"{test['ece']:.3f}"} if test else {}))
+
+
+def _clock(loop: Loop) -> dict:
+  """When a record was written: seconds since this run (process) started
+  training, and the UNIX time."""
+  now = time.time()
+  return {'wall_time_sec': now - loop.t_start, 'timestamp': now}
 
 
 def _evaluate(s: Setup, placed: Placed, state) -> dict:

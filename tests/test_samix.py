@@ -13,7 +13,7 @@ import optax
 import pytest
 
 from configs import digits
-from gmix_jax import configure, models, parallel, samix, sharpness, train
+from gmix_jax import configure, models, outputs, parallel, samix, sharpness, train
 from test_reliability import assert_same_state, finalized_steps
 from test_train import read_metrics
 
@@ -266,7 +266,7 @@ def run_interrupted(config, workdir, stop_at=3):
 
 
 def comparable(records):
-  return [{k: v for k, v in r.items() if k != 'examples_per_sec'} for r in records]
+  return [{k: v for k, v in r.items() if k not in outputs.WALL_CLOCK_FIELDS} for r in records]
 
 
 @pytest.fixture(scope='module')

@@ -15,6 +15,8 @@ Every dataset comes back normalised as described in `gmix_jax.data.dataset`.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 
 from gmix_jax.data import dataset as dataset_lib
@@ -62,11 +64,40 @@ def load_dataset(name: str, data_dir: str, *,
     # Imported here: defining the builders registers them with tfds.
     from gmix_jax.data import builders  # pylint: disable=g-import-not-at-top
     cls = builders.OFFLINE_BUILDERS[name]
-    *arrays, num_classes = tfds_source.load_tfds_arrays(
-        cls.name, data_dir, download=True, prepare_needs_tf=False)
+    with _quiet_first_build(name, os.path.join(data_dir, cls.name)):
+      *arrays, num_classes = tfds_source.load_tfds_arrays(
+          cls.name, data_dir, download=True, prepare_needs_tf=False)
     return dataset_lib.make_dataset(name, *arrays, num_classes=num_classes,
                                     pixel_max=cls.PIXEL_MAX)
 
   raise ValueError(
       f'Unknown dataset.name {name!r}. Valid names: '
       f'{", ".join(DATASET_NAMES)}.')
+
+
+@contextlib.contextmanager
+def _quiet_first_build(name: str, dataset_dir: str):
+  """Builds an offline set without tfds's console output.
+
+  tfds prints "Downloading and preparing dataset ..." (nothing downloads
+  here: the files ship inside pip packages), progress bars and warnings
+  about a dataset_info.json that does not exist yet. One line says what
+  happens instead; an error still propagates.
+  """
+  if os.path.isdir(dataset_dir):          # prepared before: nothing to say
+    yield
+    return
+  import sys
+  import tensorflow_datasets as tfds
+  from absl import logging as absl_logging
+  print(f'preparing the offline dataset {name!r} in {os.path.abspath(dataset_dir)} '
+        '(first use only; nothing is downloaded)', file=sys.stderr, flush=True)
+  verbosity = absl_logging.get_verbosity()
+  absl_logging.set_verbosity(absl_logging.ERROR)
+  tfds.disable_progress_bar()
+  try:
+    with contextlib.redirect_stdout(io.StringIO()):
+      yield
+  finally:
+    tfds.enable_progress_bar()
+    absl_logging.set_verbosity(verbosity)
