@@ -9,7 +9,8 @@ gmix, manifold_gmix, bgmix, dgmix, and
 samix / samix_p (gmix_jax.samix; samix_p needs
 ``--config.method.samix.source_workdir=`` a finished samix run's workdir).
 CIFAR-100: ``--config.dataset.name=cifar100``. Other models:
-``--config.model.name=resnet18`` or ``wrn28`` (``--config.model.kwargs.width=10``).
+``--config.model.name=resnet18``, or ``--config.model.name=wrn28
+--config.model.kwargs.width=10`` (a model change drops the file's model.kwargs).
 
 Expected results, for orientation only — papers' figures, not measured with
 this library yet (no CIFAR training run has been made; step costs on an

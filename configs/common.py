@@ -122,7 +122,7 @@ def base() -> ml_collections.ConfigDict:
   c.checkpoint_every_steps = 500           # also at every evaluated epoch end and at the end
   c.keep_checkpoints = 2                   # checkpoints kept in workdir/checkpoints
   c.progress = True                        # tqdm bar with throughput and ETA
-  c.eval_every_epochs = 1                  # test eval + epoch-end checkpoint every k epochs (and at the end)
+  c.eval_every_epochs = 1                  # test-set evaluation every k epochs (and at the end)
   c.plots = True                           # write curves.png at the end
   c.nan_policy = 'stop'                    # non-finite loss/grad: 'stop' (keep last good ckpt) | 'skip'
   c.debug_nan_step = placeholder(int)      # test hook: make this global step's batch NaN

@@ -3,7 +3,7 @@
   python -m gmix_jax.main --config=configs/default.py --workdir=workdirs/default
 
 Trains BG-Mix (mixup × SAM × binary split by per-example sharpness
-sensitivity, METHODS.md § 4, reconstructed from the G-Mix abstract) on the
+sensitivity, docs/methods.md § 4, reconstructed from the G-Mix abstract) on the
 4000-image training split of `mnist_subset` for 10 epochs and evaluates on its
 1000 test images. Expected: 93.1 % test accuracy (ECE 0.067) after about
 16 s of training on a 2-core CPU (measured; the README gives the details).

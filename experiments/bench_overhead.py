@@ -1,6 +1,7 @@
 """Whole-process wall time of a short run: the CLI vs a hand-written JAX + optax loop.
 
   python experiments/bench_overhead.py [--runs 3] [--steps 600] [--out experiments/bench_overhead.json]
+  python experiments/bench_overhead.py --repos=/path/to/old/checkout,.   # before vs after
 
 The work: G-Mix (SAM, ρ = 0.05, on the mixup loss, λ ~ Beta(1, 1), one λ and
 one permutation per batch) on an MLP 40 → 256 → 256 → 10, SGD (momentum 0.9,
@@ -16,9 +17,12 @@ from a random linear teacher), test accuracy once at the end.
   SAM step in about forty lines of JAX + optax, one jitted step, no
   checkpoints or logging.
 
-The two alternate (cli, plain, cli, plain, ...) so that the load of a shared
-machine hits both; the medians and their ratio are printed (and written to
-``--out``). Extra CLI flags for experiments: ``--cli-args='--config.plots=false'``.
+The kinds alternate (cli, plain, cli, plain, ...; with ``--repos=OLD,NEW``
+the CLI of each checkout in turn) so that the load of a shared machine hits
+all of them; the medians of the wall time and of the child's CPU time
+(user + system, less sensitive to other jobs on the machine) and their ratios
+to the plain loop are printed (and written to ``--out``). Extra CLI flags:
+``--cli-args='--config.plots=false'``.
 """
 from __future__ import annotations
 
@@ -26,6 +30,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import shlex
 import statistics
 import subprocess
@@ -105,14 +110,18 @@ def cli_command(data: str, workdir: str, steps: int, extra: list[str]) -> list[s
           '--config.model.kwargs.hidden_sizes=(256, 256)', *extra]
 
 
-def _timed(cmd: list[str], repo: str) -> tuple[float, str]:
+def _timed(cmd: list[str], repo: str) -> tuple[float, float, str]:
+  """``(wall seconds, CPU seconds of the child, first stdout line)``."""
   env = dict(os.environ, PYTHONPATH=repo + os.pathsep + os.environ.get('PYTHONPATH', ''))
+  before = resource.getrusage(resource.RUSAGE_CHILDREN)
   t = time.perf_counter()
   out = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True)
   dt = time.perf_counter() - t
+  after = resource.getrusage(resource.RUSAGE_CHILDREN)
+  cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
   if out.returncode:
     raise RuntimeError(f'{shlex.join(cmd)} failed:\n{out.stderr[-3000:]}')
-  return dt, out.stdout.strip().splitlines()[0] if out.stdout.strip() else ''
+  return dt, cpu, out.stdout.strip().splitlines()[0] if out.stdout.strip() else ''
 
 
 def main() -> None:
@@ -121,33 +130,47 @@ def main() -> None:
   p.add_argument('--steps', type=int, default=600)
   p.add_argument('--cli-args', default='', help='extra flags for the CLI runs')
   p.add_argument('--out', default=None)
-  p.add_argument('--repo', default=REPO, help='the checkout whose CLI runs (e.g. an older one)')
+  p.add_argument('--repos', default=REPO,
+                 help='comma-separated checkouts whose CLI runs, alternated with the plain loop '
+                      '(e.g. an older checkout first, for a before/after comparison)')
   p.add_argument('--plain', default=None, help=argparse.SUPPRESS)   # internal: run the plain loop
   a = p.parse_args()
   if a.plain:
     print(f'plain loop test accuracy {plain(a.plain, a.steps):.4f}')
     return
-  rows = {'cli': [], 'plain': []}
+  repos = [os.path.abspath(r) for r in a.repos.split(',')]
+  kinds = [f'cli:{r}' for r in repos] + ['plain']
+  wall = {k: [] for k in kinds}
+  cpu = {k: [] for k in kinds}
   with tempfile.TemporaryDirectory() as tmp:
     data = os.path.join(tmp, 'data.npz')
     make_data(data)
     for i in range(a.runs):
-      for kind in ('cli', 'plain'):
-        cmd = (cli_command(data, os.path.join(tmp, f'w{i}'), a.steps, shlex.split(a.cli_args))
-               if kind == 'cli' else
-               [sys.executable, os.path.abspath(__file__), '--plain', data, '--steps', str(a.steps)])
-        dt, line = _timed(cmd, a.repo)
-        rows[kind].append(dt)
-        print(f'{kind:5s} run {i}: {dt:6.2f} s  {line}', flush=True)
-  med = {k: statistics.median(v) for k, v in rows.items()}
-  ratio = med['cli'] / med['plain']
-  print(f'median: cli {med["cli"]:.2f} s, plain {med["plain"]:.2f} s, ratio {ratio:.2f}x')
+      for j, kind in enumerate(kinds):
+        if kind == 'plain':
+          cmd, repo = [sys.executable, os.path.abspath(__file__), '--plain', data,
+                       '--steps', str(a.steps)], REPO
+        else:
+          repo = kind[len('cli:'):]
+          cmd = cli_command(data, os.path.join(tmp, f'w{i}_{j}'), a.steps, shlex.split(a.cli_args))
+        dt, c, line = _timed(cmd, repo)
+        wall[kind].append(dt)
+        cpu[kind].append(c)
+        print(f'{kind} run {i}: wall {dt:6.2f} s, cpu {c:6.2f} s  {line}', flush=True)
+  med = {k: statistics.median(v) for k, v in wall.items()}
+  med_cpu = {k: statistics.median(v) for k, v in cpu.items()}
+  ratios = {k: med[k] / med['plain'] for k in kinds if k != 'plain'}
+  cpu_ratios = {k: med_cpu[k] / med_cpu['plain'] for k in kinds if k != 'plain'}
+  for k in kinds:
+    extra = (f', ratio to plain: wall {ratios[k]:.2f}x, cpu {cpu_ratios[k]:.2f}x'
+             if k in ratios else '')
+    print(f'median {k}: wall {med[k]:.2f} s, cpu {med_cpu[k]:.2f} s{extra}')
   if a.out:
     with open(a.out, 'w') as f:
-      json.dump({'runs': rows, 'median_sec': med, 'ratio': ratio, 'steps': a.steps,
-                 'cli_args': a.cli_args, 'repo': a.repo, 'machine': platform.platform(),
-                 'cpus': os.cpu_count()}, f, indent=2)
-
+      json.dump({'wall_sec': wall, 'cpu_sec': cpu, 'median_wall_sec': med,
+                 'median_cpu_sec': med_cpu, 'ratio_wall': ratios, 'ratio_cpu': cpu_ratios,
+                 'steps': a.steps, 'cli_args': a.cli_args, 'machine': platform.platform(),
+                 'cpus': os.cpu_count(), 'load_avg_at_end': os.getloadavg()}, f, indent=2)
 
 if __name__ == '__main__':
   main()

@@ -33,7 +33,7 @@ NAN_POLICIES = ('stop', 'skip')
 OPTIONAL_FIELDS = {
     'nan_policy': 'stop',       # 'stop' | 'skip' on a non-finite loss or gradient norm
     'debug_nan_step': None,     # test hook: the batch of this global step is made NaN
-    'eval_every_epochs': 1,     # test-set eval + epoch-end checkpoint every k epochs (and at the end)
+    'eval_every_epochs': 1,     # test-set evaluation every k epochs (and at the end)
     'plots': True,              # write curves.png at the end (sweeps turn it off)
 }
 # Models that read their inputs as images [H, W] or [H, W, C].

@@ -1,6 +1,9 @@
 """The README's Python examples run and do what they say."""
 import os
 import re
+import shlex
+
+from gmix_jax import cli, configure, main
 
 README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'README.md')
 
@@ -30,3 +33,49 @@ def test_gmix_gradient_example_runs():
   exec(next(b for b in _blocks() if "get_method('gmix'" in b), scope)
   assert set(scope['metrics']) == {'loss', 'perturbed_loss'}
   assert scope['grads']['w1'].shape == (4, 16)
+
+
+def _text():
+  with open(README) as f:
+    return f.read()
+
+
+def _cli_commands():
+  """Every ``python -m gmix_jax.main ...`` command of the README (bash blocks
+  with their line continuations, and inline code), as argument lists."""
+  text = _text()
+  commands = []
+  for block in re.findall(r'```bash\n(.*?)```', text, re.S):
+    for line in block.replace('\\\n', ' ').splitlines():
+      if 'python -m gmix_jax.main' in line:
+        commands.append(line.split('#')[0])
+  commands += re.findall(r'`(python -m gmix_jax\.main [^`]*)`', text)
+  return [shlex.split(c)[3:] for c in commands]
+
+
+def test_readme_cli_commands_parse_and_validate(capsys, tmp_path):
+  """Each command runs up to the training itself: --help ones completely, the
+  others through the command line, the config file and ``validate_config``
+  (training them is the demo's and the configs' job)."""
+  commands = _cli_commands()
+  assert len(commands) >= 7
+  for argv in commands:
+    if '--help' in argv:
+      assert main.main(argv) == 0, argv
+      continue
+    args = cli.parse_argv(argv)
+    assert args.config_spec and args.workdir, argv
+    config, _ = cli.load(args.config_spec, args.overrides)
+    configure.validate_config(config)
+  capsys.readouterr()
+
+
+def test_readme_override_fragments_apply_to_the_default_config():
+  """The inline ``--config.FIELD=VALUE`` examples name real fields with valid values."""
+  fragments = [f for f in re.findall(r'`(--config\.[^`]*)`', _text())
+               if re.search(r'=\S', f) and not re.search(r'FIELD|NAME|KEY|OTHER|VALUE', f)]
+  assert len(fragments) >= 8
+  for fragment in fragments:
+    args = cli.parse_argv(['--config=configs/default.py', '--workdir=unused', *shlex.split(fragment)])
+    config, _ = cli.load(args.config_spec, args.overrides)
+    configure.validate_config(config)
