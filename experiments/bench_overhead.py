@@ -51,8 +51,10 @@ def make_data(path: str, n_train: int = 1000, n_test: int = 500, dim: int = 40,
   np.savez(path, x_train=x[:n_train], y_train=y[:n_train], x_test=x[n_train:], y_test=y[n_train:])
 
 
-def plain(data: str, steps: int, batch: int = 100, rho: float = 0.05, lr: float = 0.05) -> float:
-  """The hand-written loop; returns the test accuracy."""
+def plain(data: str, steps: int, batch: int = 100, rho: float = 0.05, lr: float = 0.05,
+          init: str = 'jax') -> float:
+  """The hand-written loop; returns the test accuracy. ``init='numpy'`` draws
+  the initial weights with numpy (no compilation) instead of ``jax.random``."""
   import jax
   import jax.numpy as jnp
   import numpy as np
@@ -62,9 +64,14 @@ def plain(data: str, steps: int, batch: int = 100, rho: float = 0.05, lr: float 
   x_train, y_train = (f['x_train'] - mean) / std, f['y_train']
   x_test, y_test = (f['x_test'] - mean) / std, f['y_test']
   sizes = [x_train.shape[1], 256, 256, 10]
-  keys = jax.random.split(jax.random.PRNGKey(0), len(sizes))
-  params = [(jax.random.normal(k, (a, b)) * (2 / a) ** 0.5, jnp.zeros(b))
-            for k, a, b in zip(keys, sizes[:-1], sizes[1:])]
+  if init == 'numpy':
+    rng = np.random.default_rng(0)
+    params = [(jnp.asarray(rng.normal(size=(a, b)) * (2 / a) ** 0.5, jnp.float32), jnp.zeros(b))
+              for a, b in zip(sizes[:-1], sizes[1:])]
+  else:                      # what hand-written code usually does: jax.random, op by op
+    keys = jax.random.split(jax.random.PRNGKey(0), len(sizes))
+    params = [(jax.random.normal(k, (a, b)) * (2 / a) ** 0.5, jnp.zeros(b))
+              for k, a, b in zip(keys, sizes[:-1], sizes[1:])]
 
   def apply(p, x):
     for w, b in p[:-1]:
@@ -133,10 +140,12 @@ def main() -> None:
   p.add_argument('--repos', default=REPO,
                  help='comma-separated checkouts whose CLI runs, alternated with the plain loop '
                       '(e.g. an older checkout first, for a before/after comparison)')
+  p.add_argument('--plain-init', default='jax', choices=('jax', 'numpy'),
+                 help="the plain loop's weight init: jax.random (default) or numpy (no compile)")
   p.add_argument('--plain', default=None, help=argparse.SUPPRESS)   # internal: run the plain loop
   a = p.parse_args()
   if a.plain:
-    print(f'plain loop test accuracy {plain(a.plain, a.steps):.4f}')
+    print(f'plain loop test accuracy {plain(a.plain, a.steps, init=a.plain_init):.4f}')
     return
   repos = [os.path.abspath(r) for r in a.repos.split(',')]
   kinds = [f'cli:{r}' for r in repos] + ['plain']
@@ -149,7 +158,7 @@ def main() -> None:
       for j, kind in enumerate(kinds):
         if kind == 'plain':
           cmd, repo = [sys.executable, os.path.abspath(__file__), '--plain', data,
-                       '--steps', str(a.steps)], REPO
+                       '--steps', str(a.steps), '--plain-init', a.plain_init], REPO
         else:
           repo = kind[len('cli:'):]
           cmd = cli_command(data, os.path.join(tmp, f'w{i}_{j}'), a.steps, shlex.split(a.cli_args))
@@ -169,7 +178,7 @@ def main() -> None:
     with open(a.out, 'w') as f:
       json.dump({'wall_sec': wall, 'cpu_sec': cpu, 'median_wall_sec': med,
                  'median_cpu_sec': med_cpu, 'ratio_wall': ratios, 'ratio_cpu': cpu_ratios,
-                 'steps': a.steps, 'cli_args': a.cli_args, 'machine': platform.platform(),
+                 'steps': a.steps, 'cli_args': a.cli_args, 'plain_init': a.plain_init, 'machine': platform.platform(),
                  'cpus': os.cpu_count(), 'load_avg_at_end': os.getloadavg()}, f, indent=2)
 
 if __name__ == '__main__':
