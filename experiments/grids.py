@@ -12,7 +12,7 @@ Grids:
   the code base defines (``objectives.PRESETS`` or ``samix.METHODS``; absent
   ones are skipped with a note), on ``digits`` (small CNN, 8×8) and
   ``mnist_subset`` (small CNN, 28×28) at three training-set sizes, 5 seeds.
-- ``ablation``: the reconstruction knobs of BG-Mix / DG-Mix (METHODS.md § 4),
+- ``ablation``: the reconstruction knobs of BG-Mix / DG-Mix (docs/methods.md § 4),
   one at a time around the defaults, on ``mnist_subset`` at 50 per class,
   with ERM, Mixup, SAM and G-Mix as references, 5 seeds. The defaults and
   references are the benchmark's own runs (shared records, trained once).
@@ -101,7 +101,7 @@ def benchmark(methods=METHODS, seeds=SEEDS, steps=STEPS, sizes=None) -> list[Run
           for d, ns in sizes.items() for n in ns for m in methods for s in seeds]
 
 
-# One knob at a time around the defaults (METHODS.md § 4): (method, label, overrides).
+# One knob at a time around the defaults (docs/methods.md § 4): (method, label, overrides).
 RHO = 0.05
 ABLATION_VARIANTS = (
     ('erm', '', {}), ('mixup', '', {}), ('sam', '', {}), ('gmix', '', {}),

@@ -287,7 +287,7 @@ def build(records: list[dict], out: str, plots_dir: str, results: str,
       groups[label(r['method'], r.get('variant', ''))].append(r)
     names = sorted(groups, key=lambda g: (_order(groups[g][0]['method']), groups[g][0].get('variant', '')))
     setting = sorted({f"{r['dataset']} {r['size']}/class" for r in abl})
-    lines += ['## Ablation of the reconstructed knobs (METHODS.md § 4)', '',
+    lines += ['## Ablation of the reconstructed knobs (docs/methods.md § 4)', '',
               f'{", ".join(setting)}; one knob changed at a time from the defaults '
               '(BG-Mix: `mix_one_subset`, mix the sensitive subset, partners within it, γ = 0.5, '
               '`per_example`; DG-Mix: γ = 0.5, ρ⁺ = ρ⁻ = ρ). Variants: the overridden fields.', '']

@@ -2,8 +2,8 @@
 
 Everything here is per example (shape ``[B]``) so that callers choose the
 reduction: objectives weight examples (BG-/DG-Mix give subsets their own
-weights, METHODS.md § 4) and the sensitivity estimators need ℓ_i itself
-(METHODS.md § 3).
+weights, docs/methods.md § 4) and the sensitivity estimators need ℓ_i itself
+(docs/methods.md § 3).
 """
 from __future__ import annotations
 
@@ -68,8 +68,8 @@ def mixupe_term(logits: jax.Array, labels: jax.Array, alpha: float,
   """MixupE's extra term R on a clean forward pass (Zou et al. 2023, version 3).
 
   r_i = ⟨f(x_i), y_i − p_i⟩ with p_i = softmax(f(x_i)), λ̄ = (α+1)/(2α+1) and
-  R = (1−λ̄)/B Σ_{i: r_i<τ} r_i (METHODS.md § 1). No stop-gradient on p_i:
-  METHODS.md states none.
+  R = (1−λ̄)/B Σ_{i: r_i<τ} r_i (docs/methods.md § 1). No stop-gradient on p_i:
+  docs/methods.md states none.
   """
   dtype = jnp.promote_types(logits.dtype, jnp.float32)
   logits = logits.astype(dtype)

@@ -10,7 +10,7 @@ split mixed examples without knowing which policy made them:
 (cutmix replaces the interpolation of inputs by a box paste, with λ_r the
 fraction of pixels kept from ``x_{a(r)}``).
 
-Policies (METHODS.md § 1):
+Policies (docs/methods.md § 1):
   * ``identity``  — no mixing (ERM).
   * ``mixup``     — Zhang et al. 2018, "mixup: Beyond Empirical Risk Minimization".
   * ``cutmix``    — Yun et al. 2019, "CutMix", area-corrected λ.
@@ -227,7 +227,7 @@ def manifold(rng: jax.Array, x: jax.Array, y: jax.Array, *, layers: Sequence[int
   and π are drawn exactly as ``mixup`` draws them from the same ``rng`` (so
   ``layers=(0,)`` *is* input mixup), labels are mixed with them:
   ỹ_i = λ y_i + (1−λ) y_π(i). The returned ``x`` is unmixed: the model mixes
-  h_k by ``hidden_mix(result)``. METHODS.md § 1: λ ~ Beta(2, 2).
+  h_k by ``hidden_mix(result)``. docs/methods.md § 1: λ ~ Beta(2, 2).
   """
   layers = tuple(int(l) for l in layers)
   if not layers or min(layers) < 0:

@@ -1,6 +1,6 @@
 """Methods as compositions: mixing policy × sharpness rule × partition rule.
 
-Every method (METHODS.md) is one ``Method`` value, and ``make_objective``
+Every method (docs/methods.md) is one ``Method`` value, and ``make_objective``
 turns it into a pure per-device function
 
   objective(params, model_state, batch, rng) -> (grads, new_model_state, metrics)
@@ -65,7 +65,7 @@ MIXUPE_VERSIONS = (1, 3)
 
 @dataclasses.dataclass(frozen=True)
 class MixingConfig:
-  """Mixing policy and its knobs (METHODS.md § 1; defaults as documented).
+  """Mixing policy and its knobs (docs/methods.md § 1; defaults as documented).
 
   ``alpha`` is Beta(α, α)'s parameter for every policy; ``lam_mode`` is
   mixup's (and manifold's); ``k`` and ``budget`` are multi-mix's. ``mixupe``
@@ -74,9 +74,9 @@ class MixingConfig:
   does); ``mixupe_version`` 3 (default, ⟨f(x), y − p⟩) or 1 (the directional
   derivative J_f(x)(x̄ − x), ``losses.mixupe_term_v1``). ``manifold`` mixes
   hidden states at a point drawn uniformly from ``layers`` (``None``: all
-  of the model's points, METHODS.md § 1; Verma et al.'s PreActResNet runs
+  of the model's points, docs/methods.md § 1; Verma et al.'s PreActResNet runs
   used ``(0, 1, 2)``; a string ``'0,1,2'`` is read as that tuple); its
-  preset uses α = 2 (Beta(2, 2), METHODS.md).
+  preset uses α = 2 (Beta(2, 2), docs/methods.md).
   """
   policy: str = 'none'
   alpha: float = 1.0
@@ -139,7 +139,7 @@ class MixingConfig:
 
 @dataclasses.dataclass(frozen=True)
 class PartitionConfig:
-  """The split and the BG-/DG-Mix readings (METHODS.md § 4, reconstruction).
+  """The split and the BG-/DG-Mix readings (docs/methods.md § 4, reconstruction).
 
   Attributes:
     rule: ``none`` | ``binary`` (BG-Mix) | ``decomposed`` (DG-Mix).

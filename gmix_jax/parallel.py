@@ -21,7 +21,7 @@ Typical use (one host)::
   for batch in batches:                       # global batches [G*b, ...]
     state, metrics = step(state, batch)       # state is donated
 
-The pitfall this module exists to get right (METHODS.md § 2): under
+The pitfall this module exists to get right (docs/methods.md § 2): under
 ``shard_map`` a gradient with respect to *replicated* params is the sum over
 devices of the per-device gradients, so a naive per-device SAM ascent is
 silently wrong (8x on 8 devices). The step therefore marks the params

@@ -1,4 +1,4 @@
-"""The binary split by sharpness-sensitivity (METHODS.md § 4, reconstruction).
+"""The binary split by sharpness-sensitivity (docs/methods.md § 4, reconstruction).
 
 S⁺ = the k = ⌊γB⌉ examples with the largest s_i, S⁻ = the rest. k comes from
 the config and the batch shape, never from the data, so both subsets have

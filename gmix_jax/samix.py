@@ -1,4 +1,4 @@
-"""SAMix and SAMix^P: mixing with a learned pixel mask (METHODS.md § 1).
+"""SAMix and SAMix^P: mixing with a learned pixel mask (docs/methods.md § 1).
 
 Li et al., "Boosting Discriminative Visual Representation Learning with
 Scenario-Agnostic Mixup" (SAMix; seed 004), building on AutoMix (Liu et al.

@@ -1,4 +1,4 @@
-"""Per-example sharpness-sensitivity s_i (METHODS.md § 3).
+"""Per-example sharpness-sensitivity s_i (docs/methods.md § 3).
 
 s_i measures how much example i's loss rises when the weights move a
 distance ρ in the direction that hurts that example most — the "vmapped SAM

@@ -1,4 +1,4 @@
-"""Sharpness rules: the pure math of SAM and its variants (METHODS.md § 2).
+"""Sharpness rules: the pure math of SAM and its variants (docs/methods.md § 2).
 
 A sharpness rule turns the gradient g = ∇L(w) into a perturbation ε, and the
 gradient at the perturbed point g_p = ∇L(w + ε) into the update direction:
@@ -105,7 +105,7 @@ def gsam_combine(grads: PyTree, perturbed_grads: PyTree, alpha,
 
 @dataclasses.dataclass(frozen=True)
 class SharpnessRule:
-  """A sharpness rule and its knobs (METHODS.md § 2).
+  """A sharpness rule and its knobs (docs/methods.md § 2).
 
   Attributes:
     name: one of ``RULES``; ``'none'`` means a plain gradient (one pass).
@@ -113,7 +113,7 @@ class SharpnessRule:
       (SAM/GSAM/ESAM 0.05, ASAM 0.5).
     asam_eta: ASAM's η in T = |w| + η.
     gsam_alpha: GSAM's α (α = 0 is SAM). 0.1 is within the range the GSAM
-      paper tunes over; not given by METHODS.md.
+      paper tunes over; not given by docs/methods.md.
     esam_beta: ESAM-SWP's keep probability β (β = 1 is SAM); 0.5 as in ESAM.
     m: the group the ascent gradient is computed on (m-sharpness):
       ``'device'`` (the per-device batch, default), ``'global'`` (the ascent
@@ -124,7 +124,7 @@ class SharpnessRule:
       ρ following the learning-rate schedule; the objective then needs the
       schedule, see ``objectives.make_objective``).
     rho_min: ρ_min of ``rho_schedule='lr'`` (ρ is ρ_max); 0 by default (not
-      given by METHODS.md).
+      given by docs/methods.md).
   """
   name: str = 'sam'
   rho: Optional[float] = None

@@ -1,4 +1,4 @@
-"""Sharpness rules as Optax transformations (METHODS.md § 2 and § 5).
+"""Sharpness rules as Optax transformations (docs/methods.md § 2 and § 5).
 
 Each factory returns an ``optax.GradientTransformationExtraArgs`` whose
 ``update`` receives, besides the gradient g = ∇L(w) and the params w, the

@@ -1,7 +1,7 @@
 """Each objective's gradient against the objective written out by hand.
 
 The hand versions below do not use ``gmix_jax.objectives``: they write the
-loss of each method (METHODS.md § 1-4) as plain JAX on a toy MLP in float64,
+loss of each method (docs/methods.md § 1-4) as plain JAX on a toy MLP in float64,
 take ``jax.grad`` of it, and do the SAM step by hand. Only λ and the partner
 permutation are borrowed from ``gmix_jax.mixing`` (tested on its own), so
 that both sides see the same random draw.

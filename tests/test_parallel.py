@@ -3,7 +3,7 @@
 What is proven here (ARCHITECTURE.md "Contracts worth keeping"):
   * pmap and shard_map give the same parameters after several steps;
   * the per-device SAM ascent is per device (the shard_map summed-gradient
-    pitfall, METHODS.md § 2), checked against a Python loop over the shards;
+    pitfall, docs/methods.md § 2), checked against a Python loop over the shards;
   * global m-sharpness is device-count independent (8 devices == 1 device);
   * one compilation for the whole run, under both wrappers;
   * each device draws its own randomness;
