@@ -34,7 +34,10 @@ def read_metrics(workdir: str) -> tuple[list[dict], list[dict]]:
 
 def curves_title(info: dict) -> str:
   """``method · dataset · model · seed s — test accuracy a %, ECE e`` from a summary."""
-  head = ' · '.join(str(info[k]) for k in ('method', 'dataset', 'model') if k in info)
+  names = {k: str(info[k]) for k in ('method', 'dataset', 'model') if k in info}
+  if names.get('dataset', '').startswith('npz:'):       # a user's file: its name, not its path
+    names['dataset'] = 'npz:' + os.path.basename(names['dataset'][len('npz:'):])
+  head = ' · '.join(names.values())
   if 'seed' in info:
     head += f" · seed {info['seed']}"
   if 'final_test_accuracy' in info:

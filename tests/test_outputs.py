@@ -31,6 +31,8 @@ INFO = {'method': 'bgmix', 'dataset': 'digits', 'model': 'mlp', 'seed': 3,
 def test_title_names_the_run_and_its_result():
   assert outputs.curves_title(INFO) == ('bgmix · digits · mlp · seed 3 — test accuracy 95.8 %, '
                                         'ECE 0.067')
+  assert outputs.curves_title({'method': 'erm', 'dataset': 'npz:/a/b/mine.npz', 'model': 'mlp'}) == (
+      'erm · npz:mine.npz · mlp')
 
 
 @pytest.mark.parametrize('sensitivity,sharp,panels', [(True, True, 4), (False, True, 3),
