@@ -45,7 +45,9 @@ def main(argv: list[str] | None = None) -> int:
   logging.set_verbosity(logging.WARNING)   # Orbax logs every save at INFO
   try:
     summary = train.train_and_evaluate(config, args.workdir)
-  except (ValueError, FileNotFoundError) as e:   # config, data or workdir: raised before training
+  # A bad config, dataset or workdir, or a dataset that cannot be prepared
+  # here: all raised before training starts.
+  except (ValueError, FileNotFoundError, ImportError) as e:
     if os.environ.get('GMIX_TRACEBACK'):
       raise
     print(f'error: {" ".join(str(e).split())}', file=sys.stderr)
