@@ -113,3 +113,15 @@ def test_values_parse_as_the_fields_type():
   assert config.optimizer.grad_clip == 1.0 and isinstance(config.optimizer.grad_clip, float)
   assert config.method.sharpness.m == 'global' and config.optimizer.nesterov is False
   assert config.dataset.train_fraction is None
+
+
+def test_a_data_error_from_the_trainer_is_one_line_too(capsys, tmp_path):
+  code, _, err = run_main(capsys, '--config=configs/digits.py:gmix', f'--workdir={tmp_path / "wd"}',
+                          f'--config.dataset.name=npz:{tmp_path / "missing.npz"}')
+  assert code == 2 and err.startswith('error: npz dataset file not found') and err.count('\n') == 1
+
+
+def test_a_model_change_prints_a_note(capsys):
+  code, out, err = run_main(capsys, '--config=configs/default.py', '--config.model.name=mlp', '--help')
+  assert code == 0 and err.startswith("note: model.name='mlp': dropped the config file's model.kwargs")
+  assert 'model.kwargs = {}' in out
