@@ -7,7 +7,12 @@ over examples, a hand-made file); the end-to-end tests run the trainer, and
 the CLI in a subprocess where the behaviour is the CLI's, on the tiny config
 of tests/reliability_config.py.
 """
+import json
 import os
+import signal
+import socket
+import subprocess
+import sys
 import warnings
 
 import jax
@@ -18,6 +23,8 @@ from gmix_jax import train
 from gmix_jax.data import npz_source
 from gmix_jax.data import validate
 from test_train import tiny_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 # -- Data validation ------------------------------------------------------------
@@ -106,3 +113,76 @@ def test_bad_data_stops_the_trainer_before_anything_compiles(case, message, tmp_
     train.train_and_evaluate(c, str(tmp_path / 'wd'))
   written = os.listdir(tmp_path / 'wd') if os.path.exists(tmp_path / 'wd') else []
   assert set(written) <= {'.lock'}, written
+
+
+# -- Workdir lock -------------------------------------------------------------------
+def try_lock_in_child(workdir, hold_and_die=False):
+  """A fresh process tries the lock (flock is per open file, so a child is
+  a second launch); with ``hold_and_die`` it takes it and SIGKILLs itself."""
+  code = ('import os, signal, sys; from gmix_jax import lock\n'
+          f'l = lock.WorkdirLock({str(workdir)!r}); l.acquire()\n'
+          'print("locked", flush=True)\n'
+          + ('os.kill(os.getpid(), signal.SIGKILL)\n' if hold_and_die else ''))
+  return subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
+                        env={**os.environ, 'PYTHONPATH': REPO}, timeout=60)
+
+
+def test_the_lock_refuses_a_second_holder_and_dies_with_its_process(tmp_path):
+  from gmix_jax import lock
+  with lock.WorkdirLock(str(tmp_path)):
+    record = json.loads((tmp_path / '.lock').read_text())
+    assert record['pid'] == os.getpid() and record['host'] == socket.gethostname()
+    out = try_lock_in_child(tmp_path)
+    assert out.returncode != 0
+    assert (f"in use by another run: host {socket.gethostname()!r}, pid {os.getpid()}, started "
+            f"{record['started']}") in out.stderr
+  assert (tmp_path / '.lock').read_text() == '', 'a clean end clears the record'
+  killed = try_lock_in_child(tmp_path, hold_and_die=True)
+  assert killed.returncode == -signal.SIGKILL and 'locked' in killed.stdout
+  again = try_lock_in_child(tmp_path)       # SIGKILL left no stale lock, only a note
+  assert again.returncode == 0 and 'did not release it' in again.stderr, again.stderr
+
+
+# -- Config drift ---------------------------------------------------------------------
+def test_drift_lists_trajectory_changes_and_lets_the_others_through():
+  from gmix_jax import drift
+  old = {'seed': 0, 'num_epochs': 2, 'progress': True, 'model': {'name': 'mlp', 'dtype': None},
+         'optimizer': {'learning_rate': 0.1}, 'dataset': {'workers': 0, 'name': 'digits'}}
+  new = json.loads(json.dumps(old))
+  new.update(num_epochs=4, progress=False)
+  new['optimizer']['learning_rate'] = 0.5
+  new['dataset']['workers'] = 8
+  new['model']['dtype'] = 'bfloat16'          # a field the list does not know: trajectory
+  with pytest.raises(drift.ConfigDriftError) as e:
+    drift.check('/wd', old, new)
+  assert ('  model.dtype: "(absent)" -> "bfloat16"\n  num_epochs: 2 -> 4\n'
+          '  optimizer.learning_rate: 0.1 -> 0.5\nNothing was written') in str(e.value)
+  assert 'cannot be extended in place' in str(e.value)
+  new = json.loads(json.dumps(old))
+  new.update(progress=False, dataset={'workers': 8, 'name': 'digits'}, nan_policy='skip')
+  assert drift.check('/wd', old, new, defaults={'nan_policy': 'stop'}) == {
+      'dataset.workers': (0, 8), 'nan_policy': ('stop', 'skip'), 'progress': (True, False)}
+  # A knob absent from an old config.json is read at its default; None matches absent.
+  assert drift.check('/wd', {**old, 'nan_policy': 'stop'}, old, {'nan_policy': 'stop'}) == {}
+  assert drift.trajectory_hash(old) == drift.trajectory_hash({**old, 'progress': False})
+  assert drift.trajectory_hash(old) != drift.trajectory_hash({**old, 'seed': 1})
+
+
+# -- Digests ---------------------------------------------------------------------------
+def test_digest_names_the_changed_array_and_ignores_the_container_type():
+  import hashlib
+  from gmix_jax import digest
+  tree = {'params': {'w': np.arange(6, dtype=np.float32).reshape(2, 3)},
+          'step': np.int32(4), 'opt': (np.zeros(3), np.ones(2, np.int8))}
+  saved = digest.record(tree, {'pending': [{'loss': 0.5}]})
+  w = tree['params']['w']
+  assert saved['arrays']['params/w'] == hashlib.sha256(   # independent: hashlib on the bytes
+      b'<f4(2, 3)' + w.tobytes()).hexdigest()
+  assert set(saved['arrays']) == {'params/w', 'step', 'opt/0', 'opt/1'}
+  assert digest.mismatches(saved, jax.tree.map(np.array, tree), {'pending': [{'loss': 0.5}]}) == []
+  flipped = jax.tree.map(np.array, tree)
+  flipped['params']['w'].view(np.uint32)[1, 2] ^= 1 << 7      # one bit
+  assert digest.mismatches(saved, flipped, {'pending': [{'loss': 0.25}]}) == [
+      'array params/w differs', 'loop state differs']
+  assert digest.mismatches(saved, {**tree, 'extra': np.zeros(1)}, {'pending': [{'loss': 0.5}]}) \
+      == ['array extra unexpected']
