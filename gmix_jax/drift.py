@@ -96,8 +96,9 @@ def check(workdir: str, old: dict, new: dict, defaults: dict | None = None) -> d
             'span num_epochs, so training longer is a new run: use a new --workdir.'
             if 'num_epochs' in traj else '')
     raise ConfigDriftError(
-        f'workdir {workdir!r} holds a run with a different config: a resume must continue the '
-        f'same training, and these fields change it (old -> new):\n{format_changes(traj)}\n'
+        f'workdir {workdir!r} holds a checkpoint from a different config (changed: '
+        f'{", ".join(traj)}); a resume must continue the same training (old -> new):\n'
+        f'{format_changes(traj)}\n'
         f'Nothing was written. Rerun with the old values to resume, or use a new --workdir.'
         f'{hint} Fields a resume may change: {", ".join(NON_TRAJECTORY)}.')
   return other

@@ -32,6 +32,7 @@ the file system holding the workdir:
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import json
@@ -40,6 +41,8 @@ import socket
 import sys
 import time
 import warnings
+
+import numpy as np
 
 LOCK_NAME = '.lock'
 _UNSUPPORTED = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)
@@ -133,3 +136,29 @@ class WorkdirLock:
   def __exit__(self, *exc) -> bool:
     self.release()
     return False
+
+
+@contextlib.contextmanager
+def job_lock(workdir: str):
+  """The workdir lock for a whole (possibly multi-process) job: process 0
+  takes it and every process learns the outcome, so a refused job stops on
+  every host at once, before any of them writes."""
+  import jax
+  lock = WorkdirLock(workdir, enabled=jax.process_index() == 0)
+  error = None
+  try:
+    lock.acquire()
+  except WorkdirLockedError as e:
+    error = e
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    refused = multihost_utils.broadcast_one_to_all(np.int32(error is not None))
+    if refused and error is None:
+      error = WorkdirLockedError(f'workdir {workdir!r} is in use by another run (process 0 of '
+                                 'this job could not lock it; its message names the holder)')
+  if error is not None:
+    raise error
+  try:
+    yield lock
+  finally:
+    lock.release()

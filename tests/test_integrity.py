@@ -155,6 +155,7 @@ def test_drift_lists_trajectory_changes_and_lets_the_others_through():
   new['model']['dtype'] = 'bfloat16'          # a field the list does not know: trajectory
   with pytest.raises(drift.ConfigDriftError) as e:
     drift.check('/wd', old, new)
+  assert ("(changed: model.dtype, num_epochs, optimizer.learning_rate)" in str(e.value))
   assert ('  model.dtype: "(absent)" -> "bfloat16"\n  num_epochs: 2 -> 4\n'
           '  optimizer.learning_rate: 0.1 -> 0.5\nNothing was written') in str(e.value)
   assert 'cannot be extended in place' in str(e.value)
