@@ -68,6 +68,9 @@ def _all_agree(ok: bool) -> bool:
 
 
 def _short(e: BaseException) -> str:
+  """The root cause of a read error, on one line (Orbax wraps TensorStore's)."""
+  while (e.__cause__ or e.__context__) is not None:
+    e = e.__cause__ or e.__context__
   text = ' '.join(str(e).split())
   return f'{type(e).__name__}: {text[:240]}' + ('...' if len(text) > 240 else '')
 
@@ -75,6 +78,8 @@ def _short(e: BaseException) -> str:
 def _read_verified(ckpt, directory: str, step: int, template):
   """``(restored, None)`` or ``(None, (slug, reason))`` for one step."""
   import orbax.checkpoint as ocp
+  if not os.listdir(os.path.join(directory, str(step))):
+    return None, ('empty', 'its folder is empty')
   if not os.path.isdir(os.path.join(directory, str(step), 'digest')):
     return None, ('no-digest', 'it has no digest item (not written by this version, or lost)')
   try:
@@ -158,17 +163,30 @@ def restore_state(workdir: str, step: int | None = None) -> tuple[int, dict]:
   (``params``, ``opt_state``, ``model_state``, ``step``, ``rng``,
   ``scores``, ``skipped``, ``extra``); no config is needed, and the checkpoint may come
   from any device count or number of processes. For tests and analysis; the
-  trainer restores into its own typed state.
+  trainer restores into its own typed state. The contents are checked
+  against the checkpoint's digest (``CheckpointCorruptError`` if they differ).
   """
   import orbax.checkpoint as ocp
   ckpt = ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), 'checkpoints'),
-                               item_handlers={'state': ocp.StandardCheckpointHandler()})
+                               item_handlers={'state': ocp.StandardCheckpointHandler(),
+                                              'loop': ocp.JsonCheckpointHandler(),
+                                              'digest': ocp.JsonCheckpointHandler()})
   step = ckpt.latest_step() if step is None else step
   if step is None:
     raise FileNotFoundError(f'no checkpoint in {workdir!r}')
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
                           ckpt.item_metadata(step)['state'])
-  restored = ckpt.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
+  directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
+  verify = os.path.isdir(os.path.join(directory, str(step), 'digest'))
+  items = dict(state=ocp.args.StandardRestore(abstract))
+  if verify:           # a checkpoint written before digests existed is read unverified
+    items.update(loop=ocp.args.JsonRestore(), digest=ocp.args.JsonRestore())
+  restored = ckpt.restore(step, args=ocp.args.Composite(**items))
   ckpt.close()
-  return step, jax.device_get(restored['state'])
+  state = jax.device_get(restored['state'])
+  bad = verify and digest_lib.mismatches(restored['digest'], state, restored['loop'])
+  if bad:
+    raise CheckpointCorruptError(f'checkpoint {step} in {directory}: its contents differ from '
+                                 f'their digest ({"; ".join(bad[:3])})')
+  return step, state

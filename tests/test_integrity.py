@@ -7,8 +7,11 @@ over examples, a hand-made file); the end-to-end tests run the trainer, and
 the CLI in a subprocess where the behaviour is the CLI's, on the tiny config
 of tests/reliability_config.py.
 """
+import glob
 import json
 import os
+import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -19,10 +22,14 @@ import jax
 import numpy as np
 import pytest
 
+from gmix_jax import checkpoints
+from gmix_jax import outputs
 from gmix_jax import train
 from gmix_jax.data import npz_source
 from gmix_jax.data import validate
-from test_train import tiny_config
+from test_reliability import CONFIG, assert_same_state, comparable, finalized_steps, run_config
+from test_reliability import wait_for
+from test_train import read_metrics, tiny_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -187,3 +194,147 @@ def test_digest_names_the_changed_array_and_ignores_the_container_type():
       'array params/w differs', 'loop state differs']
   assert digest.mismatches(saved, {**tree, 'extra': np.zeros(1)}, {'pending': [{'loss': 0.5}]}) \
       == ['array extra unexpected']
+
+
+# -- End to end: one uninterrupted run, corrupted copies of it ----------------------
+# reliability_config with one epoch: 10 steps, checkpoints at 3, 6, 9 and 10 (the
+# last 3 kept), a train record every 2 steps, BG-Mix with the stale table.
+def launch(workdir, data_dir, *extra):
+  return subprocess.Popen(
+      [sys.executable, '-m', 'gmix_jax.main', f'--config={CONFIG}', f'--workdir={workdir}',
+       f'--config.dataset.data_dir={data_dir}', '--config.num_epochs=1', *extra],
+      cwd=REPO, env={**os.environ, 'PYTHONPATH': REPO}, stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT, text=True)
+
+
+def tree_hashes(root):
+  """``{relative path: sha256}`` of every file under ``root``."""
+  import hashlib
+  out = {}
+  for d, _, files in os.walk(root):
+    for name in files:
+      path = os.path.join(d, name)
+      with open(path, 'rb') as f:
+        out[os.path.relpath(path, root)] = hashlib.sha256(f.read()).hexdigest()
+  return out
+
+
+def strict_load(path):
+  def refuse(name):
+    raise ValueError(f'{path} is not strict JSON: {name}')
+  with open(path) as f:
+    return json.load(f, parse_constant=refuse)
+
+
+@pytest.fixture(scope='module')
+def straight(tmp_path_factory):
+  """One uninterrupted 10-step run (in-process); tests work on copies."""
+  data = tmp_path_factory.mktemp('data')
+  wd = tmp_path_factory.mktemp('straight') / 'wd'
+  train.train_and_evaluate(run_config(data, num_epochs=1), str(wd))
+  assert finalized_steps(wd) == [6, 9, 10]
+  return {'data': data, 'wd': wd, 'records': read_metrics(wd),
+          'states': {s: train.restore_state(str(wd), s)[1] for s in (6, 9, 10)}}
+
+
+def copy_run(straight, tmp_path):
+  wd = tmp_path / 'wd'
+  shutil.copytree(straight['wd'], wd)
+  return wd
+
+
+def data_file(wd, step):
+  """The largest array data file of checkpoint ``step``."""
+  files = glob.glob(str(wd / 'checkpoints' / str(step) / 'state' / '**' / 'd' / '*'),
+                    recursive=True)
+  return max(files, key=os.path.getsize)
+
+
+def corrupt(wd, step, case):
+  folder = wd / 'checkpoints' / str(step)
+  if case == 'flipped_bit':
+    path = data_file(wd, step)
+    raw = bytearray(open(path, 'rb').read())
+    raw[len(raw) // 2] ^= 1 << 3
+    open(path, 'wb').write(raw)
+  elif case == 'truncated_file':
+    os.truncate(data_file(wd, step), os.path.getsize(data_file(wd, step)) // 2)
+  elif case == 'deleted_file':
+    os.remove(data_file(wd, step))
+  elif case == 'emptied_folder':
+    shutil.rmtree(folder)
+    os.mkdir(folder)
+  elif case == 'missing_digest':
+    shutil.rmtree(folder / 'digest')
+  elif case == 'missing_orbax_metadata':
+    os.remove(folder / 'state' / '_METADATA')
+
+
+@pytest.mark.parametrize('case,resumed,reason', [
+    ('flipped_bit', 9, '(digest|unreadable)'), ('truncated_file', 9, 'unreadable'),
+    ('deleted_file', 9, 'unreadable'), ('emptied_folder', 9, 'empty'),
+    ('missing_digest', 9, 'no-digest'),
+    ('missing_orbax_metadata', 10, None),     # the template supplies it: the data verify
+])
+def test_a_corrupt_checkpoint_is_set_aside_and_the_previous_one_restored(
+    case, resumed, reason, straight, tmp_path, capfd):
+  wd = copy_run(straight, tmp_path)
+  corrupt(wd, 10, case)
+  template = straight['states'][10]
+  step, state, loop = checkpoints.restore_verified(str(wd), template)
+  assert step == resumed
+  assert_same_state(jax.device_get(state), straight['states'][resumed])
+  names = set(os.listdir(wd / 'checkpoints'))
+  err = capfd.readouterr().err
+  if reason is None:
+    assert names == {'6', '9', '10'} and 'set aside' not in err
+  else:
+    aside = names - {'6', '9'}
+    assert len(aside) == 1 and re.fullmatch(rf'10\.corrupt-{reason}', aside.pop()), names
+    assert f'checkpoint 10 in {wd}/checkpoints: ' in err and 'resuming from checkpoint 9' in err
+
+
+def test_when_no_checkpoint_verifies_nothing_is_touched(straight, tmp_path):
+  wd = copy_run(straight, tmp_path)
+  for step, case in ((10, 'flipped_bit'), (9, 'truncated_file'), (6, 'missing_digest')):
+    corrupt(wd, step, case)
+  before = tree_hashes(wd)
+  with pytest.raises(checkpoints.CheckpointCorruptError,
+                     match=r'(?s)no checkpoint in .* verifies:\n  step 10: it.*\n  step 9: it '
+                           r'cannot be read .*\n  step 6: it has no digest item.*Nothing was '
+                           'changed'):
+    train.train_and_evaluate(run_config(straight['data'], num_epochs=1), str(wd))
+  assert tree_hashes(wd) == before
+
+
+def test_bit_flip_resumes_from_the_previous_checkpoint_equal_to_the_uninterrupted_run(
+    straight, tmp_path):
+  """Through the CLI; a SIGTERM once the summary is written still exits 0."""
+  wd = copy_run(straight, tmp_path)
+  os.remove(wd / 'summary.json')
+  corrupt(wd, 10, 'flipped_bit')
+  proc = launch(wd, straight['data'])
+  wait_for(proc, lambda: os.path.exists(wd / 'summary.json'), 'the summary')
+  proc.send_signal(signal.SIGTERM)              # after the last step: nothing to stop
+  out, _ = proc.communicate(timeout=120)
+  assert proc.returncode == 0, out[-3000:]
+  assert 'checkpoint 10 in' in out and 'resuming from checkpoint 9' in out, out[-3000:]
+  assert comparable(read_metrics(wd)) == comparable(straight['records'])
+  step, state = train.restore_state(str(wd))
+  assert step == 10
+  assert_same_state(state, straight['states'][10])
+  summary = strict_load(wd / 'summary.json')
+  launches = [json.loads(l) for l in open(wd / 'launches.jsonl')]
+  assert [l['start_step'] for l in launches] == [0, 9]
+  assert summary['total_wall_time_sec'] > summary['wall_time_sec'] > 0
+
+
+def test_summary_is_strict_json_with_provenance(straight, tmp_path):
+  summary = strict_load(straight['wd'] / 'summary.json')
+  assert summary['seed'] == 0 and len(summary['config_hash']) == 64
+  assert summary['git_commit'] is None or re.fullmatch(r'[0-9a-f]{40}(\+dirty)?',
+                                                       summary['git_commit'])
+  assert summary['versions']['jax'] == jax.__version__ and summary['device_kind']
+  assert summary['total_wall_time_sec'] == pytest.approx(summary['wall_time_sec'], abs=1.0)
+  path = outputs.write_summary(str(tmp_path), {'ece': float('nan'), 'a': [np.float32(np.inf), 1.5]})
+  assert strict_load(path) == {'ece': None, 'a': [None, 1.5]}
