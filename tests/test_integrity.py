@@ -7,6 +7,7 @@ over examples, a hand-made file); the end-to-end tests run the trainer, and
 the CLI in a subprocess where the behaviour is the CLI's, on the tiny config
 of tests/reliability_config.py.
 """
+import errno
 import glob
 import json
 import os
@@ -25,6 +26,7 @@ import pytest
 from gmix_jax import checkpoints
 from gmix_jax import outputs
 from gmix_jax import train
+from gmix_jax import workdir as workdir_lib
 from gmix_jax.data import npz_source
 from gmix_jax.data import validate
 from test_reliability import CONFIG, assert_same_state, comparable, finalized_steps, run_config
@@ -199,10 +201,10 @@ def test_digest_names_the_changed_array_and_ignores_the_container_type():
 # -- End to end: one uninterrupted run, corrupted copies of it ----------------------
 # reliability_config with one epoch: 10 steps, checkpoints at 3, 6, 9 and 10 (the
 # last 3 kept), a train record every 2 steps, BG-Mix with the stale table.
-def launch(workdir, data_dir, *extra):
+def launch(workdir, data_dir, *extra, epochs=1):
   return subprocess.Popen(
       [sys.executable, '-m', 'gmix_jax.main', f'--config={CONFIG}', f'--workdir={workdir}',
-       f'--config.dataset.data_dir={data_dir}', '--config.num_epochs=1', *extra],
+       f'--config.dataset.data_dir={data_dir}', f'--config.num_epochs={epochs}', *extra],
       cwd=REPO, env={**os.environ, 'PYTHONPATH': REPO}, stdout=subprocess.PIPE,
       stderr=subprocess.STDOUT, text=True)
 
@@ -231,7 +233,7 @@ def straight(tmp_path_factory):
   """One uninterrupted 10-step run (in-process); tests work on copies."""
   data = tmp_path_factory.mktemp('data')
   wd = tmp_path_factory.mktemp('straight') / 'wd'
-  train.train_and_evaluate(run_config(data, num_epochs=1), str(wd))
+  train.train_and_evaluate(run_config(data, num_epochs=1, plots=False), str(wd))
   assert finalized_steps(wd) == [6, 9, 10]
   return {'data': data, 'wd': wd, 'records': read_metrics(wd),
           'states': {s: train.restore_state(str(wd), s)[1] for s in (6, 9, 10)}}
@@ -338,3 +340,79 @@ def test_summary_is_strict_json_with_provenance(straight, tmp_path):
   assert summary['total_wall_time_sec'] == pytest.approx(summary['wall_time_sec'], abs=1.0)
   path = outputs.write_summary(str(tmp_path), {'ece': float('nan'), 'a': [np.float32(np.inf), 1.5]})
   assert strict_load(path) == {'ece': None, 'a': [None, 1.5]}
+
+
+def test_config_drift_is_refused_and_leaves_every_file_as_it_was(straight, tmp_path):
+  wd = copy_run(straight, tmp_path)
+  before = tree_hashes(wd)
+  proc = launch(wd, straight['data'], '--config.optimizer.learning_rate=0.5', epochs=2)
+  out, _ = proc.communicate(timeout=120)
+  assert proc.returncode == 1, out[-3000:]
+  assert ('holds a checkpoint from a different config (changed: num_epochs, '
+          'optimizer.learning_rate)') in out
+  assert '  num_epochs: 1 -> 2\n  optimizer.learning_rate: 0.05 -> 0.5\n' in out, out[-3000:]
+  assert 'cannot be extended in place' in out and 'Traceback' not in out
+  assert tree_hashes(wd) == before
+  # Fields that leave the trajectory alone may change; recorded, nothing deleted.
+  c = run_config(straight['data'], num_epochs=1, log_every_steps=5, keep_checkpoints=1,
+                 plots=False)
+  train.train_and_evaluate(c, str(wd))
+  launches = [json.loads(l) for l in open(wd / 'launches.jsonl')]
+  assert launches[-1]['changed'] == {'keep_checkpoints': [3, 1], 'log_every_steps': [2, 5]}
+  assert json.loads((wd / 'config.json').read_text())['log_every_steps'] == 5
+  after = tree_hashes(wd)
+  assert {k: v for k, v in after.items() if k.startswith('checkpoints')} == \
+      {k: v for k, v in before.items() if k.startswith('checkpoints')}
+  assert after['metrics.jsonl'] == before['metrics.jsonl']
+
+
+def test_a_second_launch_is_refused_and_sigint_checkpoints_resumably(straight, tmp_path):
+  wd, data, epochs = tmp_path / 'wd', straight['data'], 1000        # 10000 steps: stopped early
+  first = launch(wd, data, epochs=epochs)
+  wait_for(first, lambda: os.path.exists(wd / 'metrics.jsonl'), 'the first record')
+  second = launch(wd, data, epochs=epochs)
+  out2, _ = second.communicate(timeout=120)
+  assert second.returncode == 1, out2[-3000:]
+  assert (f"error: workdir '{wd}' is in use by another run: host {socket.gethostname()!r}, "
+          f'pid {first.pid}, started ') in out2 and 'Traceback' not in out2, out2[-3000:]
+  assert first.poll() is None, 'the first run was not disturbed'
+  first.send_signal(signal.SIGINT)
+  out1, _ = first.communicate(timeout=120)
+  assert first.returncode == 130, out1[-3000:]
+  stopped = finalized_steps(wd)[-1]
+  assert f'preempted at step {stopped}/{epochs * 10} (SIGINT)' in out1, out1[-3000:]
+  assert 'rerun the same command' in out1 and not os.path.exists(wd / 'summary.json')
+  steps = [r['step'] for r in read_metrics(wd) if r['split'] == 'train']
+  assert steps == list(range(2, stopped + 1, 2)), 'one writer: every record once, in order'
+  assert len(finalized_steps(wd)) <= 3 and len(open(wd / 'launches.jsonl').readlines()) == 1
+  # Resumable: the checkpoint verifies (the resume itself is the SIGTERM path, tested in
+  # test_reliability.py) and the lock is free again.
+  step, state = train.restore_state(str(wd))
+  assert step == int(state['step']) == stopped
+  assert (wd / '.lock').read_text() == ''
+
+
+def test_a_full_disk_is_one_error_naming_the_path_and_what_was_kept(straight, tmp_path,
+                                                                   monkeypatch):
+  wd = copy_run(straight, tmp_path)
+  shutil.rmtree(wd / 'checkpoints' / '10')           # the run resumes at 9
+  def full(self, record):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), self.path)
+  monkeypatch.setattr(workdir_lib.MetricsWriter, 'write', full)
+  with pytest.raises(workdir_lib.DiskFullError) as e:
+    train.train_and_evaluate(run_config(straight['data'], num_epochs=1), str(wd))
+  assert str(e.value) == (
+      f'[Errno 28] no space left on the device of {wd}/metrics.jsonl ({wd}). Kept: checkpoint '
+      f'step 9 in {wd}/checkpoints and metrics.jsonl up to step 8. Free space (or raise the '
+      'quota) and rerun the same command to resume from there.')
+  assert e.value.__cause__ is None and e.value.__suppress_context__
+  # Orbax reports it as text inside its own exception.
+  wrapped = ValueError('RESOURCE_EXHAUSTED: ... No space left on device [OS error: 28]')
+  assert workdir_lib._full_disk_cause(RuntimeError('save failed').with_traceback(None)) is None
+  try:
+    try:
+      raise wrapped
+    except ValueError as inner:
+      raise RuntimeError('checkpoint save failed') from inner
+  except RuntimeError as outer:
+    assert workdir_lib._full_disk_cause(outer) is wrapped
