@@ -11,14 +11,17 @@
 
 All the mathematics lives in the core (objectives and below); this file only
 composes and records. Outputs in ``workdir``: ``config.json``,
-``metrics.jsonl`` (one JSON record per log/eval event), ``checkpoints/``
-(Orbax), ``curves.png`` and ``summary.json``.
+``launches.jsonl`` (one record per launch), ``metrics.jsonl`` (one JSON record
+per log/eval event), ``checkpoints/`` (Orbax, with digests), ``curves.png``,
+``summary.json`` and ``.lock``.
 
-Reliability (README "Running long jobs"): a rerun resumes exactly from the
-latest checkpoint (state, data plan position, the open metrics window; records
-written after that checkpoint are dropped from ``metrics.jsonl``); SIGTERM
-stops after the current step with a checkpoint (all processes at the same
-step); ``nan_policy`` skips or stops on a non-finite loss/gradient.
+Reliability (README "Running long jobs"): one run per workdir (``lock``); a
+relaunch that would change the trajectory is refused (``drift``); a rerun
+resumes exactly from the newest checkpoint that verifies (state, data plan
+position, the open metrics window; records written after that checkpoint are
+dropped from ``metrics.jsonl``); SIGTERM/SIGINT stop after the current step
+with a checkpoint (all processes at the same step); ``nan_policy`` skips or
+stops on a non-finite loss/gradient; a full disk is one clear error.
 """
 from __future__ import annotations
 
