@@ -3,15 +3,20 @@
 ``--help`` lists the flags, configs, method presets, models, datasets and
 every config field with its documentation; ``--config=FILE --help`` shows that
 config's values. Rerunning the same command resumes from the workdir's latest
-checkpoint. On SIGTERM the run checkpoints after its current step and exits 0.
+checkpoint. On SIGTERM the run checkpoints after its current step and exits 0;
+on Ctrl-C (SIGINT) the same, exit code 130. A signal after the last step
+changes nothing (exit 0).
 
-Exit status: 0 done (or preempted, or help), 2 a bad command line, config or
-dataset (one line ``error: ...`` on stderr, before anything compiles).
+Exit status: 0 done (or preempted by SIGTERM, or help); 2 a bad command line,
+config or dataset (one line ``error: ...`` on stderr, before anything
+compiles); 1 a locked workdir, config drift, checkpoints that do not verify or
+a full disk (one line ``error: ...``); 130 stopped by SIGINT.
 """
 from __future__ import annotations
 
 import os
 import shlex
+import signal
 import sys
 import warnings
 
@@ -23,9 +28,14 @@ def _warning(message, category, filename, lineno, line=None):
   return f'warning: {message}\n'
 
 
-def main(argv: list[str] | None = None) -> int:
-  argv = sys.argv[1:] if argv is None else argv
-  warnings.formatwarning = _warning    # gmix_jax's warnings as one line each
+def _after_the_run(signum, frame):
+  """Outside ``train_and_evaluate`` (its own handlers are gone): the run is
+  complete or checkpointed, so a late signal has nothing left to stop."""
+  del signum, frame
+
+
+def _parse(argv: list[str]):
+  """``(config, workdir)``, or an exit code (help printed, or a usage error)."""
   try:
     args = cli.parse_argv(argv)
     config, notes = cli.load(args.config_spec, args.overrides) if args.config_spec else (None, [])
@@ -39,14 +49,34 @@ def main(argv: list[str] | None = None) -> int:
   except cli.UsageError as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
+  return config, args.workdir
 
+
+def main(argv: list[str] | None = None) -> int:
+  argv = sys.argv[1:] if argv is None else argv
+  warnings.formatwarning = _warning    # gmix_jax's warnings as one line each
+  parsed = _parse(argv)
+  if isinstance(parsed, int):
+    return parsed
+  config, workdir = parsed
+
+  # Imported only for a valid command line: --help and usage errors answer at once.
   from absl import logging
-  from gmix_jax import train
+  from gmix_jax import checkpoints, drift, lock, train
+  from gmix_jax import workdir as workdir_lib
+  # Errors about the workdir, not the code: the message is the whole story.
+  workdir_errors = (lock.WorkdirLockedError, drift.ConfigDriftError,
+                    checkpoints.CheckpointCorruptError, workdir_lib.DiskFullError)
   logging.set_verbosity(logging.WARNING)   # Orbax logs every save at INFO
+  for sig in (signal.SIGTERM, signal.SIGINT):
+    signal.signal(sig, _after_the_run)     # put back by the trainer when it returns
   try:
-    summary = train.train_and_evaluate(config, args.workdir)
-  # A bad config, dataset or workdir, or a dataset that cannot be prepared
-  # here: all raised before training starts.
+    summary = train.train_and_evaluate(config, workdir)
+  except workdir_errors as e:
+    print(f'error: {e}', file=sys.stderr, flush=True)
+    return 1
+  # A bad config or dataset, or a dataset that cannot be prepared here: raised
+  # before training starts. GMIX_TRACEBACK=1 shows where.
   except (ValueError, FileNotFoundError, ImportError) as e:
     if os.environ.get('GMIX_TRACEBACK'):
       raise
@@ -54,15 +84,15 @@ def main(argv: list[str] | None = None) -> int:
     return 2
   if summary.get('preempted'):
     command = ' '.join(shlex.quote(a) for a in [sys.executable, '-m', 'gmix_jax.main', *argv])
-    print(f"preempted at step {summary['step']}/{summary['steps']} (SIGTERM); checkpoint "
-          f"{summary['checkpoint']}.\nTo resume, rerun the same command:\n  {command}", flush=True)
-    return 0
+    print(f"preempted at step {summary['step']}/{summary['steps']} ({summary['signal']}); "
+          f"checkpoint {summary['checkpoint']}.\nTo resume, rerun the same command:\n  {command}",
+          flush=True)
+    return 128 + signal.SIGINT if summary['signal'] == 'SIGINT' else 0
   print(f"final test accuracy {summary['final_test_accuracy']:.4f} "
         f"(ECE {summary['final_test_ece']:.4f}) after {summary['epochs']} epochs, "
         f"{summary['wall_time_sec']:.0f} s")
-  workdir = os.path.abspath(args.workdir)
   print(f"metrics: {summary.get('metrics')}\nplot:    {summary.get('curves')}\n"
-        f"summary: {os.path.join(workdir, 'summary.json')}")
+        f"summary: {os.path.join(os.path.abspath(workdir), 'summary.json')}")
   return 0
 
 
