@@ -62,6 +62,7 @@ def base() -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict()
   c.model.name = 'cnn'                     # see gmix_jax.models.MODELS
   c.model.kwargs = ml_collections.ConfigDict()   # passed to the model constructor
+  c.model.dtype = 'float32'                # compute dtype: float32 | bfloat16 | float16 (params stay f32)
 
   c.method = method('gmix')
 

@@ -21,6 +21,7 @@ from gmix_jax import checkpoints
 from gmix_jax import data as data_lib
 from gmix_jax import models
 from gmix_jax import objectives
+from gmix_jax import precision
 from gmix_jax import samix
 
 PARALLEL_MODES = ('shard_map', 'pmap')
@@ -35,7 +36,24 @@ OPTIONAL_FIELDS = {
     'plots': True,              # write curves.png at the end (sweeps turn it off)
 }
 # Models that read their inputs as images [H, W] or [H, W, C].
-IMAGE_MODELS = ('cnn', 'resnet18', 'preact_resnet18', 'wrn28', 'wrn28_2', 'wrn28_10')
+IMAGE_MODELS = ('cnn', 'resnet18', 'preact_resnet18', 'wrn28', 'wrn28_2', 'wrn28_10',
+                'resnet50', 'vit_ti16', 'vit_s16', 'vit_b16', 'vit_b32')
+
+
+def model_precision(config: ml_collections.ConfigDict) -> tuple[str, str]:
+  """``(model.dtype, model.param_rounding)``; absent fields (older configs)
+  read as ('float32', 'nearest'). See gmix_jax/precision.py."""
+  return config.model.get('dtype', 'float32'), config.model.get('param_rounding', 'nearest')
+
+
+def build_model(config: ml_collections.ConfigDict, num_classes: int):
+  """``(module, apply_fn)`` for ``config.model`` (compute dtype, rounding of
+  the float32 parameters into it)."""
+  dtype, rounding = model_precision(config)
+  module = models.get_model(config.model.name, num_classes, dtype=dtype, **config.model.kwargs)
+  apply_fn = precision.make_apply_fn(models.make_apply_fn(module), rounding,
+                                     models.compute_dtype(dtype))
+  return module, apply_fn
 
 
 # ----------------------------------------------------------------------------
@@ -137,6 +155,11 @@ def validate_config(config: ml_collections.ConfigDict) -> objectives.Method:
   one_of('optimizer.name', config.optimizer.name, OPTIMIZERS)
   one_of('optimizer.schedule', config.optimizer.schedule, SCHEDULES)
   one_of('model.name', config.model.name, sorted(models.MODELS))
+  dtype, rounding = model_precision(config)
+  one_of('model.dtype', dtype, list(models.DTYPES))
+  one_of('model.param_rounding', rounding, precision.ROUNDINGS)
+  if rounding == 'dither' and dtype != 'bfloat16':
+    raise ValueError(f"model.param_rounding='dither' needs model.dtype='bfloat16', got {dtype!r}")
   one_of('method.name', config.method.name, sorted([*objectives.PRESETS, *samix.METHODS]))
   one_of('nan_policy', opt(config, 'nan_policy'), NAN_POLICIES)
   name = config.dataset.name
@@ -152,7 +175,7 @@ def validate_config(config: ml_collections.ConfigDict) -> objectives.Method:
   if debug_nan is not None and not (isinstance(debug_nan, int) and debug_nan >= 0):
     raise ValueError(f'debug_nan_step must be None or a step >= 0, got {debug_nan!r}')
   try:                                                # the constructor checks its kwargs
-    models.get_model(config.model.name, 10, **config.model.kwargs)
+    models.get_model(config.model.name, 10, dtype=dtype, **config.model.kwargs)
   except TypeError as e:
     raise ValueError(f'model.kwargs {dict(config.model.kwargs)} do not fit '
                      f'model.name={config.model.name!r}: {e}') from e
