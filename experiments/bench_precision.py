@@ -1,11 +1,12 @@
 """How much of SAM's perturbation survives bfloat16 compute, for ResNet-50 and ViT-B/16.
 
-  python experiments/bench_precision.py                      # both models, ~30 min on 2 CPU cores
-  python experiments/bench_precision.py --models resnet50 --train-steps 0 --batch 2   # quick look
+  python experiments/bench_precision.py          # both models; ~40 min on a loaded 2-core CPU
+  python experiments/bench_precision.py --models resnet50 --train-steps 0 --px 64   # quick look
 
 For each model and parameter state (at initialisation, and after
 ``--train-steps`` float32 SGD steps on generated data at ``--train-px``
-pixels), with ρ = ``--rho`` and ε = ρ g/‖g‖ from the float32 gradient g of
+pixels; ResNet-50 is measured at ``--px``, ViT at ``--train-px`` because its
+position embedding fixes the token count), with ρ = ``--rho`` and ε = ρ g/‖g‖ from the float32 gradient g of
 one batch of ``--batch`` generated images (class labels 0..9 from a fixed
 random teacher, so training has something to learn):
 
@@ -91,48 +92,54 @@ def train(module, params, state, px, steps, batch, lr, log):
                          'loss_first': first, 'loss_last': float(value)}
 
 
-def measure(name, params, state, px, batch, rho, log):
-  f32_module = models.get_model(name, 1000)
-  bf16_module = models.get_model(name, 1000, dtype='bfloat16')
-  variants = {
-      'float32': models.make_apply_fn(f32_module),
-      'nearest': models.make_apply_fn(bf16_module),
-      'dither': precision.make_apply_fn(models.make_apply_fn(bf16_module), 'dither', jnp.bfloat16),
-  }
-  x, y = generated(10_000, batch, px)
-  grads = {}
-  for key, apply_fn in variants.items():
-    t = time.perf_counter()
-    grad = jax.jit(lambda p, fn=apply_fn: jax.grad(
-        lambda p: loss_fn(fn, 1000)(p, state, x, y)[0])(p))
-    g = grad(params)
-    eps = jax.tree.map(lambda v, n=jnp.linalg.norm(flat(g)): rho * v / (n + 1e-12), g)
-    g_sam = grad(jax.tree.map(jnp.add, params, eps))
-    grads[key] = (flat(g), flat(g_sam), eps)
-    log(f'  {key}: two gradients in {time.perf_counter() - t:.0f} s')
-  g32, s32, eps32 = grads['float32']
-  out = {'px': px, 'batch': batch, 'rho': rho}
-  casts = {'nearest': None, 'dither': lambda v: precision.dither_params({'v': v})['v']}
-  names = ['/'.join(str(getattr(k, 'key', k)) for k in path)
-           for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
-  for key, cast in casts.items():
-    surv = jax.jit(lambda p, e, cast=cast: precision.cast_survival(p, e, jnp.bfloat16, cast))(
-        params, eps32)
-    has = np.asarray(surv['leaf_has_eps'])
-    ratio, share = np.asarray(surv['leaf_ratio'])[has], np.asarray(surv['leaf_aligned'])[has]
-    g, s, _ = grads[key]
-    out[key] = {
-        'ratio': float(surv['ratio']), 'aligned': float(surv['aligned']),
-        'cosine_delta_eps': float(surv['cosine']), 'moved': float(surv['moved']),
-        'leaf_ratio_min': float(ratio.min()), 'leaf_ratio_median': float(np.median(ratio)),
-        'leaf_aligned_min': float(share.min()), 'leaf_aligned_median': float(np.median(share)),
-        'leaf_aligned_min_name': [n for n, h in zip(names, has) if h][int(share.argmin())],
-        'cos_sam_direction': cos(s, s32), 'cos_erm_gradient': cos(g, g32),
-        'cos_sam_correction': cos(s - g, s32 - g32),
-        'correction_norm_ratio': float(jnp.linalg.norm(s - g) / jnp.linalg.norm(s32 - g32)),
-    }
-  out['f32_correction_rel'] = float(jnp.linalg.norm(s32 - g32) / jnp.linalg.norm(g32))
-  return out
+class Measure:
+  """The three gradient programs of one model at one input size, compiled once
+  and reused for every parameter state."""
+
+  def __init__(self, name, kwargs):
+    bf16 = models.get_model(name, 1000, dtype='bfloat16', **kwargs)
+    fns = {'float32': models.make_apply_fn(models.get_model(name, 1000, **kwargs)),
+           'nearest': models.make_apply_fn(bf16),
+           'dither': precision.make_apply_fn(models.make_apply_fn(bf16), 'dither', jnp.bfloat16)}
+    self.grads = {k: jax.jit(jax.grad(lambda p, s, x, y, fn=fn: loss_fn(fn, 1000)(p, s, x, y)[0]))
+                  for k, fn in fns.items()}
+    self.survival = {
+        key: jax.jit(lambda p, e, cast=cast: precision.cast_survival(p, e, jnp.bfloat16, cast))
+        for key, cast in (('nearest', None),
+                          ('dither', lambda v: precision.dither_params({'v': v})['v']))}
+
+  def __call__(self, params, state, px, batch, rho, log):
+    x, y = generated(10_000, batch, px)
+    grads = {}
+    for key, grad in self.grads.items():
+      t = time.perf_counter()
+      g = grad(params, state, x, y)
+      eps = jax.tree.map(lambda v, n=jnp.linalg.norm(flat(g)): rho * v / (n + 1e-12), g)
+      g_sam = grad(jax.tree.map(jnp.add, params, eps), state, x, y)
+      grads[key] = (flat(g), flat(g_sam), eps)
+      log(f'  {key}: two gradients in {time.perf_counter() - t:.0f} s')
+    g32, s32, eps32 = grads['float32']
+    out = {'px': px, 'batch': batch, 'rho': rho}
+    names = ['/'.join(str(getattr(k, 'key', k)) for k in path)
+             for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+    for key, survival in self.survival.items():
+      surv = survival(params, eps32)
+      has = np.asarray(surv['leaf_has_eps'])
+      ratio, share = np.asarray(surv['leaf_ratio'])[has], np.asarray(surv['leaf_aligned'])[has]
+      g, s, _ = grads[key]
+      out[key] = {
+          'ratio': float(surv['ratio']), 'aligned': float(surv['aligned']),
+          'cosine_delta_eps': float(surv['cosine']), 'moved': float(surv['moved']),
+          'leaf_ratio_min': float(ratio.min()), 'leaf_ratio_median': float(np.median(ratio)),
+          'leaf_aligned_min': float(share.min()), 'leaf_aligned_median': float(np.median(share)),
+          'leaf_aligned_min_name': [n for n, h in zip(names, has) if h][int(share.argmin())],
+          'leaves_lost': int(np.sum(ratio == 0)), 'leaves': int(has.sum()),
+          'cos_sam_direction': cos(s, s32), 'cos_erm_gradient': cos(g, g32),
+          'cos_sam_correction': cos(s - g, s32 - g32),
+          'correction_norm_ratio': float(jnp.linalg.norm(s - g) / jnp.linalg.norm(s32 - g32)),
+      }
+    out['f32_correction_rel'] = float(jnp.linalg.norm(s32 - g32) / jnp.linalg.norm(g32))
+    return out
 
 
 def table(results) -> str:
@@ -154,11 +161,11 @@ def main():
   p = argparse.ArgumentParser()
   p.add_argument('--models', default='resnet50,vit_b16')
   p.add_argument('--rho', type=float, default=0.05)
-  p.add_argument('--batch', type=int, default=8)
+  p.add_argument('--batch', type=int, default=4)
   p.add_argument('--px', type=int, default=224)
-  p.add_argument('--train-steps', type=int, default=200)
+  p.add_argument('--train-steps', type=int, default=30)
   p.add_argument('--train-px', type=int, default=64)
-  p.add_argument('--train-batch', type=int, default=16)
+  p.add_argument('--train-batch', type=int, default=8)
   p.add_argument('--out', default='experiments/precision.json')
   args = p.parse_args()
   log = lambda s: print(s, flush=True)
@@ -174,29 +181,24 @@ def main():
     log(table(results[-1:]))
 
   for name in args.models.split(','):
-    module = models.get_model(name, 1000)
-    params, state = models.init_model(module, jax.random.PRNGKey(0), (args.px, args.px, 3))
+    # ResNet-50 as configs/imagenet.py builds it (each block's last BN scale at 0).
+    kwargs = {'zero_init_residual': True} if name == 'resnet50' else {}
+    module = models.get_model(name, 1000, **kwargs)
     vit = name.startswith('vit')
+    # ViT's position embedding is tied to the token count: ViT is measured at train_px.
+    px = args.train_px if vit else args.px
+    params, state = models.init_model(module, jax.random.PRNGKey(0), (px, px, 3))
+    measure = Measure(name, kwargs)
     log(f'{name}: init')
-    record({'model': name, 'state': 'init', **measure(name, params, state, args.px, args.batch,
+    record({'model': name, 'state': 'init', **measure(params, state, px, args.batch,
                                                       args.rho, log)})
     if args.train_steps:
-      # ViT's position embedding is tied to the token count: train and measure at train_px.
-      if vit:
-        params, state = models.init_model(module, jax.random.PRNGKey(0),
-                                          (args.train_px, args.train_px, 3))
-      lr = 0.01 if vit else 0.1
+      lr = 0.01 if vit else 0.05
       params, state, info = train(module, params, state, args.train_px, args.train_steps,
                                   args.train_batch, lr, log)
-      px = args.train_px if vit else args.px
-      if vit:
-        log(f'{name}: init at {px} px (the trained reference)')
-        init = models.init_model(module, jax.random.PRNGKey(0), (px, px, 3))
-        record({'model': name, 'state': 'init', **measure(name, *init, px, args.batch,
-                                                          args.rho, log)})
       log(f'{name}: trained')
       record({'model': name, 'state': f"trained ({info['steps']} SGD steps at {info['px']} px)",
-              'train': info, **measure(name, params, state, px, args.batch, args.rho, log)})
+              'train': info, **measure(params, state, px, args.batch, args.rho, log)})
   print(table(results))
 
 
