@@ -166,6 +166,8 @@ def main():
   p.add_argument('--train-steps', type=int, default=30)
   p.add_argument('--train-px', type=int, default=64)
   p.add_argument('--train-batch', type=int, default=8)
+  p.add_argument('--resnet-lr', type=float, default=0.05)
+  p.add_argument('--vit-lr', type=float, default=0.01)
   p.add_argument('--out', default='experiments/precision.json')
   args = p.parse_args()
   log = lambda s: print(s, flush=True)
@@ -193,7 +195,7 @@ def main():
     record({'model': name, 'state': 'init', **measure(params, state, px, args.batch,
                                                       args.rho, log)})
     if args.train_steps:
-      lr = 0.01 if vit else 0.05
+      lr = args.vit_lr if vit else args.resnet_lr
       params, state, info = train(module, params, state, args.train_px, args.train_steps,
                                   args.train_batch, lr, log)
       log(f'{name}: trained')
