@@ -149,3 +149,21 @@ def test_bad_rounding_and_dtype_are_named():
     precision.make_apply_fn(lambda *a: a, 'stochastic')
   with pytest.raises(ValueError, match="needs model.dtype='bfloat16'"):
     precision.make_apply_fn(lambda *a: a, 'dither', jnp.float32)
+
+
+def test_config_fields_reach_the_model_and_bad_values_are_named():
+  import importlib
+  from gmix_jax import configure
+  config = importlib.import_module('configs.digits').get_config('sam')
+  config.model.dtype = 'bfloat16'
+  config.model.param_rounding = 'dither'
+  configure.validate_config(config)
+  module, apply_fn = configure.build_model(config, num_classes=10)
+  assert module.dtype == jnp.bfloat16 and apply_fn.__name__ == 'wrapped'
+  assert apply_fn.mix_points == module.mix_points
+  config.model.dtype = 'bf16'
+  with pytest.raises(ValueError, match=r"model.dtype must be one of \['float32', 'bfloat16', 'float16'\]"):
+    configure.validate_config(config)
+  config.model.dtype = 'float32'
+  with pytest.raises(ValueError, match="model.param_rounding='dither' needs model.dtype='bfloat16'"):
+    configure.validate_config(config)
