@@ -156,3 +156,21 @@ def test_accumulate_sums_and_stacks():
   total, kept = accumulation.accumulate(lambda r: (jnp.sum(r), r[:, 0]), rows, 3)
   np.testing.assert_allclose(total, jnp.sum(rows))
   np.testing.assert_allclose(kept, rows[:, 0].reshape(3, 2))
+
+
+def test_config_field_is_validated():
+  from configs import mnist_subset
+  from gmix_jax import configure
+  config = mnist_subset.get_config('gmix')
+  assert config.accumulation_steps == 1
+  config.accumulation_steps = 4
+  configure.validate_config(config)
+  for bad, match in ((0, 'accumulation_steps must be an int >= 1'),
+                     (3, r'accumulation_steps=3 must divide the per-device batch')):
+    config.accumulation_steps = bad
+    with pytest.raises(ValueError, match=match):
+      configure.validate_config(config)
+  samix_config = mnist_subset.get_config('samix')
+  samix_config.accumulation_steps = 2
+  with pytest.raises(ValueError, match="accumulation_steps=2 applies to the composed methods"):
+    configure.validate_config(samix_config)
