@@ -16,6 +16,8 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
+from gmix_jax import vma
+
 PyTree = Any
 
 
@@ -44,31 +46,39 @@ def micro_batches(rows: PyTree, k: int) -> PyTree:
 
 
 def accumulate(fn: Callable[[PyTree], tuple[PyTree, PyTree]], rows: PyTree,
-               k: int) -> tuple[PyTree, PyTree]:
+               k: int, like: PyTree = ()) -> tuple[PyTree, PyTree]:
   """Σ_j fn(rows_j)[0] and the stacked fn(rows_j)[1] over k micro-batches.
 
   ``fn(rows_j) -> (summed, kept)``: ``summed`` (gradients, loss values) is
-  added up, ``kept`` (e.g. BatchNorm state, per-row values) comes back with
-  a leading axis of k. With k = 1 this is ``fn(rows)`` (``kept`` with a
-  leading axis of 1). The first micro-batch runs before the scan and its
-  result initialises the sums: the accumulators then have exactly the type
-  of ``fn``'s outputs, including whether they vary over a ``shard_map``
-  axis (a zero-initialised carry would be device-invariant and ``scan``
-  rejects the mismatch); the program holds ``fn`` twice.
+  added up in a ``lax.scan`` carry, ``kept`` (e.g. BatchNorm state, per-row
+  values) comes back with a leading axis of k. With k = 1 this is
+  ``fn(rows)`` (``kept`` with a leading axis of 1).
+
+  ``like``: the other arrays ``fn`` reads (its params). Under ``shard_map``
+  the zero carry must vary over the mesh axes its body's sums vary over; it
+  is made to vary over every axis ``rows`` or ``like`` vary over (a sum of
+  a varying term is varying). Where this JAX does not expose that typing,
+  the first micro-batch is run before the scan to initialise the carry.
   """
   if k == 1:
     summed, kept = fn(rows)
     return summed, jax.tree.map(lambda a: a[None], kept)
   split = micro_batches(rows, k)
-  summed, first = fn(jax.tree.map(lambda a: a[0], split))
 
   def body(total, rows_j):
     s, kept = fn(rows_j)
     return jax.tree.map(jnp.add, total, s), kept
 
-  summed, rest = jax.lax.scan(body, summed, jax.tree.map(lambda a: a[1:], split))
-  kept = jax.tree.map(lambda a, b: jnp.concatenate([a[None], b]), first, rest)
-  return summed, kept
+  axes = vma.union((rows, like))
+  if axes is None:                     # no typing info: peel the first micro-batch
+    summed, first = fn(jax.tree.map(lambda a: a[0], split))
+    summed, rest = jax.lax.scan(body, summed, jax.tree.map(lambda a: a[1:], split))
+    return summed, jax.tree.map(lambda a, b: jnp.concatenate([a[None], b]), first, rest)
+  shapes = jax.eval_shape(fn, jax.tree.map(lambda a: a[0], split))[0]
+  zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+  if axes and jax.tree.leaves(zeros):
+    zeros = jax.lax.pcast(zeros, tuple(sorted(axes)), to='varying')
+  return jax.lax.scan(body, zeros, split)
 
 
 def mean_state(states: PyTree) -> PyTree:

@@ -35,6 +35,12 @@ the G-Mix abstract (Li & Tang); their knobs are ``PartitionConfig``'s.
 
 BatchNorm: the new model state comes from each part's first (unperturbed)
 pass, averaged over parts by their weight; perturbed passes never update it.
+
+Gradient accumulation (``make_objective(..., accumulation_steps=K)``,
+METHODS.md § 6): the parts are built from the whole device batch as above
+(same partners, λ and split as K = 1); then each part's gradient function
+sweeps its rows in K micro-batches, and the sharpness rule calls that
+function at w and at w + ε, so ε comes from the whole accumulated gradient.
 """
 from __future__ import annotations
 
@@ -559,7 +565,7 @@ def _part_gradient(apply_fn, params, model_state, part: _Part, rng, axis_name,
     def one(rows_j):
       (total, (mix, state)), g = jax.value_and_grad(micro_loss, has_aux=True)(p, rows_j)
       return (g, total, mix), state
-    (g, total, mix), states = accumulation.accumulate(one, rows, k)
+    (g, total, mix), states = accumulation.accumulate(one, rows, k, like=p)
     if mixupe:
       # MixupE's rescaling L ← sg(|L_mix|/|L|)·L on the whole batch's values
       # (the value then equals L_mix; only the gradient changes).
@@ -593,7 +599,8 @@ def _part_gradient(apply_fn, params, model_state, part: _Part, rng, axis_name,
     return ((jax.tree.map(lambda t: jnp.sum(t, 0), g), jnp.sum(loss), jnp.sum(loss_p)),
             accumulation.mean_state(states))
 
-  (g, loss, loss_p), states = accumulation.accumulate(micro, grouped, accumulation_steps)
+  (g, loss, loss_p), states = accumulation.accumulate(micro, grouped, accumulation_steps,
+                                                      like=params)
   return g, accumulation.mean_state(states), loss, loss_p
 
 

@@ -127,10 +127,12 @@ def shared(apply_fn: ApplyFn, params: PyTree, model_state: PyTree,
     return jnp.sum(per_ex) / n, per_ex          # the whole batch's mean, summed over micro-batches
 
   grad, clean = accumulation.accumulate(
-      lambda rows: jax.grad(batch_losses, has_aux=True)(params, rows), (x, y), micro_batches)
+      lambda rows: jax.grad(batch_losses, has_aux=True)(params, rows), (x, y), micro_batches,
+      like=params)
   perturbed_params = sharpness.add(params, sharpness.sam_perturbation(grad, rho))
   _, perturbed = accumulation.accumulate(
-      lambda rows: ((), batch_losses(perturbed_params, rows)[1]), (x, y), micro_batches)
+      lambda rows: ((), batch_losses(perturbed_params, rows)[1]), (x, y), micro_batches,
+      like=perturbed_params)
   return (perturbed - clean).reshape(n)
 
 

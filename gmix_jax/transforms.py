@@ -47,6 +47,7 @@ import jax.numpy as jnp
 import optax
 
 from gmix_jax import sharpness
+from gmix_jax import vma
 
 Schedule = Callable[[jax.Array], jax.Array]
 ScalarOrSchedule = Union[float, jax.Array, Schedule]
@@ -104,20 +105,6 @@ def sharpness_aware(rule: sharpness.SharpnessRule, rho: ScalarOrSchedule, *,
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def _varying_axes(x) -> Optional[frozenset]:
-  """The manual mesh axes ``x`` varies over, or ``None`` where JAX does not say.
-
-  JAX 0.10+ spells it ``typeof(x).manual_axis_type.varying``; earlier
-  releases ``typeof(x).vma``.
-  """
-  aval = jax.typeof(x)
-  mat = getattr(aval, 'manual_axis_type', None)
-  if mat is not None and hasattr(mat, 'varying'):
-    return frozenset(mat.varying)
-  vma = getattr(aval, 'vma', None)
-  return None if vma is None else frozenset(vma)
-
-
 def _check_per_device(params, axis_name: str, name: str) -> None:
   """Raise if ``params`` are replicated over ``axis_name`` under shard_map.
 
@@ -125,10 +112,9 @@ def _check_per_device(params, axis_name: str, name: str) -> None:
   ``check_vma``, where the device index itself is varying); under pmap or
   ``check_vma=False`` nothing is typed and gradients are per device anyway.
   """
-  typed = _varying_axes(jax.lax.axis_index(axis_name))
-  if not typed or axis_name not in typed:
+  if not vma.typed(axis_name):
     return
-  if all(axis_name in (_varying_axes(p) or ()) for p in jax.tree.leaves(params)):
+  if all(axis_name in (vma.varying_axes(p) or ()) for p in jax.tree.leaves(params)):
     return
   raise ValueError(
       f'transforms.{name}(batch_axis_name={axis_name!r}) under shard_map got params that are '

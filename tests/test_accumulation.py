@@ -174,3 +174,32 @@ def test_config_field_is_validated():
   samix_config.accumulation_steps = 2
   with pytest.raises(ValueError, match="accumulation_steps=2 applies to the composed methods"):
     configure.validate_config(samix_config)
+
+
+def test_k2_equals_k1_under_shard_map(x64):
+  """On 8 devices (the scan carry is device-varying there), with global m."""
+  from gmix_jax import parallel
+  method = objectives.get_method('bgmix', toy.C, sharpness={'rho': 0.5, 'm': 'global'})
+  x, y = toy.data(jax.random.PRNGKey(1), 8 * B, jnp.float64)
+  opt = optax.sgd(0.1)
+  mesh = parallel.make_mesh(8, 'batch')
+  out = []
+  for k in (1, 2):
+    objective = objectives.make_objective(method, toy.mlp_apply, axis_name='batch',
+                                          accumulation_steps=k)
+    step = parallel.shard_map_step(parallel.make_per_device_step(objective, opt), mesh)
+    state = parallel.create_train_state(toy.init_mlp(jax.random.PRNGKey(0), jnp.float64), {},
+                                        opt, rng_seed=0)
+    out.append(step(parallel.replicate_on_mesh(state, mesh), {'x': x, 'y': y})[0].params)
+  assert_close(out[1], out[0])
+
+
+def test_fallback_without_vma_typing(x64, monkeypatch):
+  """Where JAX does not expose the varying type, the first micro-batch starts the sums."""
+  from gmix_jax import vma
+  g1, _, _ = run(method_of('sam'), 1)
+  monkeypatch.setattr(vma, 'union', lambda tree: None)
+  params, batch = inputs()
+  objective = objectives.make_objective(method_of('sam'), toy.mlp_apply, accumulation_steps=K)
+  g4, _, _ = jax.jit(objective)(params, {}, batch, jax.random.PRNGKey(2))
+  assert_close(g4, g1)
