@@ -173,12 +173,12 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Setup:
         train_fraction=config.dataset.train_fraction, seed=config.seed)
   steps_per_epoch = data_lib.steps_per_epoch(x_train.shape[0], config.batch_size)
 
-  module = models.get_model(config.model.name, ds.num_classes, **config.model.kwargs)
+  module, apply_fn = configure.build_model(config, ds.num_classes)
   method = configure.build_method(config, ds.num_classes)
   configure.validate_data(config, ds, y_train, module, method)
   return Setup(
       config=config, workdir=workdir, method=method, ds=ds, x_train=x_train, y_train=y_train,
-      module=module, apply_fn=models.make_apply_fn(module),
+      module=module, apply_fn=apply_fn,
       optimizer=configure.build_optimizer(config, steps_per_epoch),
       steps_per_epoch=steps_per_epoch, total_steps=config.num_epochs * steps_per_epoch,
       n_dev=n_dev, relaunch_changes=relaunch_changes,
