@@ -101,6 +101,7 @@ def base() -> ml_collections.ConfigDict:
   c.model.name = 'cnn'                     # see gmix_jax.models.MODELS
   c.model.kwargs = ml_collections.ConfigDict()   # the model's constructor arguments (dropped when model.name changes)
   c.model.dtype = 'float32'                # compute dtype: float32 | bfloat16 | float16 (params stay f32)
+  c.model.param_rounding = placeholder(str)  # bfloat16: 'nearest' (None) | 'dither' (gmix_jax/precision.py)
 
   c.method = method('gmix')
 

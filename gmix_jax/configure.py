@@ -47,7 +47,8 @@ IMAGE_MODELS = ('cnn', 'resnet18', 'preact_resnet18', 'wrn28', 'wrn28_2', 'wrn28
 def model_precision(config: ml_collections.ConfigDict) -> tuple[str, str]:
   """``(model.dtype, model.param_rounding)``; absent fields (older configs)
   read as ('float32', 'nearest'). See gmix_jax/precision.py."""
-  return config.model.get('dtype', 'float32'), config.model.get('param_rounding', 'nearest')
+  # None (a placeholder left unset) reads as the default too.
+  return config.model.get('dtype') or 'float32', config.model.get('param_rounding') or 'nearest'
 
 
 def build_model(config: ml_collections.ConfigDict, num_classes: int):
