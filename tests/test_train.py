@@ -69,14 +69,15 @@ def test_pmap_and_stale_estimator_run(tmp_path):
 
 
 def test_resume_continues_at_the_right_step_and_matches_uninterrupted(tmp_path):
-  def config(epochs):
+  def config(stop_at=None):
     c = tiny_config('gmix', 'digits', tmp_path / 'data')
-    c.optimizer.schedule = 'constant'          # the LR must not depend on num_epochs here
-    c.num_epochs = epochs
+    c.num_epochs = 2
+    c.debug_nan_step = stop_at                 # a NaN batch at step 2 stops the first launch
     return c
-  straight = train.train_and_evaluate(config(2), str(tmp_path / 'straight'))
-  train.train_and_evaluate(config(1), str(tmp_path / 'resumed'))
-  resumed = train.train_and_evaluate(config(2), str(tmp_path / 'resumed'))
+  straight = train.train_and_evaluate(config(), str(tmp_path / 'straight'))
+  with pytest.raises(FloatingPointError):
+    train.train_and_evaluate(config(stop_at=2), str(tmp_path / 'resumed'))
+  resumed = train.train_and_evaluate(config(), str(tmp_path / 'resumed'))
   steps = [r['step'] for r in read_metrics(tmp_path / 'resumed') if r['split'] == 'train']
   assert steps == [1, 2, 3, 4], 'the second launch starts at step 3'
   assert resumed['final_test_loss'] == straight['final_test_loss']

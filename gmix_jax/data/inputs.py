@@ -22,6 +22,7 @@ from gmix_jax.data import normalize as normalize_lib
 from gmix_jax.data import pipeline
 from gmix_jax.data import sources
 from gmix_jax.data import subsets
+from gmix_jax.data import validate
 
 DEFAULTS = {'augment': 'none', 'image_size': None, 'workers': 0}
 
@@ -118,6 +119,8 @@ def open_train_data(config: ml_collections.ConfigDict) -> TrainData:
   dc = config.dataset
   train, test = sources.open_splits(dc.name, os.path.expanduser(dc.data_dir),
                                     download=dc.download)
+  for split in (train, test):                  # before any record is read
+    validate.check_nonempty(dc.name, split.split, len(split))
   ids = np.arange(len(train))
   if dc.examples_per_class or dc.train_fraction:
     ids = subsets.subsample_indices(train.labels(), examples_per_class=dc.examples_per_class,
