@@ -272,3 +272,21 @@ def test_a_spawned_worker_never_initializes_jax_distributed():
     child.join(timeout=30)
     if child.is_alive():
       child.kill()
+
+
+def test_a_workdir_of_an_old_boolean_augment_config_resumes(tmp_path):
+  """config.json written when dataset.augment was a bool: no drift against
+  today's name for the same augmentation, drift against another."""
+  import json
+  from configs import common
+  from gmix_jax import drift, workdir
+  c = common.base()
+  c.dataset.augment = 'cifar'
+  old = json.loads(c.to_json())
+  old['dataset']['augment'] = True
+  (tmp_path / 'checkpoints').mkdir()
+  (tmp_path / 'config.json').write_text(json.dumps(old))
+  assert workdir.check_config(str(tmp_path), c) == {}
+  c.dataset.augment = 'none'
+  with pytest.raises(drift.ConfigDriftError, match=r'dataset.augment: "cifar" -> "none"'):
+    workdir.check_config(str(tmp_path), c)
