@@ -64,6 +64,7 @@ def base() -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict()
   c.model.name = 'cnn'                     # see gmix_jax.models.MODELS
   c.model.kwargs = ml_collections.ConfigDict()   # passed to the model constructor
+  c.model.dtype = 'float32'                # compute dtype: float32 | bfloat16 | float16 (params stay f32)
 
   c.method = method('gmix')
 
@@ -80,6 +81,7 @@ def base() -> ml_collections.ConfigDict:
   c.batch_size = 128                       # global batch; divided over all devices
   c.num_epochs = 10
   c.eval_batch_size = 500
+  c.accumulation_steps = 1                 # K micro-batches per device batch: less memory, same update
   c.parallel = 'shard_map'                 # 'shard_map' (jit + shard_map) | 'pmap'
   c.num_devices = placeholder(int)         # None = all local devices
   c.log_every_steps = 20

@@ -17,10 +17,12 @@ import ml_collections
 import numpy as np
 import optax
 
+from gmix_jax import accumulation
 from gmix_jax import checkpoints
 from gmix_jax import data as data_lib
 from gmix_jax import models
 from gmix_jax import objectives
+from gmix_jax import precision
 from gmix_jax import samix
 
 PARALLEL_MODES = ('shard_map', 'pmap')
@@ -33,9 +35,27 @@ OPTIONAL_FIELDS = {
     'debug_nan_step': None,     # test hook: the batch of this global step is made NaN
     'eval_every_epochs': 1,     # test-set eval + epoch-end checkpoint every k epochs (and at the end)
     'plots': True,              # write curves.png at the end (sweeps turn it off)
+    'accumulation_steps': 1,    # micro-batches per device batch (objectives.make_objective)
 }
 # Models that read their inputs as images [H, W] or [H, W, C].
-IMAGE_MODELS = ('cnn', 'resnet18', 'preact_resnet18', 'wrn28', 'wrn28_2', 'wrn28_10')
+IMAGE_MODELS = ('cnn', 'resnet18', 'preact_resnet18', 'wrn28', 'wrn28_2', 'wrn28_10',
+                'resnet50', 'vit_ti16', 'vit_s16', 'vit_b16', 'vit_b32')
+
+
+def model_precision(config: ml_collections.ConfigDict) -> tuple[str, str]:
+  """``(model.dtype, model.param_rounding)``; absent fields (older configs)
+  read as ('float32', 'nearest'). See gmix_jax/precision.py."""
+  return config.model.get('dtype', 'float32'), config.model.get('param_rounding', 'nearest')
+
+
+def build_model(config: ml_collections.ConfigDict, num_classes: int):
+  """``(module, apply_fn)`` for ``config.model`` (compute dtype, rounding of
+  the float32 parameters into it)."""
+  dtype, rounding = model_precision(config)
+  module = models.get_model(config.model.name, num_classes, dtype=dtype, **config.model.kwargs)
+  apply_fn = precision.make_apply_fn(models.make_apply_fn(module), rounding,
+                                     models.compute_dtype(dtype))
+  return module, apply_fn
 
 
 # ----------------------------------------------------------------------------
@@ -137,6 +157,11 @@ def validate_config(config: ml_collections.ConfigDict) -> objectives.Method:
   one_of('optimizer.name', config.optimizer.name, OPTIMIZERS)
   one_of('optimizer.schedule', config.optimizer.schedule, SCHEDULES)
   one_of('model.name', config.model.name, sorted(models.MODELS))
+  dtype, rounding = model_precision(config)
+  one_of('model.dtype', dtype, list(models.DTYPES))
+  one_of('model.param_rounding', rounding, precision.ROUNDINGS)
+  if rounding == 'dither' and dtype != 'bfloat16':
+    raise ValueError(f"model.param_rounding='dither' needs model.dtype='bfloat16', got {dtype!r}")
   one_of('method.name', config.method.name, sorted([*objectives.PRESETS, *samix.METHODS]))
   one_of('nan_policy', opt(config, 'nan_policy'), NAN_POLICIES)
   data_lib.inputs.check_fields(config)               # name, augment, image_size, workers
@@ -150,7 +175,7 @@ def validate_config(config: ml_collections.ConfigDict) -> objectives.Method:
   if debug_nan is not None and not (isinstance(debug_nan, int) and debug_nan >= 0):
     raise ValueError(f'debug_nan_step must be None or a step >= 0, got {debug_nan!r}')
   try:                                                # the constructor checks its kwargs
-    models.get_model(config.model.name, 10, **config.model.kwargs)
+    models.get_model(config.model.name, 10, dtype=dtype, **config.model.kwargs)
   except TypeError as e:
     raise ValueError(f'model.kwargs {dict(config.model.kwargs)} do not fit '
                      f'model.name={config.model.name!r}: {e}') from e
@@ -169,7 +194,12 @@ def validate_config(config: ml_collections.ConfigDict) -> objectives.Method:
   if config.batch_size % (n_dev * jax.process_count()):
     raise ValueError(f'batch_size={config.batch_size} must be divisible by the number of devices '
                      f'({n_dev * jax.process_count()})')
-  method.check_batch(config.batch_size // (n_dev * jax.process_count()))
+  k_acc = accumulation.check_steps(opt(config, 'accumulation_steps'))
+  if k_acc > 1 and config.method.name in samix.METHODS:
+    raise ValueError(f'accumulation_steps={k_acc} applies to the composed methods '
+                     f'({sorted(objectives.PRESETS)}), not to method.name={config.method.name!r}; '
+                     'use accumulation_steps=1')
+  method.check_batch(config.batch_size // (n_dev * jax.process_count()), k_acc)
   return method
 
 
@@ -225,8 +255,9 @@ def build_step_parts(config, method, module, apply_fn, ds, total_steps, params, 
   if config.method.name not in samix.METHODS:
     # The LR schedule is for sharpness.rho_schedule='lr' (GSAM's ρ_t).
     lr = build_lr_schedule(config, total_steps // config.num_epochs)
-    return objectives.make_objective(method, apply_fn, axis_name='batch', lr_schedule=lr,
-                                     num_steps=total_steps), None, None
+    return objectives.make_objective(
+        method, apply_fn, axis_name='batch', lr_schedule=lr, num_steps=total_steps,
+        accumulation_steps=opt(config, 'accumulation_steps')), None, None
   return samix.build(build_samix(config), config.model.name, module, apply_fn,
                      tuple(ds.input_shape), ds.num_classes, total_steps, params, model_state,
                      jax.random.fold_in(jax.random.PRNGKey(config.seed), 0x5A41),

@@ -172,12 +172,11 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Setup:
   ds = data_lib.open_train_data(config)
   steps_per_epoch = data_lib.steps_per_epoch(ds.num_train, config.batch_size)
 
-  module = models.get_model(config.model.name, ds.num_classes, **config.model.kwargs)
+  module, apply_fn = configure.build_model(config, ds.num_classes)
   method = configure.build_method(config, ds.num_classes)
   configure.validate_data(config, ds, module, method)
   return Setup(
-      config=config, workdir=workdir, method=method, ds=ds, module=module,
-      apply_fn=models.make_apply_fn(module),
+      config=config, workdir=workdir, method=method, ds=ds, module=module, apply_fn=apply_fn,
       optimizer=configure.build_optimizer(config, steps_per_epoch),
       steps_per_epoch=steps_per_epoch, total_steps=config.num_epochs * steps_per_epoch,
       n_dev=n_dev, relaunch_changes=relaunch_changes,

@@ -263,3 +263,34 @@ def test_default_points_are_all_of_the_models():
   x, y = jnp.zeros((B, 3)), jnp.zeros((B, 2))
   seen = {int(policy(jax.random.PRNGKey(i), x, y).layer) for i in range(40)}
   assert seen == {0, 1}
+
+
+@pytest.mark.parametrize('name,kwargs,points', [
+    ('resnet50', dict(stage_sizes=(1, 1), width=4), 3),
+    ('vit_ti16', dict(patch=8, width=16, depth=2, mlp_dim=32, num_heads=2, pool='gap'), 3)])
+def test_every_point_of_the_imagenet_models_mixes(name, kwargs, points):
+  """As above for ResNet-50 and ViT (random weights: ViT's head starts at 0):
+  λ = 0 at point j gives the partner's logits, λ = 1 the unmixed ones."""
+  module = models.get_model(name, 3, **kwargs)
+  shape = (2, 16, 16, 3)
+  variables = jax.eval_shape(lambda x: module.init(jax.random.PRNGKey(0), x),
+                             jax.ShapeDtypeStruct(shape, jnp.float32))
+  rng = np.random.default_rng(0)
+  params = jax.tree.map(lambda v: jnp.asarray(0.2 * rng.normal(size=v.shape), jnp.float32),
+                        variables['params'])
+  state = {k: jax.tree.map(lambda v: jnp.ones(v.shape), v) for k, v in variables.items()
+           if k != 'params'}
+  x = jax.random.normal(jax.random.PRNGKey(0), (B, *shape[1:]))
+  apply_fn = models.make_apply_fn(module)
+  assert apply_fn.mix_points == module.mix_points == points
+  perm = jax.random.permutation(jax.random.PRNGKey(2), B)
+  forward = jax.jit(lambda layer, lam: apply_fn(params, state, x, False,
+                                                mix=mixing.HiddenMix(layer, lam, perm))[0],
+                    compiler_options={'xla_backend_optimization_level': 0})
+  plain = forward(-1, jnp.zeros(B))          # no point is -1: the unmixed forward
+  assert np.std(np.asarray(plain)) > 1e-2
+  for j in range(points):
+    np.testing.assert_allclose(forward(j, jnp.zeros(B)), plain[perm], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(forward(j, jnp.ones(B)), plain, rtol=1e-6, atol=1e-6)
+    lam = jnp.full(B, 0.5)                   # a real mix differs from both
+    assert not np.allclose(forward(j, lam), plain, atol=1e-3)

@@ -11,7 +11,7 @@ from gmix_jax import models
 from gmix_jax.models import (CNN, PreActResNet, ResNet, WideResNet, count_params,
                              get_model, init_model, make_apply_fn)
 
-BN_NAMES = ('resnet18', 'preact_resnet18', 'wrn28', 'wrn28_2', 'wrn28_10')
+BN_NAMES = ('resnet18', 'preact_resnet18', 'wrn28', 'wrn28_2', 'wrn28_10', 'resnet50')
 
 # These tests check semantics, not speed: compile without backend optimisation,
 # which is several times faster to compile on XLA:CPU for these tiny programs.
@@ -37,7 +37,12 @@ def abstract_init(module, input_shape, batch=2):
 
 # --- Registry ----------------------------------------------------------------
 
-@pytest.mark.parametrize('name', sorted(models.MODELS))
+IMAGENET_NAMES = ('resnet50', 'vit_ti16', 'vit_s16', 'vit_b16', 'vit_b32')
+
+
+# The ImageNet models are traced at full size by test_imagenet_parameter_counts
+# and run shrunk by test_tiny_imagenet_models_run_forward_and_backward.
+@pytest.mark.parametrize('name', sorted(set(models.MODELS) - set(IMAGENET_NAMES)))
 @pytest.mark.parametrize('train', [False, True])
 def test_every_name_gives_float32_logits_default_size(name, train):
   # Full-size defaults, shapes only (jax.eval_shape: no compile, no FLOPs).
@@ -61,6 +66,11 @@ TINY = {
     'resnet18': (dict(width=4), (8, 8, 3)),
     'preact_resnet18': (dict(width=4), (8, 8, 3)),
     # WRN runs for real below at depth 10; depth 28 is covered by eval_shape.
+}
+# ImageNet models, shrunk (their forward and backward run in one test below).
+TINY_IMAGENET = {
+    'resnet50': (dict(stage_sizes=(1, 1), width=4), (16, 16, 3)),
+    'vit_ti16': (dict(patch=8, width=16, depth=2, mlp_dim=32, num_heads=2), (16, 16, 3)),
 }
 
 
@@ -253,3 +263,115 @@ def test_wrn_dropout_needs_train_and_rng():
   twin = WideResNet(num_classes=4, depth=10, width=1)
   np.testing.assert_allclose(
       no_rng, jit_apply(twin)(params, state, x, True)[0], rtol=1e-5, atol=1e-6)
+
+
+# --- ImageNet models: published counts, tiny variants, bfloat16 -----------------
+
+def vit_param_count(patch, width, depth, mlp, classes, tokens, cls_token=True):
+  """ViT parameters written out layer by layer (Dosovitskiy et al., Table 1 sizes)."""
+  block = (2 * 2 * width                      # two LayerNorms
+           + 4 * (width * width + width)      # q, k, v, out projections with bias
+           + width * mlp + mlp + mlp * width + width)
+  return (patch * patch * 3 * width + width   # patch embedding
+          + (width if cls_token else 0) + (tokens + cls_token) * width
+          + depth * block + 2 * width + width * classes + classes)
+
+
+@pytest.mark.parametrize('name,kwargs,expected', [
+    ('resnet50', {}, 25_557_032),             # torchvision resnet50
+    ('vit_b16', {}, 86_567_656),              # timm vit_base_patch16_224
+    ('vit_b16', {'pool': 'gap'}, vit_param_count(16, 768, 12, 3072, 1000, 196, False)),
+    ('vit_b32', {}, vit_param_count(32, 768, 12, 3072, 1000, 49)),
+    ('vit_s16', {}, vit_param_count(16, 384, 12, 1536, 1000, 196)),
+    ('vit_ti16', {}, vit_param_count(16, 192, 12, 768, 1000, 196)),
+])
+def test_imagenet_parameter_counts(name, kwargs, expected):
+  variables = abstract_init(get_model(name, 1000, **kwargs), (224, 224, 3), batch=1)
+  assert count_params(variables['params']) == expected
+
+
+def test_vit_closed_form_matches_published_figure():
+  assert vit_param_count(16, 768, 12, 3072, 1000, 196) == 86_567_656
+
+
+def tiny(name, **kwargs):
+  return get_model(name, 3, **{**TINY_IMAGENET[name][0], **kwargs})
+
+
+@pytest.mark.parametrize('name', sorted(TINY_IMAGENET))
+def test_tiny_imagenet_models_run_forward_and_backward(name):
+  module, shape = tiny(name), TINY_IMAGENET[name][1]
+  variables = abstract_init(module, shape)   # random values of the right shapes: no init compile
+  params = jax.tree.map(lambda p: 0.3 * normal(4, p.shape), variables['params'])
+  state = jax.tree.map(lambda p: np.ones(p.shape, p.dtype), variables.get('batch_stats', {}))
+  state = {'batch_stats': state} if state else {}
+  x, y = normal(1, (4, *shape)), jnp.arange(4) % 3
+
+  def loss(p):
+    logits, new_state = make_apply_fn(module)(p, state, x, True)
+    assert logits.shape == (4, 3) and logits.dtype == jnp.float32
+    assert jax.tree.structure(new_state) == jax.tree.structure(state)
+    return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), y[:, None], 1))
+
+  grads = jit(jax.grad(loss))(params)
+  leaves = jax.tree.leaves(grads)
+  assert all(np.all(np.isfinite(g)) for g in leaves)
+  assert all(float(np.abs(g).sum()) > 0 for g in leaves)
+
+
+def test_resnet50_zero_init_residual_zeroes_each_blocks_last_bn_scale():
+  params, _ = init_model(get_model('resnet50', 3, stage_sizes=(1, 1), width=2,
+                                   zero_init_residual=True), jax.random.key(0), (8, 8, 3))
+  blocks = [b for b in params if b.startswith('stage')]
+  assert len(blocks) == 2
+  for b in blocks:    # the last BN's scale is 0, the other BNs' scales are 1
+    assert np.all(params[b]['BatchNorm_2']['scale'] == 0)
+    assert np.all(params[b]['BatchNorm_1']['scale'] == 1)
+
+
+def intermediates_dtypes(module, params, state, x, train):
+  """{path: dtype} of every submodule's output (abstract trace, nothing runs)."""
+  def run(params, state, x):
+    return module.apply({'params': params, **state}, x, train=train,
+                        capture_intermediates=True, mutable=['intermediates', *state])[1]
+  inter = jax.eval_shape(run, params, state, x)['intermediates']
+  return {jax.tree_util.keystr(k): v.dtype
+          for k, v in jax.tree_util.tree_flatten_with_path(inter)[0]}
+
+
+@pytest.mark.parametrize('name', ['resnet50', 'vit_ti16', 'cnn', 'mlp', 'resnet18',
+                                  'preact_resnet18', 'wrn28'])
+def test_bfloat16_lowers_activations_only(name):
+  kwargs, shape = {**TINY, **TINY_IMAGENET}.get(name, (dict(depth=10, width=1), (8, 8, 3)))
+  module = get_model(name, 3, dtype='bfloat16', **kwargs)
+  variables = abstract_init(module, shape)   # abstract: dtypes without compiling
+  params = variables['params']
+  state = {k: v for k, v in variables.items() if k != 'params'}
+  assert {p.dtype for p in jax.tree.leaves(variables)} == {jnp.dtype('float32')}
+  dtypes = intermediates_dtypes(module, params, state,
+                                jax.ShapeDtypeStruct((2, *shape), jnp.float32), True)
+  logits = [k for k in dtypes if k.startswith("['__call__']")]
+  layers = [k for k in dtypes if k not in logits]
+  assert len(logits) == 1 and len(layers) >= 2
+  assert all(dtypes[k] == jnp.bfloat16 for k in layers), dtypes   # every layer's output
+  assert dtypes[logits[0]] == jnp.float32                         # logits, cast at the head
+
+
+def test_bfloat16_batchnorm_keeps_float32_statistics():
+  module = get_model('resnet50', 3, dtype='bfloat16', stage_sizes=(1,), width=4)
+  variables = abstract_init(module, (16, 16, 3))
+  params = jax.tree.map(lambda p: 0.3 * normal(4, p.shape), variables['params'])
+  state = jax.tree.map(lambda p: np.ones(p.shape, p.dtype), {'batch_stats': variables['batch_stats']})
+  x = normal(1, (4, 16, 16, 3)) * 3 + 1
+  _, new_state = jit_apply(module)(params, state, x, True)
+  ref_module = get_model('resnet50', 3, stage_sizes=(1,), width=4)
+  _, ref_state = jit_apply(ref_module)(params, state, x, True)
+  for new, ref in zip(jax.tree.leaves(new_state), jax.tree.leaves(ref_state)):
+    assert new.dtype == jnp.float32
+    # Statistics from bf16 activations, accumulated in f32: close to the f32 model's.
+    np.testing.assert_allclose(new, ref, rtol=0.05, atol=0.05)
+
+
+def test_bad_model_dtype_is_named():
+  with pytest.raises(ValueError, match='model.dtype must be one of float32, bfloat16, float16'):
+    get_model('cnn', 3, dtype='bf16')

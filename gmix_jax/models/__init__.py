@@ -27,12 +27,14 @@ import numpy as np
 from gmix_jax.models.cnn import CNN
 from gmix_jax.models.mlp import MLP
 from gmix_jax.models.resnet import PreActResNet, PreActResNet18, ResNet, ResNet18
+from gmix_jax.models.resnet50 import ResNet50
+from gmix_jax.models.vit import ViT, vit
 from gmix_jax.models.wrn import WideResNet
 
 __all__ = [
-    'CNN', 'MLP', 'MODELS', 'PreActResNet', 'PreActResNet18', 'ResNet',
-    'ResNet18', 'WideResNet', 'count_params', 'get_model', 'init_model',
-    'make_apply_fn',
+    'CNN', 'DTYPES', 'MLP', 'MODELS', 'PreActResNet', 'PreActResNet18', 'ResNet',
+    'ResNet18', 'ResNet50', 'ViT', 'WideResNet', 'count_params', 'get_model',
+    'init_model', 'make_apply_fn',
 ]
 
 # name -> constructor(num_classes=..., **kwargs) returning a linen Module.
@@ -44,15 +46,33 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     'wrn28': functools.partial(WideResNet, depth=28),  # kwarg `width`, default 10
     'wrn28_2': functools.partial(WideResNet, depth=28, width=2),
     'wrn28_10': functools.partial(WideResNet, depth=28, width=10),
+    # ImageNet models (224 px); every kwarg of the class can be overridden.
+    'resnet50': ResNet50,
+    'vit_ti16': functools.partial(vit, 'vit_ti16'),
+    'vit_s16': functools.partial(vit, 'vit_s16'),
+    'vit_b16': functools.partial(vit, 'vit_b16'),
+    'vit_b32': functools.partial(vit, 'vit_b32'),
 }
 
+# Config field `model.dtype` -> the compute dtype every model takes as `dtype`.
+# Parameters stay float32 (`param_dtype`); see gmix_jax/precision.py.
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
 
-def get_model(name: str, num_classes: int, **kwargs) -> nn.Module:
-  """Builds the registered model `name` (config field `model.name`)."""
+
+def get_model(name: str, num_classes: int, dtype: str = 'float32', **kwargs) -> nn.Module:
+  """Builds the registered model `name` (config fields `model.name`,
+  `model.dtype`: one of DTYPES' names, the compute dtype)."""
   if name not in MODELS:
     raise ValueError(
         f'Unknown model.name {name!r}; valid names: {", ".join(sorted(MODELS))}.')
-  return MODELS[name](num_classes=num_classes, **kwargs)
+  return MODELS[name](num_classes=num_classes, dtype=compute_dtype(dtype), **kwargs)
+
+
+def compute_dtype(name: str):
+  """The jnp dtype of config field `model.dtype` (a clear error otherwise)."""
+  if name not in DTYPES:
+    raise ValueError(f'model.dtype must be one of {", ".join(DTYPES)}; got {name!r}.')
+  return DTYPES[name]
 
 
 def init_model(module: nn.Module, rng: jax.Array,

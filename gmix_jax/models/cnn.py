@@ -51,14 +51,16 @@ class CNN(nn.Module):
     norm: 'none' or 'batch'.
     bn_momentum: running-average decay (Flax convention; 0.9 corresponds to
       PyTorch's momentum=0.1).
-    dtype: compute dtype; parameters are float32 and logits are cast to
-      float32.
+    dtype: compute dtype; logits are cast to float32.
+    param_dtype: parameter dtype (keep float32: the optimizer and SAM's ε
+      live there).
   """
   num_classes: int
   width: int = 32
   norm: str = 'none'
   bn_momentum: float = 0.9
   dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
 
   @property
   def mix_points(self) -> int:
@@ -72,10 +74,12 @@ class CNN(nn.Module):
     use_bn = self.norm == 'batch'
     # A conv followed by BatchNorm needs no bias: BN's shift replaces it.
     conv = functools.partial(nn.Conv, kernel_size=(3, 3), strides=(2, 2),
-                             use_bias=not use_bn, dtype=self.dtype)
+                             use_bias=not use_bn, dtype=self.dtype,
+                             param_dtype=self.param_dtype)
     norm = functools.partial(
         nn.BatchNorm, use_running_average=not train,
-        momentum=self.bn_momentum, epsilon=1e-5, dtype=self.dtype)
+        momentum=self.bn_momentum, epsilon=1e-5, dtype=self.dtype,
+        param_dtype=self.param_dtype)
 
     mix = mix or (lambda j, h: h)
     x = mix(0, as_image_batch(x, self.dtype))
@@ -85,5 +89,5 @@ class CNN(nn.Module):
         x = norm(name=f'bn{i}')(x)
       x = mix(i + 1, nn.relu(x))
     x = jnp.mean(x, axis=(1, 2))
-    x = nn.Dense(self.num_classes, dtype=self.dtype, name='head')(x)
+    x = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype, name='head')(x)
     return x.astype(jnp.float32)

@@ -1,5 +1,6 @@
 """Multi-layer perceptron."""
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -20,12 +21,14 @@ class MLP(nn.Module):
   Attributes:
     num_classes: number of output logits.
     hidden_sizes: widths of the hidden layers.
-    dtype: compute dtype; parameters are float32 and logits are cast to
-      float32.
+    dtype: compute dtype; logits are cast to float32.
+    param_dtype: parameter dtype (keep float32: the optimizer and SAM's ε
+      live there).
   """
   num_classes: int
   hidden_sizes: Sequence[int] = (256, 256)
   dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
 
   @property
   def mix_points(self) -> int:
@@ -37,7 +40,8 @@ class MLP(nn.Module):
     del train  # No train-time behaviour.
     mix = mix or (lambda j, h: h)
     x = mix(0, jnp.asarray(x, self.dtype).reshape(x.shape[0], -1))
+    dense = functools.partial(nn.Dense, dtype=self.dtype, param_dtype=self.param_dtype)
     for i, h in enumerate(self.hidden_sizes):
-      x = mix(i + 1, nn.relu(nn.Dense(h, dtype=self.dtype, name=f'dense{i}')(x)))
-    x = nn.Dense(self.num_classes, dtype=self.dtype, name='head')(x)
+      x = mix(i + 1, nn.relu(dense(h, name=f'dense{i}')(x)))
+    x = dense(self.num_classes, name='head')(x)
     return x.astype(jnp.float32)

@@ -81,14 +81,16 @@ class ResNet(nn.Module):
     width: channels of the stem and of the first stage.
     bn_momentum: running-average decay (Flax convention; 0.9 corresponds to
       PyTorch's momentum=0.1).
-    dtype: compute dtype; parameters are float32 and logits are cast to
-      float32.
+    dtype: compute dtype; logits are cast to float32.
+    param_dtype: parameter dtype (keep float32: the optimizer and SAM's ε
+      live there).
   """
   num_classes: int
   stage_sizes: Sequence[int] = (2, 2, 2, 2)
   width: int = 64
   bn_momentum: float = 0.9
   dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
 
   @property
   def mix_points(self) -> int:
@@ -99,10 +101,10 @@ class ResNet(nn.Module):
   def __call__(self, x, train: bool = False, mix=None):
     mix = mix or (lambda j, h: h)
     conv = functools.partial(nn.Conv, use_bias=False, padding='SAME',
-                             kernel_init=conv_init, dtype=self.dtype)
+                             kernel_init=conv_init, dtype=self.dtype, param_dtype=self.param_dtype)
     norm = functools.partial(nn.BatchNorm, use_running_average=not train,
                              momentum=self.bn_momentum, epsilon=1e-5,
-                             dtype=self.dtype)
+                             dtype=self.dtype, param_dtype=self.param_dtype)
     x = mix(0, as_image_batch(x, self.dtype))
     x = conv(self.width, (3, 3), name='stem_conv')(x)
     x = nn.relu(norm(name='stem_bn')(x))
@@ -113,7 +115,7 @@ class ResNet(nn.Module):
                        name=f'stage{i + 1}_block{j + 1}')(x)
       x = mix(i + 1, x)
     x = jnp.mean(x, axis=(1, 2))
-    x = nn.Dense(self.num_classes, dtype=self.dtype, name='head')(x)
+    x = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype, name='head')(x)
     return x.astype(jnp.float32)
 
 
@@ -135,14 +137,16 @@ class PreActResNet(nn.Module):
     width: channels of the stem and of the first stage.
     bn_momentum: running-average decay (Flax convention; 0.9 corresponds to
       PyTorch's momentum=0.1).
-    dtype: compute dtype; parameters are float32 and logits are cast to
-      float32.
+    dtype: compute dtype; logits are cast to float32.
+    param_dtype: parameter dtype (keep float32: the optimizer and SAM's ε
+      live there).
   """
   num_classes: int
   stage_sizes: Sequence[int] = (2, 2, 2, 2)
   width: int = 64
   bn_momentum: float = 0.9
   dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
 
   @property
   def mix_points(self) -> int:
@@ -153,10 +157,10 @@ class PreActResNet(nn.Module):
   def __call__(self, x, train: bool = False, mix=None):
     mix = mix or (lambda j, h: h)
     conv = functools.partial(nn.Conv, use_bias=False, padding='SAME',
-                             kernel_init=conv_init, dtype=self.dtype)
+                             kernel_init=conv_init, dtype=self.dtype, param_dtype=self.param_dtype)
     norm = functools.partial(nn.BatchNorm, use_running_average=not train,
                              momentum=self.bn_momentum, epsilon=1e-5,
-                             dtype=self.dtype)
+                             dtype=self.dtype, param_dtype=self.param_dtype)
     x = mix(0, as_image_batch(x, self.dtype))
     x = conv(self.width, (3, 3), name='stem_conv')(x)
     for i, n_blocks in enumerate(self.stage_sizes):
@@ -167,7 +171,7 @@ class PreActResNet(nn.Module):
       x = mix(i + 1, x)
     x = nn.relu(norm(name='final_bn')(x))
     x = jnp.mean(x, axis=(1, 2))
-    x = nn.Dense(self.num_classes, dtype=self.dtype, name='head')(x)
+    x = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype, name='head')(x)
     return x.astype(jnp.float32)
 
 

@@ -60,8 +60,9 @@ class WideResNet(nn.Module):
     dropout_rate: dropout probability inside each block.
     bn_momentum: running-average decay (Flax convention; 0.9 corresponds to
       PyTorch's momentum=0.1).
-    dtype: compute dtype; parameters are float32 and logits are cast to
-      float32.
+    dtype: compute dtype; logits are cast to float32.
+    param_dtype: parameter dtype (keep float32: the optimizer and SAM's ε
+      live there).
   """
   num_classes: int
   depth: int = 28
@@ -69,6 +70,7 @@ class WideResNet(nn.Module):
   dropout_rate: float = 0.0
   bn_momentum: float = 0.9
   dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
 
   @property
   def mix_points(self) -> int:
@@ -83,10 +85,10 @@ class WideResNet(nn.Module):
       raise ValueError(f'WRN depth - 4 must be divisible by 6; got {self.depth}.')
     n_blocks = (self.depth - 4) // 6
     conv = functools.partial(nn.Conv, use_bias=False, padding='SAME',
-                             kernel_init=conv_init, dtype=self.dtype)
+                             kernel_init=conv_init, dtype=self.dtype, param_dtype=self.param_dtype)
     norm = functools.partial(nn.BatchNorm, use_running_average=not train,
                              momentum=self.bn_momentum, epsilon=1e-5,
-                             dtype=self.dtype)
+                             dtype=self.dtype, param_dtype=self.param_dtype)
     x = mix(0, as_image_batch(x, self.dtype))
     x = conv(16, (3, 3), name='stem_conv')(x)
     for i in range(3):
@@ -97,5 +99,5 @@ class WideResNet(nn.Module):
       x = mix(i + 1, x)
     x = nn.relu(norm(name='final_bn')(x))
     x = jnp.mean(x, axis=(1, 2))
-    x = nn.Dense(self.num_classes, dtype=self.dtype, name='head')(x)
+    x = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype, name='head')(x)
     return x.astype(jnp.float32)
