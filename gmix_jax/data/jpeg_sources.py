@@ -34,6 +34,7 @@ uint8 arrays, which `image_ops` takes as well.
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import os
@@ -236,7 +237,11 @@ class EncodedTfdsSource:
     return self._record(self._source[index])
 
   def __getitems__(self, indices: Sequence[int]) -> list[dict[str, Any]]:
-    return [self[i] for i in indices]
+    # One batched array_record read when the source has it.
+    get_many = getattr(self._source, '__getitems__', None)
+    rows = (get_many(list(indices)) if get_many is not None
+            else [self._source[i] for i in indices])
+    return [self._record(ex) for ex in rows]
 
   @property
   def dataset_info(self):
@@ -283,3 +288,35 @@ def open_jpeg_split(name: str, split: str, data_dir: str):
     return open_encoded_tfds(name, split, data_dir)
   raise ValueError(f'dataset.name {name!r} is not a JPEG dataset; JPEG '
                    f'datasets: {", ".join(JPEG_DATASETS)}.')
+
+
+# ----------------------------------------------------------------------------
+# The pipeline's view: `gmix_jax.data.sources.Split` for each name
+# ----------------------------------------------------------------------------
+
+# Inception/torchvision ImageNet constants, in [0, 1] units.
+IMAGENET_MEAN_STD = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+
+
+def _meta_dir(source) -> str | None:
+  info = getattr(source, 'dataset_info', None)
+  path = getattr(info, 'data_dir', None) if info is not None else None
+  return os.fspath(path) if path and os.path.isdir(os.fspath(path)) else None
+
+
+def _split(name: str, split: str, data_dir: str, download: bool = False):
+  """A `sources.Split`; ``download`` is ignored (mnist_jpeg is prepared
+  offline, ImageNet cannot be downloaded)."""
+  from gmix_jax.data import sources  # pylint: disable=g-import-not-at-top
+  del download
+  records, num_classes = open_jpeg_split(name, split, data_dir)
+  if name == 'mnist_jpeg':
+    meta_dir, fixed = mnist_jpeg_dir(data_dir), None
+  else:
+    meta_dir, fixed = _meta_dir(records), IMAGENET_MEAN_STD
+  return sources.Split(name, split, records, num_classes, pixel_max=255,
+                       meta_dir=meta_dir, fixed_stats=fixed, channels=3)
+
+
+# Read by `gmix_jax.data.sources`: name -> (split, data_dir, download) -> Split.
+SPLITS = {name: functools.partial(_split, name) for name in JPEG_DATASETS}
