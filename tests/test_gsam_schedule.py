@@ -7,7 +7,7 @@ import optax
 import pytest
 
 import toy_models as toy
-from gmix_jax import objectives, parallel, sharpness, train, transforms
+from gmix_jax import configure, objectives, parallel, sharpness, transforms
 from gmix_jax.sharpness import SharpnessRule
 
 STEPS = 100
@@ -94,7 +94,7 @@ def test_config_knobs_and_bad_values():
   config = mnist_subset.get_config('gsam')
   config.method.sharpness.rho_schedule = 'lr'
   config.method.sharpness.rho_min = 0.01
-  rule = train.build_method(config, 10).sharpness
+  rule = configure.build_method(config, 10).sharpness
   assert (rule.name, rule.rho_schedule, rule.rho_min) == ('gsam', 'lr', 0.01)
   with pytest.raises(ValueError, match=r"sharpness.rho_schedule must be one of \('constant', 'lr'\)"):
     SharpnessRule('gsam', rho_schedule='cosine')

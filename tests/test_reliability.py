@@ -21,6 +21,7 @@ import pytest
 
 import reliability_config
 from gmix_jax import train
+from gmix_jax import workdir as workdir_lib
 from test_train import read_metrics, tiny_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -126,7 +127,7 @@ def test_truncate_metrics_drops_records_after_the_checkpoint(tmp_path):
   path = tmp_path / 'metrics.jsonl'
   lines = [json.dumps({'split': 'train', 'step': s}) for s in (1, 2, 3, 4)]
   path.write_text('\n'.join(lines) + '\n{"split": "tr')          # cut short by a kill
-  kept = train.truncate_metrics(str(path), 2)
+  kept = workdir_lib.truncate_metrics(str(path), 2)
   assert [r['step'] for r in kept] == [1, 2]
   assert path.read_text() == '\n'.join(lines[:2]) + '\n'
 

@@ -13,7 +13,7 @@ import optax
 import pytest
 
 from configs import digits
-from gmix_jax import models, parallel, samix, sharpness, train
+from gmix_jax import configure, models, parallel, samix, sharpness, train
 from test_reliability import assert_same_state, finalized_steps
 from test_train import read_metrics
 
@@ -378,6 +378,6 @@ def test_every_config_file_builds_samix_and_samix_p(name):
   module = importlib.import_module(f'configs.{name}')
   config = module.get_config('samix')
   assert config.method.name == 'samix'
-  train.validate_config(config)
+  configure.validate_config(config)
   with pytest.raises(ValueError, match='source_workdir must be set for samix_p'):
-    train.validate_config(module.get_config('samix_p'))
+    configure.validate_config(module.get_config('samix_p'))

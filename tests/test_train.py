@@ -7,7 +7,8 @@ import pytest
 
 from configs import common
 from gmix_jax import data as data_lib
-from gmix_jax import train
+from gmix_jax import configure, train
+from gmix_jax import workdir as workdir_lib
 
 METHODS = ['erm', 'mixup', 'sam', 'gmix', 'bgmix', 'dgmix']
 
@@ -97,11 +98,11 @@ def test_knob_added_at_its_none_default_still_resumes(tmp_path):
   old = json.loads(path.read_text())
   del old['method']['mixing']['tau']          # as if written before `tau` was added
   path.write_text(json.dumps(old))
-  train._check_workdir_config(str(tmp_path / 'wd'), tiny_config('erm', 'digits', tmp_path / 'data'))
+  workdir_lib.check_config(str(tmp_path / 'wd'), tiny_config('erm', 'digits', tmp_path / 'data'))
   old['method']['mixing']['tau'] = 2.0        # a real change is still refused
   path.write_text(json.dumps(old))
   with pytest.raises(ValueError, match='different config .*method'):
-    train._check_workdir_config(str(tmp_path / 'wd'), tiny_config('erm', 'digits', tmp_path / 'data'))
+    workdir_lib.check_config(str(tmp_path / 'wd'), tiny_config('erm', 'digits', tmp_path / 'data'))
 
 
 @pytest.mark.parametrize('field,value,message', [

@@ -1,0 +1,237 @@
+"""Config -> library objects, and every check that needs no compilation.
+
+``validate_config`` catches what a user can get wrong in the config alone
+(names, ranges, divisibility) before any data is read; ``validate_data``
+what needs the data (labels, shapes), before the model is initialised or a
+step compiled. The ``build_*`` functions turn config sections into the
+core's objects (``objectives.Method``, an optax chain, a schedule); they are
+pure, so a test or a notebook can call them without a trainer.
+"""
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from gmix_jax import checkpoints
+from gmix_jax import data as data_lib
+from gmix_jax import models
+from gmix_jax import objectives
+from gmix_jax import samix
+
+PARALLEL_MODES = ('shard_map', 'pmap')
+OPTIMIZERS = ('sgd', 'adam', 'adamw')
+SCHEDULES = ('cosine', 'constant')
+NAN_POLICIES = ('stop', 'skip')
+# Fields newer than some config files (configs/common.py): read with these defaults.
+OPTIONAL_FIELDS = {
+    'nan_policy': 'stop',       # 'stop' | 'skip' on a non-finite loss or gradient norm
+    'debug_nan_step': None,     # test hook: the batch of this global step is made NaN
+    'eval_every_epochs': 1,     # test-set eval + epoch-end checkpoint every k epochs (and at the end)
+    'plots': True,              # write curves.png at the end (sweeps turn it off)
+}
+# Models that read their inputs as images [H, W] or [H, W, C].
+IMAGE_MODELS = ('cnn', 'resnet18', 'preact_resnet18', 'wrn28', 'wrn28_2', 'wrn28_10')
+
+
+# ----------------------------------------------------------------------------
+# Config -> library objects (pure, checked before anything compiles).
+# ----------------------------------------------------------------------------
+def _set_fields(section: ml_collections.ConfigDict, rename=None) -> dict:
+  """The knobs a config sets explicitly (None = keep the preset's default)."""
+  rename = rename or {}
+  return {rename.get(k, k): v for k, v in section.items() if v is not None}
+
+
+def build_method(config: ml_collections.ConfigDict, num_classes: int) -> objectives.Method:
+  """``config.method`` -> ``objectives.Method`` (preset + explicit overrides).
+
+  A method with its own step (``samix.METHODS``) brings its own mixing; only
+  a sharpness rule composes with it (its other knobs: ``build_samix``).
+  """
+  mc = config.method
+  sharp = _set_fields(mc.sharpness, rename={'rule': 'name'})
+  if 'm' in sharp and isinstance(sharp['m'], str) and sharp['m'].isdigit():
+    sharp['m'] = int(sharp['m'])
+  if mc.name in samix.METHODS:
+    for section in ('mixing', 'partition', 'sensitivity'):
+      if _set_fields(mc[section]):
+        raise ValueError(f'method.{section} {_set_fields(mc[section])} cannot be combined with '
+                         f'method.name={mc.name!r}: it mixes with its own mixblock (knobs: '
+                         'method.samix.*); only method.sharpness composes with it')
+    if isinstance(sharp.get('m'), int):
+      raise ValueError(f"sharpness.m={sharp['m']} (groups) is not defined for method.name="
+                       f"{mc.name!r}; use 'device' or 'global'")
+    if sharp.get('rho_schedule', 'constant') != 'constant':
+      raise ValueError(f"sharpness.rho_schedule={sharp['rho_schedule']!r} is not implemented for "
+                       f"method.name={mc.name!r}; use 'constant'")
+    return objectives.get_method('erm', num_classes, sharpness=sharp)
+  return objectives.get_method(
+      mc.name, num_classes,
+      mixing=_set_fields(mc.mixing), sharpness=sharp,
+      partition=_set_fields(mc.partition), sensitivity=_set_fields(mc.sensitivity))
+
+
+def build_samix(config: ml_collections.ConfigDict) -> samix.SAMixConfig:
+  """``config.method.samix`` (absent: defaults) -> ``samix.SAMixConfig``."""
+  section = config.method.get('samix')
+  return samix.get_config(config.method.name, **(_set_fields(section) if section else {}))
+
+
+def build_lr_schedule(config: ml_collections.ConfigDict, steps_per_epoch: int):
+  """The learning rate: an optax schedule ``step -> lr``, or a float."""
+  oc = config.optimizer
+  total = config.num_epochs * steps_per_epoch
+  warmup = int(oc.warmup_epochs * steps_per_epoch)
+  if oc.schedule == 'cosine':
+    return optax.warmup_cosine_decay_schedule(0.0 if warmup else oc.learning_rate, oc.learning_rate,
+                                              max(warmup, 1) if warmup else 1, max(total, warmup + 1))
+  return optax.linear_schedule(0.0, oc.learning_rate, warmup) if warmup else oc.learning_rate
+
+
+def build_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int) -> optax.GradientTransformation:
+  """One optax chain from the config (big_vision style)."""
+  oc = config.optimizer
+  lr = build_lr_schedule(config, steps_per_epoch)
+  chain = []
+  if oc.grad_clip:
+    chain.append(optax.clip_by_global_norm(oc.grad_clip))
+  if oc.name == 'sgd':
+    if oc.weight_decay:
+      chain.append(optax.add_decayed_weights(oc.weight_decay))
+    chain.append(optax.sgd(lr, momentum=oc.momentum or None, nesterov=oc.nesterov))
+  elif oc.name == 'adam':
+    if oc.weight_decay:
+      chain.append(optax.add_decayed_weights(oc.weight_decay))
+    chain.append(optax.adam(lr))
+  else:
+    chain.append(optax.adamw(lr, weight_decay=oc.weight_decay))
+  return optax.chain(*chain)
+
+
+def opt(config: ml_collections.ConfigDict, field: str):
+  """An optional config field (see ``OPTIONAL_FIELDS``)."""
+  return config.get(field, OPTIONAL_FIELDS[field])
+
+
+def num_devices(config: ml_collections.ConfigDict) -> int:
+  """Devices used on each process."""
+  return config.num_devices or jax.local_device_count()
+
+
+def validate_config(config: ml_collections.ConfigDict) -> objectives.Method:
+  """Every error a user can make in the config, before any data or compile.
+
+  Call after ``parallel.maybe_initialize_distributed`` (the device and
+  process counts enter the batch checks). Returns the method (built for 10
+  classes: the knobs' checks do not depend on the class count).
+  """
+  def one_of(field, value, allowed):
+    if value not in allowed:
+      raise ValueError(f'{field} must be one of {list(allowed)}, got {value!r}')
+  one_of('parallel', config.parallel, PARALLEL_MODES)
+  one_of('optimizer.name', config.optimizer.name, OPTIMIZERS)
+  one_of('optimizer.schedule', config.optimizer.schedule, SCHEDULES)
+  one_of('model.name', config.model.name, sorted(models.MODELS))
+  one_of('method.name', config.method.name, sorted([*objectives.PRESETS, *samix.METHODS]))
+  one_of('nan_policy', opt(config, 'nan_policy'), NAN_POLICIES)
+  name = config.dataset.name
+  if not (name in data_lib.DATASET_NAMES or name.startswith('npz:')):
+    one_of('dataset.name', name, data_lib.DATASET_NAMES)
+  for field in ('batch_size', 'num_epochs', 'eval_batch_size', 'log_every_steps',
+                'checkpoint_every_steps', 'keep_checkpoints'):
+    if not config[field] >= 1:
+      raise ValueError(f'{field} must be >= 1, got {config[field]}')
+  if not (isinstance(opt(config, 'eval_every_epochs'), int) and opt(config, 'eval_every_epochs') >= 1):
+    raise ValueError(f"eval_every_epochs must be an int >= 1, got {opt(config, 'eval_every_epochs')!r}")
+  debug_nan = opt(config, 'debug_nan_step')
+  if debug_nan is not None and not (isinstance(debug_nan, int) and debug_nan >= 0):
+    raise ValueError(f'debug_nan_step must be None or a step >= 0, got {debug_nan!r}')
+  try:                                                # the constructor checks its kwargs
+    models.get_model(config.model.name, 10, **config.model.kwargs)
+  except TypeError as e:
+    raise ValueError(f'model.kwargs {dict(config.model.kwargs)} do not fit '
+                     f'model.name={config.model.name!r}: {e}') from e
+  method = build_method(config, num_classes=10)       # raises on any bad method knob
+  if config.method.name in samix.METHODS:
+    samix_cfg = build_samix(config)
+    samix.feature_layer(samix_cfg, config.model.name)  # an encoder with a spatial map
+    if samix_cfg.pretrained:                           # the source run, file-level
+      samix.check_source(samix_cfg, json.loads(config.to_json()))
+  local = jax.local_device_count()
+  n_dev = num_devices(config)
+  if not 1 <= n_dev <= local:
+    raise ValueError(f'num_devices must be in [1, {local}] (the local devices), got {n_dev}')
+  if config.parallel == 'pmap' and jax.process_count() > 1:
+    raise ValueError("parallel='pmap' runs on one process only; use 'shard_map' on several hosts")
+  if config.batch_size % (n_dev * jax.process_count()):
+    raise ValueError(f'batch_size={config.batch_size} must be divisible by the number of devices '
+                     f'({n_dev * jax.process_count()})')
+  method.check_batch(config.batch_size // (n_dev * jax.process_count()))
+  return method
+
+
+def validate_data(config: ml_collections.ConfigDict, ds: data_lib.Dataset,
+                  y_train: np.ndarray, module, method: objectives.Method) -> None:
+  """What needs the data: labels in [0, C) and features the model can take.
+
+  Runs after loading, before the model is initialised or the step compiled.
+  The model check traces ``module.init`` abstractly (``jax.eval_shape``:
+  nothing is compiled or allocated).
+  """
+  c = ds.num_classes
+  for split, y in (('train', y_train), ('test', ds.y_test)):
+    y = np.asarray(y)
+    if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
+      raise ValueError(f'dataset {ds.name!r}: y_{split} must be 1-D integer labels, got '
+                       f'{y.dtype} {y.shape}')
+    if y.size and (y.min() < 0 or y.max() >= c):
+      raise ValueError(f'dataset {ds.name!r}: {split} labels must lie in [0, {c}) '
+                       f'(num_classes={c}), got range [{y.min()}, {y.max()}]')
+  shape = tuple(ds.input_shape)
+  if config.model.name in IMAGE_MODELS and len(shape) not in (2, 3):
+    raise ValueError(f'model.name={config.model.name!r} takes images [H, W] or [H, W, C], but '
+                     f'dataset {ds.name!r} has examples of shape {shape}; use model.name=\'mlp\' '
+                     'for feature vectors')
+  if method.mixing.policy == 'cutmix' and len(shape) not in (2, 3):
+    raise ValueError(f"mixing.policy='cutmix' needs images [H, W(, C)], but dataset {ds.name!r} "
+                     f'has examples of shape {shape}')
+  try:
+    jax.eval_shape(lambda x: module.init(jax.random.PRNGKey(0), x, train=False),
+                   jax.ShapeDtypeStruct((1, *shape), jnp.float32))
+  except Exception as e:  # any trace-time shape error of the model
+    raise ValueError(f'model.name={config.model.name!r} (kwargs {dict(config.model.kwargs)}) '
+                     f'cannot take examples of shape {shape} from dataset {ds.name!r}: {e}') from e
+  if config.method.name in samix.METHODS:     # the mixblock's feature map exists and is spatial
+    samix.feature_shape(module, samix.feature_layer(build_samix(config), config.model.name), shape)
+
+
+def augmented(objective, augment: bool):
+  """Wrap the objective so random crop + flip happen on device, in the step."""
+  if not augment:
+    return objective
+  def wrapped(params, model_state, batch, rng, *extra):
+    x = data_lib.random_crop_flip(jax.random.fold_in(rng, 0x5EED), batch['x'])
+    return objective(params, model_state, {**batch, 'x': x}, rng, *extra)
+  return wrapped
+
+
+def build_step_parts(config, method, module, apply_fn, ds, total_steps, params, model_state):
+  """``(objective, extra, extra_update)`` for ``parallel.make_per_device_step``.
+
+  A composed method (``objectives``) has no extra state; a method that owns
+  its step's extra state (``samix.METHODS``) builds all three.
+  """
+  if config.method.name not in samix.METHODS:
+    # The LR schedule is for sharpness.rho_schedule='lr' (GSAM's ρ_t).
+    lr = build_lr_schedule(config, total_steps // config.num_epochs)
+    return objectives.make_objective(method, apply_fn, axis_name='batch', lr_schedule=lr,
+                                     num_steps=total_steps), None, None
+  return samix.build(build_samix(config), config.model.name, module, apply_fn,
+                     tuple(ds.input_shape), ds.num_classes, total_steps, params, model_state,
+                     jax.random.fold_in(jax.random.PRNGKey(config.seed), 0x5A41),
+                     rule=method.sharpness, restore=checkpoints.restore_state)
