@@ -211,6 +211,7 @@ def main(argv=None) -> None:
     entry['pipeline'].append(row)
     print(row, flush=True)
 
+  entry['machine']['load_avg_at_end'] = [round(x, 2) for x in os.getloadavg()]
   results = {}
   if os.path.exists(args.out):
     with open(args.out) as f:
