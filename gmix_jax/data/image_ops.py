@@ -157,7 +157,7 @@ def draft_for(im: Image.Image, mode: str, needed: tuple[float, float]):
   width, height = im.size
   req = (min(width, max(1, math.ceil(needed[0]))),
          min(height, max(1, math.ceil(needed[1]))))
-  result = im.draft(mode if mode in ('L', 'RGB') else None, req)
+  result = im.draft(mode, req)
   if not result:
     return 1.0
   return result[1][2] / width  # box = (0, 0, W / s, H / s)
