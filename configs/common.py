@@ -52,12 +52,14 @@ def base() -> ml_collections.ConfigDict:
   c.seed = 0
 
   c.dataset = ml_collections.ConfigDict()
-  c.dataset.name = 'mnist_subset'          # see gmix_jax.data.DATASET_NAMES
+  c.dataset.name = 'mnist_subset'          # see gmix_jax.data.dataset_names()
   c.dataset.data_dir = 'data'              # tfds data dir; offline sets are prepared here
   c.dataset.download = False               # let tfds download (needs internet + TensorFlow)
   c.dataset.examples_per_class = placeholder(int)  # limited-data regime: int, or None for all
   c.dataset.train_fraction = placeholder(float)   # or a fraction of the training set
-  c.dataset.augment = False                # random crop (pad 4) + flip, on device
+  c.dataset.augment = 'none'               # 'none' | 'cifar' (pad-4 crop + flip) | 'inception' (host)
+  c.dataset.image_size = placeholder(int)  # crop size (needed by 'inception'); None = the stored size
+  c.dataset.workers = 0                    # Grain worker processes (0: read in this process)
 
   c.model = ml_collections.ConfigDict()
   c.model.name = 'cnn'                     # see gmix_jax.models.MODELS
@@ -102,7 +104,7 @@ def cifar(method_name: str, dataset: str = 'cifar10', model: str = 'preact_resne
   c = base()
   c.dataset.name = dataset
   c.dataset.data_dir = '~/tensorflow_datasets'
-  c.dataset.augment = True
+  c.dataset.augment = 'cifar'
   c.model.name = model
   c.method = method(method_name)
   if method_name not in SAMIX_METHODS:     # SAMix has no sensitivity pass
