@@ -12,7 +12,13 @@ flipped, and normalised on device; evaluation resizes the shorter side to 36
 and takes the centre 32 x 32. Same model and optimizer as
 configs/mnist_subset.py, 20 epochs.
 
-Measured: RESULT_PLACEHOLDER
+Measured (one seed, ``:erm``, ``--config.dataset.data_dir=/tmp/jd``): 83.3 %
+test accuracy (ECE 0.128) after 20 epochs, still rising slowly (81.1 % at
+epoch 16); 533 s of training on the shared 2-core CPU (load average about
+13, so several times the idle cost). Lower than mnist_subset's 94 %: crops
+down to 8 % of the area and left-right flips are not label-preserving for
+digits. The recipe is ImageNet's, run at toy scale to exercise its input path,
+not a good one for MNIST.
 """
 from configs import mnist_subset
 
