@@ -200,3 +200,25 @@ def test_imagenet2012_not_prepared_says_how(tmp_path):
 def test_unknown_jpeg_dataset():
   with pytest.raises(ValueError, match='mnist_jpeg, imagenet2012'):
     jpeg_sources.open_jpeg_split('cifar10', 'train', '/nonexistent')
+
+
+# ----------------------------------------------------------------------------
+# The pipeline's registry (`gmix_jax.data.sources`)
+# ----------------------------------------------------------------------------
+
+
+def test_sources_registry_opens_jpeg_splits(data_dir, mock_tfds):
+  from gmix_jax.data import sources
+  assert {'mnist_jpeg', 'imagenet2012'} <= set(sources.dataset_names())
+  train, test = sources.open_splits('mnist_jpeg', data_dir)
+  assert (len(train), len(test), train.num_classes) == (4000, 1000, 10)
+  assert train.channels == 3 and train.pixel_max == 255
+  assert train.meta_dir == jpeg_sources.mnist_jpeg_dir(data_dir)
+  images, labels = train.read(np.array([3, 0, 3]))
+  assert images[0] == images[2] and isinstance(images[0], bytes)
+  np.testing.assert_array_equal(
+      labels, [train.records[3]['label'], train.records[0]['label'],
+               train.records[3]['label']])
+  net = sources.open_split('imagenet2012', 'test', data_dir)
+  assert len(net) == 12 and net.num_classes == 1000 and net.meta_dir is None
+  assert net.fixed_stats == jpeg_sources.IMAGENET_MEAN_STD
