@@ -7,15 +7,16 @@ ImageNet-like records are generated first (deterministic): ``--images``
 distinct 500 x 375 RGB JPEGs at quality 90 of a smooth colour pattern plus
 Gaussian noise (sigma 28), about 110 KB each (the mean is measured and
 written), stored as one array_record file of `gmix_jax.data.jpeg_sources`
-records. Each setting runs the grain chain of the library's pipeline
-(`gmix_jax.data.pipeline`): ``MapDataset.range(steps).map(batch at step s)
--> to_iter_dataset(one thread, 2 batches ahead) -> mp_prefetch(N workers,
-2 batches each)`` (no ``mp_prefetch`` for 0 workers: one thread of the main
-process does the work), where a batch is one ``__getitems__`` read, the
-``inception`` training transform of `gmix_jax.data.image_ops` per record at
-``--size`` (224: PIL draft-mode decode, crop, bilinear resize, flip), and a
-``np.stack`` into uint8 ``[B, 224, 224, 3]``. One worker is one process with
-one thread, so images/s per worker is a per-core figure.
+records. Each setting runs the library's training stream,
+`gmix_jax.data.pipeline.train_batches` (the trainer's own input path) over a
+`sources.Split` of these records: ``MapDataset.range(steps).map(batch at
+step s) -> to_iter_dataset(one thread) -> mp_prefetch(N workers)`` (no
+``mp_prefetch`` for 0 workers: one thread of the main process does the
+work), where a batch is an epoch-permutation slice, one ``__getitems__``
+read, the ``inception`` training transform of `gmix_jax.data.image_ops` per
+record at ``--size`` (224: PIL draft-mode decode, crop, bilinear resize,
+flip), and a ``np.stack`` into uint8 ``[B, 224, 224, 3]``. One worker is one
+process with one thread, so images/s per worker is a per-core figure.
 
 Timing: ``--warmup`` batches (worker start-up, and long enough to drain the
 batches buffered meanwhile, so the timed part is steady state), then the
@@ -70,60 +71,32 @@ def write_jpeg_records(path: str, num_records: int, distinct: int) -> float:
   return float(np.mean([len(p) for p in pool]))
 
 
-class BatchAt:
-  """Step ``s`` -> one host batch, like the library's pipeline: epoch
-  ``e = s // steps_per_epoch`` is a permutation drawn from ``(seed, e)``; the
-  batch's records are read in one ``__getitems__`` call, each transformed
-  with its own generator from ``(seed, record, e)``, and stacked."""
-
-  def __init__(self, path: str, batch: int, size: int, seed: int = 0):
-    from gmix_jax.data import image_ops
-    from gmix_jax.data import jpeg_sources
-    self.source = jpeg_sources.JpegRecordSource(path)
-    self.batch, self.seed = batch, seed
-    self.steps_per_epoch = len(self.source) // batch
-    self.transform = image_ops.make_record_transform(
-        'inception', size, train=True, channels=3)
-
-  def __call__(self, step: int) -> dict:
-    epoch, k = divmod(int(step), self.steps_per_epoch)
-    perm = np.random.default_rng([self.seed, epoch]).permutation(
-        len(self.source))
-    rows = perm[k * self.batch:(k + 1) * self.batch]
-    out = [self.transform(r, np.random.default_rng([self.seed, int(i), epoch]))
-           for i, r in zip(rows, self.source.__getitems__(rows.tolist()))]
-    return {'image': np.stack([o['image'] for o in out]),
-            'label': np.array([o['label'] for o in out])}
-
-
 def make_dataset(path: str, workers: int, batch: int, size: int,
-                 seed: int = 0):
-  """The grain chain (module docstring) over the records at ``path``."""
-  import grain
-  ds = grain.MapDataset.range(0, 1 << 30).map(
-      BatchAt(path, batch, size, seed)).to_iter_dataset(
-          grain.ReadOptions(num_threads=1, prefetch_buffer_size=2))
-  if workers:
-    ds = ds.mp_prefetch(grain.MultiprocessingOptions(
-        num_workers=workers, per_worker_buffer_size=2))
-  return ds
+                 seed: int = 0, steps: int = 1 << 30):
+  """The library's training stream (`pipeline.train_batches`) over the
+  records at ``path``, Inception crops at ``size``; close it when done."""
+  from gmix_jax.data import jpeg_sources
+  from gmix_jax.data import pipeline
+  from gmix_jax.data import sources
+  split = sources.Split('bench_jpeg', 'train',
+                        jpeg_sources.JpegRecordSource(path), num_classes=1000,
+                        pixel_max=255, channels=3)
+  return pipeline.train_batches(
+      split, None, global_batch=batch, seed=seed, num_steps=steps,
+      augment='inception', image_size=size, workers=workers)
 
 
 def time_pipeline(path: str, workers: int, batch: int, size: int,
                   warmup: int, batches: int) -> dict:
-  it = iter(make_dataset(path, workers, batch, size))
-  try:
+  with make_dataset(path, workers, batch, size) as it:
     for _ in range(warmup):
       b = next(it)
-    assert b['image'].shape == (batch, size, size, 3), b['image'].shape
+    assert b['x'].shape == (batch, size, size, 3), b['x'].shape
+    assert b['x'].dtype == np.uint8
     start = time.perf_counter()
     for _ in range(batches):
       next(it)
     seconds = time.perf_counter() - start
-  finally:
-    close = getattr(it, 'close', None)
-    if close is not None:
-      close()
   rate = batch * batches / seconds
   return {'workers': workers, 'images_per_s': round(rate, 1),
           'images_per_s_per_worker': round(rate / max(workers, 1), 1),
@@ -158,14 +131,6 @@ def machine() -> dict:
           'load_avg_at_start': [round(x, 2) for x in os.getloadavg()]}
 
 
-def parse_flags_for_grain() -> None:
-  """grain's mp_prefetch reads absl flags; outside absl.app.run they must
-  be marked parsed (defaults) or it raises UnparsedFlagAccessError."""
-  from absl import flags
-  if not flags.FLAGS.is_parsed():
-    flags.FLAGS.mark_as_parsed()
-
-
 def main(argv=None) -> None:
   p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   p.add_argument('--workers', default='0,1,2')
@@ -184,7 +149,6 @@ def main(argv=None) -> None:
   p.add_argument('--out', default=os.path.join(os.path.dirname(__file__),
                                                'bench_input.json'))
   args = p.parse_args(argv)
-  parse_flags_for_grain()
 
   tmp = None
   if args.data_dir is None:

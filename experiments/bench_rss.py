@@ -7,9 +7,10 @@ For each size, an array_record file of `gmix_jax.data.jpeg_sources` records
 is written (the ImageNet-like 500 x 375 JPEGs of `bench_input`, about 110
 KB; the records cycle ``--distinct`` generated images, so 50,000 records
 are about 5.5 GB on disk, removed afterwards). Then a fresh Python process
-runs ``--steps`` training batches through the same grain chain as
-`bench_input` (epoch permutation, batched read, Inception crop at 224,
-flip, stack; ``--workers`` processes) and reports its peak resident set
+runs ``--steps`` training batches through the library's training stream
+as `bench_input` does (`pipeline.train_batches`: epoch permutation,
+batched read, Inception crop at 224, flip, stack; ``--workers``
+processes) and reports its peak resident set
 size (``resource.getrusage(RUSAGE_SELF).ru_maxrss``) and that of its
 largest worker (``RUSAGE_CHILDREN``, after the workers have exited). The
 pass mark is that the larger dataset's peak is within 10 % of the smaller's.
@@ -32,12 +33,10 @@ import bench_input  # noqa: E402  pylint: disable=g-import-not-at-top
 
 def child(path: str, workers: int, steps: int, batch: int) -> None:
   """Runs the short pipeline and prints peak RSS (MB) as one JSON line."""
-  bench_input.parse_flags_for_grain()
-  it = iter(bench_input.make_dataset(path, workers, batch, 224))
-  for _ in range(steps):
-    b = next(it)
-  assert b['image'].shape == (batch, 224, 224, 3)
-  it.close()
+  with bench_input.make_dataset(path, workers, batch, 224) as it:
+    for _ in range(steps):
+      b = next(it)
+  assert b['x'].shape == (batch, 224, 224, 3)
   self_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
   kids_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
   print(json.dumps({'self_peak_mb': round(self_mb, 1),
