@@ -34,7 +34,8 @@ Channels: ``channels=None`` keeps what the image has (grayscale -> 1, RGB ->
 is static.
 
 Resampling is bilinear with PIL's antialiasing (its filter widens when
-downscaling), the same filter in training and evaluation.
+downscaling), the same filter in training and evaluation. EXIF orientation
+is not applied (nor is it by tfds or the usual ImageNet pipelines).
 
 Randomness comes only from the ``np.random.Generator`` passed per record, so
 the same generator state gives the same output.

@@ -30,6 +30,12 @@ has no labels, so ``split='test'`` reads ``validation`` (50,000 images).
 Under ``tfds.testing.mock_data`` the underlying reader is a mock that cannot
 encode images without TensorFlow; it is opened without decoders and yields
 uint8 arrays, which `image_ops` takes as well.
+
+`SPLITS` registers both names with the pipeline (`gmix_jax.data.sources`):
+every split converts to 3 channels (ImageNet mixes grayscale, colour and a
+few CMYK JPEGs), ImageNet is normalised with its standard per-channel
+constants, mnist_jpeg with statistics computed once and stored in its
+directory.
 """
 
 from __future__ import annotations
