@@ -11,14 +11,17 @@
 
 All the mathematics lives in the core (objectives and below); this file only
 composes and records. Outputs in ``workdir``: ``config.json``,
-``metrics.jsonl`` (one JSON record per log/eval event), ``checkpoints/``
-(Orbax), ``curves.png`` and ``summary.json``.
+``launches.jsonl`` (one record per launch), ``metrics.jsonl`` (one JSON record
+per log/eval event), ``checkpoints/`` (Orbax, with digests), ``curves.png``,
+``summary.json`` and ``.lock``.
 
-Reliability (README "Running long jobs"): a rerun resumes exactly from the
-latest checkpoint (state, data plan position, the open metrics window; records
-written after that checkpoint are dropped from ``metrics.jsonl``); SIGTERM
-stops after the current step with a checkpoint (all processes at the same
-step); ``nan_policy`` skips or stops on a non-finite loss/gradient.
+Reliability (README "Running long jobs"): one run per workdir (``lock``); a
+relaunch that would change the trajectory is refused (``drift``); a rerun
+resumes exactly from the newest checkpoint that verifies (state, data plan
+position, the open metrics window; records written after that checkpoint are
+dropped from ``metrics.jsonl``); SIGTERM/SIGINT stop after the current step
+with a checkpoint (all processes at the same step); ``nan_policy`` skips or
+stops on a non-finite loss/gradient; a full disk is one clear error.
 """
 from __future__ import annotations
 
@@ -36,6 +39,7 @@ from gmix_jax import checkpoints
 from gmix_jax import configure
 from gmix_jax import data as data_lib
 from gmix_jax import evaluation
+from gmix_jax import lock
 from gmix_jax import models
 from gmix_jax import objectives
 from gmix_jax import outputs
@@ -60,6 +64,7 @@ class Setup:
   total_steps: int
   n_dev: int                  # devices per process
   use_stale: bool             # the `stale` estimator keeps a score table in the state
+  relaunch_changes: dict      # non-trajectory fields this launch changed: {field: (old, new)}
 
   @property
   def lead(self) -> bool:
@@ -105,6 +110,12 @@ class Loop:
   in_flight: list = dataclasses.field(default_factory=list)
   t_window: float = dataclasses.field(default_factory=time.time)
   window_steps: int = 0
+  t_start: float = dataclasses.field(default_factory=time.time)   # this launch's start
+  wall_before: float = 0.0    # the run's wall time before this launch (from the checkpoint)
+
+  def wall_time(self) -> float:
+    """The run's wall time so far, across launches."""
+    return self.wall_before + time.time() - self.t_start
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -116,38 +127,46 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   resumes from it.
 
   Raises:
-    ValueError: a bad config or dataset (before anything compiles), or a
-      workdir holding an incompatible checkpoint.
+    ValueError: a bad config or dataset (before anything compiles).
+    drift.ConfigDriftError: the workdir's checkpoints come from a config
+      that trains differently (nothing is written).
+    lock.WorkdirLockedError: another run holds the workdir.
+    checkpoints.CheckpointCorruptError: no checkpoint verifies.
+    workdir.DiskFullError: the disk filled up (what was kept is named).
     FloatingPointError: ``nan_policy='stop'`` and a non-finite loss or
       gradient norm; the last good checkpoint is kept.
   """
   t_start = time.time()
-  with Preemption() as preemption:
+  parallel.maybe_initialize_distributed()  # before anything asks JAX for devices
+  configure.validate_config(config)
+  workdir = os.path.abspath(workdir)
+  os.makedirs(workdir, exist_ok=True)
+  with Preemption() as preemption, lock.job_lock(workdir):
     s = setup(config, workdir)
     state, objective, extra_update = fresh_state(s)
-    state, loop = restore_or_start(s, state)
+    state, loop = restore_or_start(s, state, t_start)
     state, placed = place(s, state, objective, extra_update)
-    state, step, stopped = run_loop(s, placed, state, loop, preemption)
-    loop.ckpt.wait_until_finished()
-    if loop.bar is not None:
-      loop.bar.close()
-    if stopped and step + 1 < s.total_steps:
-      return {'preempted': True, 'step': step + 1, 'steps': s.total_steps, 'workdir': s.workdir,
-              'checkpoint': os.path.join(s.workdir, 'checkpoints', str(step + 1)),
-              'wall_time_sec': time.time() - t_start}
-    return summarize(s, placed, state, loop, t_start)
+    with workdir_lib.disk_full_report(s.workdir, loop.ckpt):
+      state, step, stopped = run_loop(s, placed, state, loop, preemption)
+      loop.ckpt.wait_until_finished()
+      if loop.bar is not None:
+        loop.bar.close()
+      if stopped and step + 1 < s.total_steps:
+        return {'preempted': True, 'step': step + 1, 'steps': s.total_steps,
+                'workdir': s.workdir, 'signal': preemption.signal_name,
+                'checkpoint': os.path.join(s.workdir, 'checkpoints', str(step + 1)),
+                'wall_time_sec': time.time() - t_start}
+      return summarize(s, placed, state, loop)
 
 
 # ----------------------------------------------------------------------------
 # Phases.
 # ----------------------------------------------------------------------------
 def setup(config: ml_collections.ConfigDict, workdir: str) -> Setup:
-  """Validates the config, reads the data, builds model, method and optimizer."""
-  parallel.maybe_initialize_distributed()  # before anything asks JAX for devices
-  configure.validate_config(config)
-  workdir = os.path.abspath(workdir)
-  os.makedirs(workdir, exist_ok=True)
-  workdir_lib.check_config(workdir, config)
+  """Refuses config drift, reads and checks the data, builds model, method
+  and optimizer (the config is valid and the workdir locked)."""
+  n_dev = configure.num_devices(config)
+  relaunch_changes = workdir_lib.check_config(workdir, config, n_dev * jax.process_count())
 
   ds = data_lib.open_train_data(config)
   steps_per_epoch = data_lib.steps_per_epoch(ds.num_train, config.batch_size)
@@ -156,10 +175,11 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Setup:
   method = configure.build_method(config, ds.num_classes)
   configure.validate_data(config, ds, module, method)
   return Setup(
-      config=config, workdir=workdir, method=method, ds=ds, module=module, apply_fn=models.make_apply_fn(module),
+      config=config, workdir=workdir, method=method, ds=ds, module=module,
+      apply_fn=models.make_apply_fn(module),
       optimizer=configure.build_optimizer(config, steps_per_epoch),
       steps_per_epoch=steps_per_epoch, total_steps=config.num_epochs * steps_per_epoch,
-      n_dev=configure.num_devices(config),
+      n_dev=n_dev, relaunch_changes=relaunch_changes,
       use_stale=method.partition.rule != 'none' and method.sensitivity.estimator == 'stale')
 
 
@@ -178,23 +198,29 @@ def fresh_state(s: Setup):
   return state, objective, extra_update
 
 
-def restore_or_start(s: Setup, state) -> tuple[Any, Loop]:
-  """The latest checkpoint if there is one (else ``config.json`` is written),
-  and the loop's host state to continue from it."""
-  ckpt = checkpoints.manager(s.workdir, s.config.keep_checkpoints)
-  pending = []
-  restored = checkpoints.restore_latest(ckpt, state)
+def restore_or_start(s: Setup, state, t_start: float) -> tuple[Any, Loop]:
+  """The newest checkpoint that verifies, if there is one, and the loop's
+  host state to continue from it; the launch is recorded (``config.json``,
+  ``launches.jsonl``)."""
+  pending, wall_before = [], 0.0
+  restored = checkpoints.restore_verified(s.workdir, state, lead=s.lead)
   if restored is not None:
-    state, pending = restored
-  elif s.lead:
-    workdir_lib.write_config(s.workdir, s.config)
+    _, state, loop_item = restored
+    pending = [{k: np.float32(v) for k, v in m.items()} for m in loop_item['pending']]
+    wall_before = loop_item.get('wall_time_sec', 0.0)
+  if s.lead:
+    workdir_lib.record_launch(s.workdir, s.config, int(state.step) if restored else 0,
+                              s.relaunch_changes, s.n_dev * jax.process_count(),
+                              fresh=restored is None)
+  ckpt = checkpoints.manager(s.workdir, s.config.keep_checkpoints)
   writer = workdir_lib.MetricsWriter(s.workdir, s.lead)
   # Records past the restored step were written by a run killed before its next
   # checkpoint: this run writes them again.
   kept = workdir_lib.truncate_metrics(writer.path, int(state.step), rewrite=s.lead)
   history = [r for r in kept if r.get('split') == 'test']
   return state, Loop(ckpt=ckpt, writer=writer, pending=pending, history=history,
-                     last_eval=dict(history[-1]) if history else {})
+                     last_eval=dict(history[-1]) if history else {}, t_start=t_start,
+                     wall_before=wall_before)
 
 
 def place(s: Setup, state, objective, extra_update) -> tuple[Any, Placed]:
@@ -294,13 +320,14 @@ def _steps(s: Setup, placed: Placed, state, loop: Loop, preemption: Preemption, 
     if end_of_epoch:
       evaluate_epoch(s, placed, state, loop, step)
     if ckpt_now:
-      checkpoints.save(loop.ckpt, step + 1, placed.host_state(state), loop.pending)
+      checkpoints.save(loop.ckpt, step + 1, placed.host_state(state), placed.local_state(state),
+                       checkpoints.loop_item(loop.pending, loop.wall_time()))
     if stop:
       break
   return state, step, stop
 
 
-def summarize(s: Setup, placed: Placed, state, loop: Loop, t_start: float) -> dict[str, Any]:
+def summarize(s: Setup, placed: Placed, state, loop: Loop) -> dict[str, Any]:
   """The summary (``summary.json`` on the lead process) and ``curves.png``."""
   config = s.config
   last_eval = loop.last_eval
@@ -316,7 +343,9 @@ def summarize(s: Setup, placed: Placed, state, loop: Loop, t_start: float) -> di
       'model': config.model.name, 'dataset': config.dataset.name,
       'devices': s.n_dev * jax.process_count(), 'parallel': config.parallel,
       'nonfinite_skipped': int(jax.device_get(placed.local_state(state).skipped)),
-      'wall_time_sec': time.time() - t_start,
+      'wall_time_sec': time.time() - loop.t_start,          # this launch
+      'total_wall_time_sec': loop.wall_time(),              # the run, across launches
+      **outputs.provenance(config, jax.process_count()),
   }
   if s.lead:
     curves = outputs.plot(s.workdir) if configure.opt(config, 'plots') else None

@@ -1,22 +1,30 @@
-"""The workdir's plain files: ``config.json`` and ``metrics.jsonl``.
+"""The workdir's plain files: ``config.json``, ``launches.jsonl`` and ``metrics.jsonl``.
 
-A workdir belongs to one run. ``check_config`` refuses to resume a
-checkpoint written under a config that would change what it means;
-``write_config`` records the config of a fresh run; ``MetricsWriter``
+A workdir belongs to one run. ``check_config`` refuses a relaunch whose
+config would change the training its checkpoints continue (`gmix_jax.drift`:
+every field but an allow-list of logging/storage fields);
+``record_launch`` appends each launch to ``launches.jsonl`` (and keeps
+``config.json`` describing the run); ``MetricsWriter``
 appends one JSON record per event and ``truncate_metrics`` cuts the file
 back to a checkpoint's step so a resumed run's file equals an uninterrupted
 one's.
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
+import socket
+import time
 
 import ml_collections
 
-# Config fields whose change makes an existing checkpoint unusable.
-INCOMPATIBLE_FIELDS = ('dataset.name', 'dataset.examples_per_class', 'dataset.train_fraction',
-                       'model', 'method', 'optimizer.name', 'seed', 'batch_size')
+from gmix_jax import configure
+from gmix_jax import drift
+
+LAUNCHES = 'launches.jsonl'
+DEVICES = 'devices (num_devices x processes)'    # compared like a config field
 
 
 class MetricsWriter:
@@ -62,35 +70,133 @@ def truncate_metrics(path: str, max_step: int, rewrite: bool = True) -> list[dic
   return kept
 
 
-def _without_none(d):
-  """``d`` without None-valued entries: a knob left at None (its default)
-  means the same as a knob an older version of the config did not have."""
-  if isinstance(d, dict):
-    return {k: _without_none(v) for k, v in d.items() if v is not None}
-  return d
-
-
-def check_config(workdir: str, config: ml_collections.ConfigDict) -> None:
-  """Refuse to resume a checkpoint written by an incompatible config."""
+def read_config(workdir: str) -> dict | None:
+  """The run's ``config.json`` (None in a workdir without one)."""
   path = os.path.join(workdir, 'config.json')
   if not os.path.exists(path):
-    return
+    return None
   with open(path) as f:
-    old = json.load(f)
+    return json.load(f)
+
+
+def check_config(workdir: str, config: ml_collections.ConfigDict,
+                 devices: int | None = None) -> dict:
+  """Refuses a relaunch that would change the run its checkpoints continue.
+
+  Compares ``config`` with ``config.json`` (and ``devices``, the device count
+  in use, with the last launch's: per-device methods depend on it). Returns
+  the changed fields a resume may change (``drift.NON_TRAJECTORY``), as
+  ``{field: (old, new)}``, for ``record_launch``.
+
+  Raises:
+    drift.ConfigDriftError: a trajectory field differs, listing each
+      ``old -> new``; nothing has been written.
+  """
+  old = read_config(workdir)
+  if old is None or not os.path.isdir(os.path.join(workdir, 'checkpoints')):
+    return {}                 # nothing to continue: the launch starts the run afresh
   new = json.loads(config.to_json())
-  def get(d, dotted):
-    for k in dotted.split('.'):
-      d = d.get(k) if isinstance(d, dict) else None
-    return _without_none(d)
-  changed = [k for k in INCOMPATIBLE_FIELDS if get(old, k) != get(new, k)]
-  if changed and os.path.isdir(os.path.join(workdir, 'checkpoints')):
-    raise ValueError(
-        f'workdir {workdir!r} holds a checkpoint from a different config (changed: '
-        f'{", ".join(changed)}). Nothing was overwritten: use a new --workdir, or restore the '
-        'old values to resume.')
+  old = _upgrade_dataset(old)
+  if devices is not None:
+    previous = [r['devices'] for r in read_launches(workdir) if 'devices' in r]
+    if previous:
+      old, new = {**old, DEVICES: previous[-1]}, {**new, DEVICES: devices}
+  defaults = {k: v for k, v in configure.OPTIONAL_FIELDS.items() if v is not None}
+  return drift.check(workdir, old, new, defaults)
+
+
+def _upgrade_dataset(old: dict) -> dict:
+  """An older ``config.json`` in today's terms: ``dataset.augment`` was a bool
+  (True = pad-4 crop + flip = today's ``'cifar'``), so such a workdir resumes."""
+  augment = old.get('dataset', {}).get('augment')
+  if isinstance(augment, bool):
+    from gmix_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+    old = {**old, 'dataset': {**old['dataset'], 'augment': pipeline.augment_name(augment)}}
+  return old
 
 
 def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
-  """``config.json``: the config of the run this workdir holds."""
-  with open(os.path.join(workdir, 'config.json'), 'w') as f:
+  """``config.json``: the config of the run this workdir holds (replaced
+  atomically: a kill never leaves half a file)."""
+  path = os.path.join(workdir, 'config.json')
+  tmp = f'{path}.tmp.{os.getpid()}'
+  with open(tmp, 'w') as f:
     f.write(config.to_json(indent=2))
+  os.replace(tmp, path)
+
+
+def read_launches(workdir: str) -> list[dict]:
+  path = os.path.join(workdir, LAUNCHES)
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip().endswith('}')]
+
+
+def record_launch(workdir: str, config: ml_collections.ConfigDict, start_step: int,
+                  changed: dict, devices: int, fresh: bool) -> None:
+  """Appends this launch to ``launches.jsonl`` (time, host, pid, the step it
+  starts from, the device count, the non-trajectory fields it changed, old
+  and new). A fresh run writes ``config.json``; a resume that changed some
+  fields rewrites it, so it describes the latest launch (whose trajectory
+  fields are the run's)."""
+  record = {'time': time.strftime('%Y-%m-%dT%H:%M:%S%z'), 'host': socket.gethostname(),
+            'pid': os.getpid(), 'start_step': start_step, 'devices': devices,
+            'changed': {k: list(v) for k, v in changed.items()}}
+  with open(os.path.join(workdir, LAUNCHES), 'a') as f:
+    f.write(json.dumps(record) + '\n')
+  if fresh or changed:
+    write_config(workdir, config)
+
+
+# -- A full disk ---------------------------------------------------------------
+class DiskFullError(OSError):
+  """The workdir's disk (or quota) is full; the message says what was kept."""
+
+
+def _full_disk_cause(e: BaseException) -> BaseException | None:
+  """The ENOSPC/EDQUOT error in ``e``'s chain (Orbax and TensorStore wrap it
+  in their own exceptions, some only as text), or None."""
+  seen = set()
+  while e is not None and id(e) not in seen:
+    seen.add(id(e))
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+      return e
+    if 'No space left on device' in str(e) or 'Disk quota exceeded' in str(e):
+      return e
+    e = e.__cause__ or e.__context__
+  return None
+
+
+def kept_after_failure(workdir: str) -> str:
+  """What a run that failed while writing leaves to resume from."""
+  d = os.path.join(workdir, 'checkpoints')
+  steps = sorted(int(n) for n in os.listdir(d) if n.isdigit()) if os.path.isdir(d) else []
+  steps = [st for st in steps if os.path.exists(os.path.join(d, str(st), 'digest'))]
+  records = truncate_metrics(os.path.join(workdir, 'metrics.jsonl'), 1 << 62, rewrite=False)
+  ckpt = f'checkpoint step {steps[-1]} in {d}' if steps else 'no checkpoint'
+  metrics = (f'metrics.jsonl up to step {records[-1].get("step")}' if records
+             else 'no metrics records')
+  return f'{ckpt} and {metrics}'
+
+
+@contextlib.contextmanager
+def disk_full_report(workdir: str, ckpt):
+  """Turns a full disk, anywhere in the body, into one ``DiskFullError``
+  naming the path that failed and what was kept (after letting pending
+  checkpoint writes end, so no background thread fails during shutdown)."""
+  try:
+    yield
+  except Exception as e:  # pylint: disable=broad-except
+    cause = _full_disk_cause(e)
+    if cause is None:
+      raise
+    try:
+      ckpt.wait_until_finished()
+    except Exception:  # pylint: disable=broad-except  (the same full disk)
+      pass
+    path = getattr(cause, 'filename', None) or workdir
+    raise DiskFullError(
+        errno.ENOSPC, f'no space left on the device of {path} ({workdir}). Kept: '
+        f'{kept_after_failure(workdir)}. Free space (or raise the quota) and rerun the same '
+        'command to resume from there.') from None

@@ -26,7 +26,7 @@ def tiny_config(method, dataset, data_dir):
     c.batch_size = 6
     c.model.name = 'cnn'
     c.model.kwargs = {'width': 4}
-    c.dataset.augment = True
+    c.dataset.augment = 'cifar'
   c.method = common.method(method)
   c.num_epochs = 1
   c.num_devices = 2
@@ -69,14 +69,15 @@ def test_pmap_and_stale_estimator_run(tmp_path):
 
 
 def test_resume_continues_at_the_right_step_and_matches_uninterrupted(tmp_path):
-  def config(epochs):
+  def config(stop_at=None):
     c = tiny_config('gmix', 'digits', tmp_path / 'data')
-    c.optimizer.schedule = 'constant'          # the LR must not depend on num_epochs here
-    c.num_epochs = epochs
+    c.num_epochs = 2
+    c.debug_nan_step = stop_at                 # a NaN batch at step 2 stops the first launch
     return c
-  straight = train.train_and_evaluate(config(2), str(tmp_path / 'straight'))
-  train.train_and_evaluate(config(1), str(tmp_path / 'resumed'))
-  resumed = train.train_and_evaluate(config(2), str(tmp_path / 'resumed'))
+  straight = train.train_and_evaluate(config(), str(tmp_path / 'straight'))
+  with pytest.raises(FloatingPointError):
+    train.train_and_evaluate(config(stop_at=2), str(tmp_path / 'resumed'))
+  resumed = train.train_and_evaluate(config(), str(tmp_path / 'resumed'))
   steps = [r['step'] for r in read_metrics(tmp_path / 'resumed') if r['split'] == 'train']
   assert steps == [1, 2, 3, 4], 'the second launch starts at step 3'
   assert resumed['final_test_loss'] == straight['final_test_loss']
@@ -173,11 +174,14 @@ def test_bad_data_fails_before_compiling(case, method, model, message, tmp_path)
 
 
 def test_labels_outside_the_classes_fail_before_compiling(tmp_path, monkeypatch):
-  x = np.zeros((40, 6), np.float32)
-  bad = data_lib.Dataset(name='fake', x_train=x, y_train=(np.arange(40) % 4).astype(np.int32),
-                         x_test=x[:4], y_test=np.zeros(4, np.int32), num_classes=3,
-                         input_shape=(6,), mean=np.zeros(6), std=np.ones(6))
-  monkeypatch.setattr(train.data_lib, 'load_dataset', lambda *a, **k: bad)
+  from gmix_jax.data import normalize, sources
+  records = sources.ArrayRecords(np.zeros((40, 6), np.float32), (np.arange(40) % 4).astype(np.int32))
+  split = lambda name: sources.Split('fake', name, records, 3, None)   # labels 0..3, 3 classes
+  bad = data_lib.TrainData(name='fake', train=split('train'), test=split('test'),
+                           train_ids=np.arange(40), input_shape=(6,),
+                           normalizer=normalize.Normalizer(np.zeros(6), np.ones(6), None),
+                           augment='none', image_size=None, workers=0)
+  monkeypatch.setattr(train.data_lib, 'open_train_data', lambda *a, **k: bad)
   c = tiny_config('erm', 'digits', tmp_path / 'data')
   c.dataset.examples_per_class = None
   with pytest.raises(ValueError, match=r"'fake': train labels must lie in \[0, 3\) .*got range \[0, 3\]"):

@@ -22,6 +22,7 @@ from gmix_jax.data import normalize as normalize_lib
 from gmix_jax.data import pipeline
 from gmix_jax.data import sources
 from gmix_jax.data import subsets
+from gmix_jax.data import validate
 
 DEFAULTS = {'augment': 'none', 'image_size': None, 'workers': 0}
 
@@ -97,11 +98,18 @@ class TrainData:
   def ordered_batches(self, split: str, *, global_batch: int, process_index: int,
                       process_count: int) -> pipeline.Batches:
     """``'test'``: the test split; ``'train'``: the training set (for the
-    ``stale`` refresh), unaugmented, in order, padded and masked."""
+    ``stale`` refresh), unaugmented, in order, padded and masked.
+
+    Splits held in memory as raw arrays are read in this process whatever
+    ``workers`` says: there is nothing to decode, and starting workers for each
+    pass (they are spawned afresh) would cost more than the pass.
+    """
     src, ids = (self.test, None) if split == 'test' else (self.train, self.train_ids)
+    in_memory = isinstance(src.records, sources.ArrayRecords)
     return pipeline.ordered_batches(
         src, ids, global_batch=global_batch, augment=self.augment, image_size=self.image_size,
-        workers=self.workers, process_index=process_index, process_count=process_count)
+        workers=0 if in_memory else self.workers, process_index=process_index,
+        process_count=process_count)
 
 
 def open_train_data(config: ml_collections.ConfigDict) -> TrainData:
@@ -111,6 +119,8 @@ def open_train_data(config: ml_collections.ConfigDict) -> TrainData:
   dc = config.dataset
   train, test = sources.open_splits(dc.name, os.path.expanduser(dc.data_dir),
                                     download=dc.download)
+  for split in (train, test):                  # before any record is read
+    validate.check_nonempty(dc.name, split.split, len(split))
   ids = np.arange(len(train))
   if dc.examples_per_class or dc.train_fraction:
     ids = subsets.subsample_indices(train.labels(), examples_per_class=dc.examples_per_class,

@@ -179,7 +179,8 @@ class Batches(Iterator[dict]):
   def __init__(self, fn: Callable[[int], Any], start: int, stop: int, workers: int = 0,
                prefetch: int = PREFETCH):
     import grain  # pylint: disable=g-import-not-at-top
-    if not (isinstance(workers, int) and workers >= 0):
+    self._it = None
+    if isinstance(workers, bool) or not (isinstance(workers, int) and workers >= 0):
       raise ValueError(f'dataset.workers must be an int >= 0, got {workers!r}')
     ds = grain.MapDataset.range(start, stop).map(fn).to_iter_dataset(
         grain.ReadOptions(num_threads=1, prefetch_buffer_size=prefetch))

@@ -192,5 +192,8 @@ def open_split(name: str, split: str, data_dir: str, *, download: bool = False) 
 
 def open_splits(name: str, data_dir: str, *, download: bool = False) -> tuple[Split, Split]:
   """``(train, test)`` of dataset ``name``; see `open_split`."""
+  if name.startswith(NPZ_PREFIX):              # one read of the file for both
+    splits = _npz_splits(name[len(NPZ_PREFIX):])
+    return splits['train'], splits['test']
   return (open_split(name, 'train', data_dir, download=download),
           open_split(name, 'test', data_dir, download=download))

@@ -46,10 +46,13 @@ _CHUNK = 1024  # records per batched read: bounds memory, amortises the call
 def open_split(name: str, split: str, data_dir: str, *, download: bool = False,
                prepare_needs_tf: bool = True, skip_image_decoding: bool = False):
   """`_open` (below), reopened with the image left encoded when it is an
-  encoded ``Image`` feature and ``skip_image_decoding``."""
+  encoded ``Image`` feature and ``skip_image_decoding``. (Not for a mocked
+  dataset, which has no files: ``tfds.testing.mock_data`` would encode its
+  generated images to skip their decoding, with TensorFlow.)"""
   src = _open(name, split, data_dir, download=download, prepare_needs_tf=prepare_needs_tf)
   feature = image_feature(src)
-  if skip_image_decoding and feature is not None and is_encoded(feature):
+  if (skip_image_decoding and feature is not None and is_encoded(feature)
+      and version_dir(src) is not None):
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
     src = tfds.data_source(name, split=split, data_dir=data_dir, download=False,
                            builder_kwargs={'file_format': _ARRAY_RECORD},
