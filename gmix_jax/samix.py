@@ -216,7 +216,10 @@ class MixBlock(nn.Module):
     za = jnp.concatenate([norm(feat_a.astype(jnp.float32)), lam_map], -1)
     zb = jnp.concatenate([norm(feat_b.astype(jnp.float32)), 1 - lam_map], -1)
     q = nn.Dense(self.dim, name='query')(zb).reshape(b, h * w, self.dim)
-    k = nn.Dense(self.dim, name='key')(za).reshape(b, h * w, self.dim)
+    # No key bias: it adds q_i·b to every logit of row i, which softmax over j
+    # ignores, so its gradient is exactly zero and Adam would only amplify
+    # rounding noise into it (different on every device layout).
+    k = nn.Dense(self.dim, use_bias=False, name='key')(za).reshape(b, h * w, self.dim)
     v = nn.Dense(1, name='value')(zb).reshape(b, h * w)
     attn = jax.nn.softmax(jnp.einsum('bid,bjd->bij', q, k) / math.sqrt(self.dim), axis=-1)
     s = jax.nn.sigmoid(jnp.einsum('bij,bj->bi', attn, v)).reshape(b, h, w)
