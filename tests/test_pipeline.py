@@ -290,3 +290,13 @@ def test_a_workdir_of_an_old_boolean_augment_config_resumes(tmp_path):
   c.dataset.augment = 'none'
   with pytest.raises(drift.ConfigDriftError, match=r'dataset.augment: "cifar" -> "none"'):
     workdir.check_config(str(tmp_path), c)
+
+
+def test_stats_of_a_large_split_use_a_fixed_sample(monkeypatch):
+  split, pixels = png_split([(4, 4), (5, 3), (2, 6), (3, 3), (4, 2)])
+  monkeypatch.setattr(stats, 'MAX_RECORDS', 3)
+  chosen = np.sort(np.random.default_rng(0).choice(5, 3, replace=False))
+  every = np.concatenate([pixels[i].reshape(-1, 3) for i in chosen]).astype(np.float64) / 255
+  mean, std = stats.channel_stats(split)
+  np.testing.assert_allclose(mean, every.mean(0), rtol=1e-6)
+  np.testing.assert_allclose(std, every.std(0), rtol=1e-5)
