@@ -21,9 +21,13 @@ process with one thread, so images/s per worker is a per-core figure.
 Timing: ``--warmup`` batches (worker start-up, and long enough to drain the
 batches buffered meanwhile, so the timed part is steady state), then the
 next ``--batches`` batches are timed with ``time.perf_counter``; images/s =
-images / seconds, and per worker = that / N. Also timed, in the main
+images / seconds, and per worker = that / N. On a shared machine a process
+may get only part of a core, so CPU time is read too (psutil: this process
+and its worker processes, user + system, over the timed window):
+``images_per_worker_cpu_s`` = images / the workers' CPU seconds (the main
+process's for 0 workers) is what one worker does with a whole core. Also timed, in the main
 process without grain: full decode only, and the transform alone (so the
-cost of grain and of batching can be read off). Results are merged into
+cost of grain and of batching can be read off), per wall and per CPU second. Results are merged into
 ``--out`` under ``--label`` (one entry per machine).
 """
 from __future__ import annotations
@@ -93,14 +97,22 @@ def time_pipeline(path: str, workers: int, batch: int, size: int,
       b = next(it)
     assert b['x'].shape == (batch, size, size, 3), b['x'].shape
     assert b['x'].dtype == np.uint8
-    start = time.perf_counter()
+    start, cpu0 = time.perf_counter(), cpu_seconds()
     for _ in range(batches):
       next(it)
     seconds = time.perf_counter() - start
-  rate = batch * batches / seconds
-  return {'workers': workers, 'images_per_s': round(rate, 1),
-          'images_per_s_per_worker': round(rate / max(workers, 1), 1),
-          'seconds': round(seconds, 2), 'images': batch * batches}
+    cpu1 = cpu_seconds()
+  images = batch * batches
+  rate = images / seconds
+  row = {'workers': workers, 'images_per_s': round(rate, 1),
+         'images_per_s_per_worker': round(rate / max(workers, 1), 1),
+         'seconds': round(seconds, 2), 'images': images}
+  if cpu0 is not None:
+    main, kids = cpu1[0] - cpu0[0], cpu1[1] - cpu0[1]
+    row.update(cpu_s_main=round(main, 2), cpu_s_workers=round(kids, 2),
+               images_per_worker_cpu_s=round(images / (kids if workers
+                                                       else main), 1))
+  return row
 
 
 def time_in_process(path: str, size: int, n: int = 200) -> dict:
@@ -110,19 +122,42 @@ def time_in_process(path: str, size: int, n: int = 200) -> dict:
   from gmix_jax.data import jpeg_sources
   src = jpeg_sources.JpegRecordSource(path)
   records = [src[i % len(src)] for i in range(n)]
-  start = time.perf_counter()
+  start, cpu = time.perf_counter(), time.process_time()
   for r in records:
     np.asarray(Image.open(io.BytesIO(r['image'])).convert('RGB'))
   decode = n / (time.perf_counter() - start)
+  decode_cpu = n / (time.process_time() - cpu)
   transform = image_ops.make_record_transform('inception', size, True,
                                               channels=3)
   rng = np.random.default_rng(0)
-  start = time.perf_counter()
+  start, cpu = time.perf_counter(), time.process_time()
   for r in records:
     transform(r, rng)
   crop = n / (time.perf_counter() - start)
+  crop_cpu = n / (time.process_time() - cpu)
   return {'full_decode_per_s': round(decode, 1),
-          'transform_per_s': round(crop, 1)}
+          'transform_per_s': round(crop, 1),
+          'full_decode_per_cpu_s': round(decode_cpu, 1),
+          'transform_per_cpu_s': round(crop_cpu, 1)}
+
+
+def cpu_seconds() -> tuple[float, float] | None:
+  """CPU seconds (user + system) of this process and of its live children
+  (the grain workers); None without psutil."""
+  try:
+    import psutil
+  except ImportError:
+    return None
+  me = psutil.Process()
+  kids = 0.0
+  for child in me.children(recursive=True):
+    try:
+      t = child.cpu_times()
+      kids += t.user + t.system
+    except psutil.Error:
+      pass
+  t = me.cpu_times()
+  return t.user + t.system, kids
 
 
 def machine() -> dict:
