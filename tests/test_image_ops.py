@@ -309,3 +309,19 @@ def test_cmyk_jpeg_becomes_rgb():
   g = image_ops.make_record_transform('inception', 16, train=True)
   assert g({'image': buf.getvalue(), 'label': 0},
            np.random.default_rng(0))['image'].shape == (16, 16, 3)
+
+
+def test_inception_train_is_box_then_crop_resize_then_flip():
+  """The transform composes the pieces, drawing box then flip from one rng."""
+  jpeg = _INPUTS['jpeg']
+  f = image_ops.make_record_transform('inception', 24, train=True)
+  flips = 0
+  for seed in range(40):
+    out = f({'image': jpeg, 'label': 0}, np.random.default_rng(seed))['image']
+    rng = np.random.default_rng(seed)
+    box = image_ops.random_resized_crop_box(rng, 48, 64)
+    crop = image_ops.crop_resize(image_ops.open_image(jpeg), box, 24)
+    flipped = rng.random() < 0.5
+    flips += flipped
+    np.testing.assert_array_equal(out, crop[:, ::-1] if flipped else crop)
+  assert 0 < flips < 40
