@@ -80,6 +80,7 @@ def base() -> ml_collections.ConfigDict:
   c.batch_size = 128                       # global batch; divided over all devices
   c.num_epochs = 10
   c.eval_batch_size = 500
+  c.accumulation_steps = 1                 # K micro-batches per device batch: less memory, same update
   c.parallel = 'shard_map'                 # 'shard_map' (jit + shard_map) | 'pmap'
   c.num_devices = placeholder(int)         # None = all local devices
   c.log_every_steps = 20

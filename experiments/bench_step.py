@@ -2,6 +2,7 @@
 
   python experiments/bench_step.py [--model cnn] [--batch 128] [--steps 30] [--devices 1] [--chunk 32]
   python experiments/bench_step.py --methods erm,samix,samix_p     # any preset or SAMix name
+  python experiments/bench_step.py --methods gmix --accum 1,2,4      # gradient accumulation K
   python experiments/bench_step.py --model resnet18 --input 32,32,3 --batch 128,256 \\
       --optax-sam --chunks 8,16,32,64,128 --out experiments/bench_step_gpu.json   # on a GPU
 
@@ -19,7 +20,9 @@ and batch — ``optax.chain(gmix_jax.transforms.sam(ρ), sgd)`` and
 ``optax.contrib.sam(sgd, chain(normalize, sgd(ρ)), opaque_mode=True)`` —
 alternating the two so drift hits both. ``--chunks`` times BG-Mix with the
 ``per_example`` estimator at each chunk size (memory should follow the
-chunk, not the batch). Prints markdown tables; ``--out FILE`` writes JSON,
+chunk, not the batch). ``--accum 1,2,4`` runs every method with each number
+of micro-batches K (``make_objective(..., accumulation_steps=K)``; temp
+memory should fall with K). Prints markdown tables; ``--out FILE`` writes JSON,
 rewritten after every row so a run cut short keeps what it measured.
 """
 import argparse
@@ -78,17 +81,21 @@ def _samix_parts(name, model_name, module, apply_fn, input_shape, num_classes, p
                restore=lambda workdir: (0, {'extra': jax.device_get(source)}))
 
 
-def bench(method_name, model_name, module, input_shape, num_classes, batch, steps, n_dev, overrides):
+def bench(method_name, model_name, module, input_shape, num_classes, batch, steps, n_dev, overrides,
+          accumulation_steps=1):
   apply_fn = models.make_apply_fn(module)
   optimizer = optax.sgd(0.05, momentum=0.9)
   params, model_state = models.init_model(module, jax.random.PRNGKey(0), input_shape)
   if method_name in samix.METHODS:
+    if accumulation_steps != 1:
+      raise ValueError(f'--accum applies to the presets, not to {method_name}')
     objective, extra, extra_update = _samix_parts(method_name, model_name, module, apply_fn, input_shape,
                                                   num_classes, params, model_state)
     stale = False
   else:
     method = objectives.get_method(method_name, num_classes, **overrides)
-    objective, extra, extra_update = objectives.make_objective(method, apply_fn), None, None
+    objective = objectives.make_objective(method, apply_fn, accumulation_steps=accumulation_steps)
+    extra, extra_update = None, None
     stale = method.partition.rule != 'none' and method.sensitivity.estimator == 'stale'
   state = parallel.create_train_state(params, model_state, optimizer, 0,
                                       num_train=batch if stale else 0, extra=extra)
@@ -160,6 +167,7 @@ def main():
   p.add_argument('--estimators', default='per_example,first_order,shared,stale')
   p.add_argument('--chunk', type=int, default=32, help='sensitivity.chunk (0 = whole batch)')
   p.add_argument('--chunks', default='', help='BG-Mix per_example at each of these chunk sizes')
+  p.add_argument('--accum', default='1', help='accumulation_steps K, one or more, comma-separated')
   p.add_argument('--optax-sam', action='store_true', help='also time our SAM vs optax.contrib.sam')
   p.add_argument('--out', default=None)
   a = p.parse_args()
@@ -182,9 +190,11 @@ def main():
       if name in ('bgmix', 'dgmix'):
         variants = [(f' ({e})', {'sensitivity': {'estimator': e, 'chunk': a.chunk if e in ('per_example', 'first_order') else 0}})
                     for e in a.estimators.split(',')]
-      for suffix, overrides in variants:
-        r = bench(name, a.model, module, input_shape, 10, batch, a.steps, a.devices, overrides)
-        result['rows'].append({'method': name + suffix, 'batch': batch, **r})
+      accums = [int(k) for k in a.accum.split(',')]
+      for (suffix, overrides), k in ((v, k) for v in variants for k in accums):
+        suffix += f' K={k}' if accums != [1] else ''
+        r = bench(name, a.model, module, input_shape, 10, batch, a.steps, a.devices, overrides, k)
+        result['rows'].append({'method': name + suffix, 'batch': batch, 'accum': k, **r})
         print(f"batch {batch} {name + suffix:24s} {r['median_ms']:8.1f} ms  "
               f"temp {r.get('temp_mib', float('nan')):8.1f} MiB  compile {r['compile_s']:.0f} s", flush=True)
         save()

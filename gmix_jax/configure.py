@@ -17,6 +17,7 @@ import ml_collections
 import numpy as np
 import optax
 
+from gmix_jax import accumulation
 from gmix_jax import checkpoints
 from gmix_jax import data as data_lib
 from gmix_jax import models
@@ -33,6 +34,7 @@ OPTIONAL_FIELDS = {
     'debug_nan_step': None,     # test hook: the batch of this global step is made NaN
     'eval_every_epochs': 1,     # test-set eval + epoch-end checkpoint every k epochs (and at the end)
     'plots': True,              # write curves.png at the end (sweeps turn it off)
+    'accumulation_steps': 1,    # micro-batches per device batch (objectives.make_objective)
 }
 # Models that read their inputs as images [H, W] or [H, W, C].
 IMAGE_MODELS = ('cnn', 'resnet18', 'preact_resnet18', 'wrn28', 'wrn28_2', 'wrn28_10')
@@ -169,7 +171,12 @@ def validate_config(config: ml_collections.ConfigDict) -> objectives.Method:
   if config.batch_size % (n_dev * jax.process_count()):
     raise ValueError(f'batch_size={config.batch_size} must be divisible by the number of devices '
                      f'({n_dev * jax.process_count()})')
-  method.check_batch(config.batch_size // (n_dev * jax.process_count()))
+  k_acc = accumulation.check_steps(opt(config, 'accumulation_steps'))
+  if k_acc > 1 and config.method.name in samix.METHODS:
+    raise ValueError(f'accumulation_steps={k_acc} applies to the composed methods '
+                     f'({sorted(objectives.PRESETS)}), not to method.name={config.method.name!r}; '
+                     'use accumulation_steps=1')
+  method.check_batch(config.batch_size // (n_dev * jax.process_count()), k_acc)
   return method
 
 
@@ -225,8 +232,9 @@ def build_step_parts(config, method, module, apply_fn, ds, total_steps, params, 
   if config.method.name not in samix.METHODS:
     # The LR schedule is for sharpness.rho_schedule='lr' (GSAM's ρ_t).
     lr = build_lr_schedule(config, total_steps // config.num_epochs)
-    return objectives.make_objective(method, apply_fn, axis_name='batch', lr_schedule=lr,
-                                     num_steps=total_steps), None, None
+    return objectives.make_objective(
+        method, apply_fn, axis_name='batch', lr_schedule=lr, num_steps=total_steps,
+        accumulation_steps=opt(config, 'accumulation_steps')), None, None
   return samix.build(build_samix(config), config.model.name, module, apply_fn,
                      tuple(ds.input_shape), ds.num_classes, total_steps, params, model_state,
                      jax.random.fold_in(jax.random.PRNGKey(config.seed), 0x5A41),

@@ -35,6 +35,12 @@ the G-Mix abstract (Li & Tang); their knobs are ``PartitionConfig``'s.
 
 BatchNorm: the new model state comes from each part's first (unperturbed)
 pass, averaged over parts by their weight; perturbed passes never update it.
+
+Gradient accumulation (``make_objective(..., accumulation_steps=K)``,
+METHODS.md § 6): the parts are built from the whole device batch as above
+(same partners, λ and split as K = 1); then each part's gradient function
+sweeps its rows in K micro-batches, and the sharpness rule calls that
+function at w and at w + ε, so ε comes from the whole accumulated gradient.
 """
 from __future__ import annotations
 
@@ -44,6 +50,7 @@ from typing import Any, Callable, Mapping, NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 
+from gmix_jax import accumulation
 from gmix_jax import losses
 from gmix_jax import mixing
 from gmix_jax import partition
@@ -231,13 +238,54 @@ class Method:
       return self.sensitivity.rho
     return self.sharpness.radius if self.sharpness.active else sharpness.DEFAULT_RHO['sam']
 
-  def check_batch(self, batch_size: int) -> None:
-    """Static checks that need the per-device batch size B (before any jit)."""
+  def part_rows(self, batch_size: int) -> tuple[int, ...]:
+    """Rows of each part the objective builds from a device batch of B (static).
+
+    A part (see ``_build_parts``) is one set of rows with one perturbation;
+    multi-mix (``expand``) emits k rows per first parent, the others one.
+    """
+    per = self.mixing.k if self.mixing.policy == 'multimix' and self.mixing.budget == 'expand' else 1
+    cfg = self.partition
+    if cfg.rule == 'none':
+      return (batch_size * per,)
+    k = partition.num_sensitive(cfg.gamma, batch_size)
+    if cfg.rule == 'binary' and cfg.bgmix_rule == 'pair_within_subsets':
+      return (batch_size * per,)
+    if cfg.rule == 'binary' and cfg.bgmix_rule == 'sam_on_sensitive':
+      return tuple(n for n in (k * per, (batch_size - k) * per) if n)
+    mixed = k if cfg.mix_subset == 'sensitive' else batch_size - k
+    if cfg.rule == 'binary':                       # mix_one_subset: one part
+      return (mixed * per + batch_size - mixed,)
+    return tuple(n for n in (mixed * per, batch_size - mixed) if n)     # DG-Mix
+
+  def check_batch(self, batch_size: int, accumulation_steps: int = 1) -> None:
+    """Static checks that need the per-device batch size B and the number of
+    micro-batches K (``make_objective``'s ``accumulation_steps``), before any jit."""
+    k_acc = accumulation.check_steps(accumulation_steps)
     m = self.sharpness.m
+    if k_acc > 1:
+      if batch_size % k_acc:
+        raise ValueError(f'accumulation_steps={k_acc} must divide the per-device batch '
+                         f'{batch_size}; allowed: {accumulation.divisors(batch_size)}')
+      sizes = self.part_rows(batch_size)
+      if any(n % k_acc for n in sizes):
+        allowed = [d for d in accumulation.divisors(batch_size) if all(n % d == 0 for n in sizes)]
+        raise ValueError(f'accumulation_steps={k_acc} must divide the rows of each part '
+                         f'{list(sizes)} (per-device batch {batch_size}, partition.gamma='
+                         f'{self.partition.gamma}); allowed: {allowed}')
+      if self.mixing.policy == 'manifold':
+        raise ValueError(f"accumulation_steps={k_acc} cannot be combined with mixing.policy="
+                         "'manifold': Manifold Mixup mixes a row with its partner inside one "
+                         'forward pass, and partners may lie in another micro-batch; use '
+                         'accumulation_steps=1')
     rows = batch_size * (self.mixing.k if self.mixing.policy == 'multimix'
                          and self.mixing.budget == 'expand' else 1)
     if isinstance(m, int) and rows % m:
       raise ValueError(f'sharpness.m={m} must divide the rows per device ({rows})')
+    if isinstance(m, int) and (rows // k_acc) % m:
+      raise ValueError(f'sharpness.m={m} must divide the rows per micro-batch ({rows // k_acc} '
+                       f'= {rows} rows / accumulation_steps={k_acc}): a group of m examples '
+                       'must lie inside one micro-batch')
     if self.mixing.policy == 'multimix' and self.mixing.budget == 'fixed' and batch_size % self.mixing.k:
       raise ValueError(f'mixing.k={self.mixing.k} must divide the per-device batch {batch_size}')
     chunk = self.sensitivity.chunk
@@ -457,62 +505,109 @@ def _average_states(states: list[PyTree], shares: list[float]) -> PyTree:
   return jax.tree.map(avg, *states)
 
 
-def _mixupe_loss(apply_fn, p, model_state, mix_loss, clean, mix_cfg: MixingConfig):
-  """MixupE: the term on a second, clean forward pass, then the rescaling."""
-  x, y = clean
+def _mixupe_term(apply_fn, p, model_state, rows, mix_cfg: MixingConfig, frac: float):
+  """MixupE's signed term on a clean forward pass of ``rows``: L = L_mix − η·(this).
+
+  ``frac`` = (clean rows here)/(clean rows of the device batch), so that the
+  terms of the micro-batches add up to the whole batch's (1/B) Σ_i.
+  """
+  x, y = rows['cx'], rows['cy']
   if mix_cfg.mixupe_version == 3:          # L = L_mix − ηR, r_i = ⟨f(x_i), y_i − p_i⟩
     clean_logits, _ = apply_fn(p, model_state, x, True)
-    term = losses.mixupe_term(clean_logits, y, mix_cfg.alpha, mix_cfg.tau)
-    return losses.mixupe_rescale(mix_loss, term, mix_cfg.eta)
+    return frac * losses.mixupe_term(clean_logits, y, mix_cfg.alpha, mix_cfg.tau)
   # Version 1: L = L_mix + ηR₁ (the official code's sign), with the directional
-  # derivative J_f(x_i) δ_i, δ_i = x̄ − x_i, from one jvp. x̄ is the mean of the
-  # clean per-device batch (the official code uses the training-set mean, which
-  # the objective does not see; the batch mean estimates it).
-  delta = jax.lax.stop_gradient(jnp.mean(x, axis=0, keepdims=True) - x)
-  clean_logits, jd = jax.jvp(lambda v: apply_fn(p, model_state, v, True)[0], (x,), (delta,))
-  term = losses.mixupe_term_v1(clean_logits, jd, y, mix_cfg.alpha, mix_cfg.tau)
-  return losses.mixupe_rescale(mix_loss, -term, mix_cfg.eta)
+  # derivative J_f(x_i) δ_i, δ_i = x̄ − x_i, from one jvp (δ from the whole
+  # clean device batch, see _part_rows).
+  clean_logits, jd = jax.jvp(lambda v: apply_fn(p, model_state, v, True)[0], (x,), (rows['delta'],))
+  return -frac * losses.mixupe_term_v1(clean_logits, jd, y, mix_cfg.alpha, mix_cfg.tau)
+
+
+def _part_rows(part: _Part, mix_cfg: MixingConfig) -> dict:
+  """The part's per-row arrays, all with the leading row axis the sweep splits."""
+  rows = {'x': part.x, 'y': part.y, 'w': part.w}
+  if part.clean is not None:
+    rows['cx'], rows['cy'] = part.clean
+    if mix_cfg.mixupe_version == 1:
+      # x̄ is the mean of the clean per-device batch (the official code uses the
+      # training-set mean, which the objective does not see; the batch mean
+      # estimates it), taken before any micro-batch split.
+      cx = part.clean[0]
+      rows['delta'] = jax.lax.stop_gradient(jnp.mean(cx, axis=0, keepdims=True) - cx)
+  return rows
 
 
 def _part_gradient(apply_fn, params, model_state, part: _Part, rng, axis_name,
-                   mix_cfg: MixingConfig, rho):
-  """Gradient of Σ_r w_r ℓ_r for one part, at its own perturbed point of radius ``rho``."""
+                   mix_cfg: MixingConfig, rho, accumulation_steps: int = 1):
+  """Gradient of Σ_r w_r ℓ_r for one part, at its own perturbed point of radius ``rho``.
+
+  The part's gradient function sweeps its rows in ``accumulation_steps``
+  micro-batches (``accumulation``); the sharpness rule calls it at w and at
+  w + ε, so with K > 1 ε is formed once from the whole accumulated g.
+  """
   # Manifold Mixup: the model mixes its hidden state; the perturbed pass uses
   # the same point, λ and partners.
   mix_kw = {} if part.mix is None else {'mix': part.mix}
+  mixupe = part.clean is not None
+  clean_rows = part.clean[0].shape[0] if mixupe else 1
 
-  def loss_fn(p, x, y, w):
-    logits, new_state = apply_fn(p, model_state, x, True, **mix_kw)
-    loss = losses.weighted_loss(logits, y, w)
-    if part.clean is not None:          # MixupE: a second, clean forward pass
-      loss = _mixupe_loss(apply_fn, p, model_state, loss, part.clean, mix_cfg)
-    return loss, new_state
+  def micro_loss(p, rows):
+    """(the additive objective of these rows, (their mixup loss, new model state))."""
+    logits, new_state = apply_fn(p, model_state, rows['x'], True, **mix_kw)
+    loss = losses.weighted_loss(logits, rows['y'], rows['w'])
+    if not mixupe:
+      return loss, (loss, new_state)
+    term = _mixupe_term(apply_fn, p, model_state, rows, mix_cfg,
+                        rows['cx'].shape[0] / clean_rows)
+    return loss - mix_cfg.eta * term, (loss, new_state)
 
-  def one_group(x, y, w, key):
-    (loss, new_state), g = jax.value_and_grad(loss_fn, has_aux=True)(params, x, y, w)
+  def grad_fn(p, rows, k):
+    """(∇, (objective value, model state)) of ``rows``, swept in k micro-batches."""
+    def one(rows_j):
+      (total, (mix, state)), g = jax.value_and_grad(micro_loss, has_aux=True)(p, rows_j)
+      return (g, total, mix), state
+    (g, total, mix), states = accumulation.accumulate(one, rows, k, like=p)
+    if mixupe:
+      # MixupE's rescaling L ← sg(|L_mix|/|L|)·L on the whole batch's values
+      # (the value then equals L_mix; only the gradient changes).
+      c = jax.lax.stop_gradient(jnp.abs(mix) / jnp.abs(total))
+      g, total = sharpness.scale(g, c), c * total
+    return g, (total, accumulation.mean_state(states))
+
+  def one_group(rows, key, k):
+    g, (loss, new_state) = grad_fn(params, rows, k)
     if not part.rule.active:
       return g, new_state, loss, loss
-    grad_fn = lambda p: jax.value_and_grad(loss_fn, has_aux=True)(p, x, y, w)[::-1]
     g, (loss_p, _) = sharpness.sharpness_gradient(
-        part.rule, grad_fn, params, g, rng=key, rho=rho, axis_name=axis_name)
+        part.rule, lambda p: grad_fn(p, rows, k), params, g, rng=key, rho=rho,
+        axis_name=axis_name)
     return g, new_state, loss, loss_p
 
+  rows = _part_rows(part, mix_cfg)
   m = part.rule.m
   if not (part.rule.active and isinstance(m, int)) or m == part.x.shape[0]:
-    return one_group(part.x, part.y, part.w, rng)
+    return one_group(rows, rng, accumulation_steps)
   # m-sharpness: groups of m rows, each with its own ε; the part's gradient is
-  # the sum of the groups' (the weights already carry the 1/R).
+  # the sum of the groups' (the weights already carry the 1/R). Groups lie
+  # inside a micro-batch (check_batch), so the sweep runs whole groups.
   groups = part.x.shape[0] // m
-  regroup = lambda a: a.reshape((groups, m) + a.shape[1:])
-  g, states, loss, loss_p = jax.vmap(one_group)(
-      regroup(part.x), regroup(part.y), regroup(part.w), jax.random.split(rng, groups))
-  state = jax.tree.map(lambda s: jnp.mean(s, 0) if jnp.issubdtype(s.dtype, jnp.floating) else s[0], states)
-  return (jax.tree.map(lambda t: jnp.sum(t, 0), g), state, jnp.sum(loss), jnp.sum(loss_p))
+  grouped = {name: a.reshape((groups, m) + a.shape[1:]) for name, a in rows.items()}
+  grouped['key'] = jax.random.split(rng, groups)
+
+  def micro(gs):
+    rows_j = {name: a for name, a in gs.items() if name != 'key'}
+    g, states, loss, loss_p = jax.vmap(lambda r, kk: one_group(r, kk, 1))(rows_j, gs['key'])
+    return ((jax.tree.map(lambda t: jnp.sum(t, 0), g), jnp.sum(loss), jnp.sum(loss_p)),
+            accumulation.mean_state(states))
+
+  (g, loss, loss_p), states = accumulation.accumulate(micro, grouped, accumulation_steps,
+                                                      like=params)
+  return g, accumulation.mean_state(states), loss, loss_p
 
 
 def make_objective(method: Method, apply_fn: ApplyFn, *,
                    axis_name: Optional[str] = None, lr_schedule=None,
-                   num_steps: Optional[int] = None) -> Objective:
+                   num_steps: Optional[int] = None,
+                   accumulation_steps: int = 1) -> Objective:
   """The per-device objective of ``method``.
 
   Args:
@@ -530,6 +625,18 @@ def make_objective(method: Method, apply_fn: ApplyFn, *,
       ``sharpness.rho_schedule='lr'`` (GSAM's ρ_t = ρ_min + (ρ − ρ_min)
       (lr_t − lr_min)/(lr_max − lr_min), applied to every part's ρ, DG-Mix's
       ρ± included), which then reads the step from ``batch['step']``.
+    accumulation_steps: K, the number of micro-batches each part's rows are
+      swept in (METHODS.md § 6; ``accumulation``): a memory/time trade that
+      leaves the update unchanged (K = 1's, to float tolerance) for models
+      whose forward pass does not couple rows. Mixing, the sensitivity
+      split and the sharpness rule act on the whole device batch; scores
+      are computed micro-batch by micro-batch. BatchNorm batch statistics
+      are per micro-batch (running statistics average the micro-batches'
+      updates), the documented exception. K is an argument here, not a
+      ``Method`` field, because it does not change the method: it must
+      divide each part's rows and integer m groups must fit in a
+      micro-batch (``Method.check_batch``); Manifold Mixup, which pairs rows
+      inside one forward pass, is rejected with K > 1.
 
   Returns:
     ``objective(params, model_state, batch, rng) -> (grads, new_state, metrics)``
@@ -545,6 +652,7 @@ def make_objective(method: Method, apply_fn: ApplyFn, *,
                      'apply_fn(params, model_state, x, train, mix=None) that applies mix(j, h) at '
                      'each of its mixing points j = 0..P-1 and declares apply_fn.mix_points = P '
                      '(models.make_apply_fn does this for every model of gmix_jax.models)')
+  k_acc = accumulation.check_steps(accumulation_steps)
   policy = method.mixing.make_policy(getattr(apply_fn, 'mix_points', None))
   split_on = method.partition.rule != 'none'
   scheduled = method.sharpness.rho_schedule == 'lr'
@@ -559,13 +667,13 @@ def make_objective(method: Method, apply_fn: ApplyFn, *,
     x = batch['x']
     y = losses.as_soft_labels(batch['y'], method.num_classes)
     b = x.shape[0]
-    method.check_batch(b)
+    method.check_batch(b, k_acc)
     k_mix, k_sharp = jax.random.split(rng)
     metrics = {}
     split = None
     if split_on:
       s = sensitivity.scores(method.sensitivity, apply_fn, params, model_state, x, y,
-                             method.sensitivity_rho, batch.get('score'))
+                             method.sensitivity_rho, batch.get('score'), micro_batches=k_acc)
       split = partition.top_k_split(s, partition.num_sensitive(method.partition.gamma, b))
       metrics['sensitivity'] = jnp.mean(s)
       k = split.sensitive.shape[0]
@@ -590,7 +698,7 @@ def make_objective(method: Method, apply_fn: ApplyFn, *,
           part.rho, method.sharpness.rho_min, u)
       g, state, l, lp = _part_gradient(apply_fn, params, model_state, part,
                                        jax.random.fold_in(k_sharp, i), axis_name,
-                                       method.mixing, rho)
+                                       method.mixing, rho, k_acc)
       grads = g if grads is None else sharpness.add(grads, g)
       states.append(state)
       shares.append(part.share)

@@ -28,6 +28,7 @@ from typing import Any, Callable, Optional
 import jax
 import jax.numpy as jnp
 
+from gmix_jax import accumulation
 from gmix_jax import losses
 from gmix_jax import sharpness
 
@@ -110,35 +111,54 @@ def first_order(apply_fn: ApplyFn, params: PyTree, model_state: PyTree,
 
 
 def shared(apply_fn: ApplyFn, params: PyTree, model_state: PyTree,
-           x: jax.Array, y: jax.Array, rho) -> jax.Array:
-  """s_i = ℓ_i(w + ε) − ℓ_i(w), ε = SAM perturbation of the clean batch loss."""
+           x: jax.Array, y: jax.Array, rho, micro_batches: int = 1) -> jax.Array:
+  """s_i = ℓ_i(w + ε) − ℓ_i(w), ε = SAM perturbation of the clean batch loss.
+
+  With ``micro_batches`` = K the batch gradient is accumulated over K
+  micro-batches (one ε from the whole batch, as with K = 1) and the
+  perturbed losses are evaluated micro-batch by micro-batch.
+  """
   params = jax.lax.stop_gradient(params)
+  n = x.shape[0]
 
-  def batch_losses(p):
-    logits, _ = apply_fn(p, model_state, x, False)
-    per_ex = losses.soft_cross_entropy(logits, y)
-    return jnp.mean(per_ex), per_ex
+  def batch_losses(p, rows):
+    logits, _ = apply_fn(p, model_state, rows[0], False)
+    per_ex = losses.soft_cross_entropy(logits, rows[1])
+    return jnp.sum(per_ex) / n, per_ex          # the whole batch's mean, summed over micro-batches
 
-  grad, clean = jax.grad(batch_losses, has_aux=True)(params)
-  _, perturbed = batch_losses(sharpness.add(params, sharpness.sam_perturbation(grad, rho)))
-  return perturbed - clean
+  grad, clean = accumulation.accumulate(
+      lambda rows: jax.grad(batch_losses, has_aux=True)(params, rows), (x, y), micro_batches,
+      like=params)
+  perturbed_params = sharpness.add(params, sharpness.sam_perturbation(grad, rho))
+  _, perturbed = accumulation.accumulate(
+      lambda rows: ((), batch_losses(perturbed_params, rows)[1]), (x, y), micro_batches,
+      like=perturbed_params)
+  return (perturbed - clean).reshape(n)
 
 
 def scores(config: SensitivityConfig, apply_fn: ApplyFn, params: PyTree,
            model_state: PyTree, x: jax.Array, y: jax.Array, rho,
-           stale_scores: Optional[jax.Array] = None) -> jax.Array:
-  """s ``[B]`` by ``config.estimator``; ``stale`` returns ``stale_scores``."""
+           stale_scores: Optional[jax.Array] = None, micro_batches: int = 1) -> jax.Array:
+  """s ``[B]`` by ``config.estimator``; ``stale`` returns ``stale_scores``.
+
+  ``micro_batches`` = K (gradient accumulation) evaluates the estimators K
+  micro-batches at a time: the per-example ones in chunks of at most B/K
+  rows, ``shared`` with its batch gradient accumulated. Scores do not change.
+  """
+  chunk = config.chunk
+  if micro_batches > 1 and (chunk == 0 or chunk > x.shape[0] // micro_batches):
+    chunk = x.shape[0] // micro_batches
   if config.estimator == 'stale':
     if stale_scores is None:
       raise ValueError("sensitivity.estimator='stale' needs the batch's looked-up "
                        "scores (batch['score'])")
     s = stale_scores
   elif config.estimator == 'per_example':
-    s = per_example(apply_fn, params, model_state, x, y, rho, config.chunk)
+    s = per_example(apply_fn, params, model_state, x, y, rho, chunk)
   elif config.estimator == 'first_order':
-    s = first_order(apply_fn, params, model_state, x, y, rho, config.chunk)
+    s = first_order(apply_fn, params, model_state, x, y, rho, chunk)
   else:
-    s = shared(apply_fn, params, model_state, x, y, rho)
+    s = shared(apply_fn, params, model_state, x, y, rho, micro_batches)
   return jax.lax.stop_gradient(s.astype(jnp.promote_types(s.dtype, jnp.float32)))
 
 

@@ -243,12 +243,39 @@ def sharpness_gradient(rule: SharpnessRule,
     rng: for ESAM's mask.
     rho: overrides ``rule.radius`` (e.g. a schedule value).
     axis_name: when ``rule.m == 'global'``, the ascent gradient is averaged
-      over this axis before ε is formed, so every device uses one ε.
+      over this axis before ε is formed, ESAM's key is device 0's on every
+      device and g_p is averaged before GSAM's decomposition, so the
+      direction is the same on every device and equals the one-device
+      direction on the whole batch (``grad_fn``'s aux stays per device).
   """
-  if rule.m == 'global':
-    if axis_name is None:
-      raise ValueError("sharpness.m='global' needs the data-parallel axis name")
-    grads = jax.lax.pmean(grads, axis_name)
+  if rule.m != 'global':
+    eps = perturbation(rule, grads, params, rng, rho)
+    perturbed_grads, aux = grad_fn(add(params, eps))
+    return combine(rule, grads, perturbed_grads), aux
+  # Global m: every quantity of the rule is the global one (METHODS.md § 2),
+  # so the result does not depend on how the batch is spread over devices.
+  if axis_name is None:
+    raise ValueError("sharpness.m='global' needs the data-parallel axis name")
+  grads = jax.lax.pmean(grads, axis_name)
+  if rng is not None:
+    rng = shared_key(rng, axis_name)
   eps = perturbation(rule, grads, params, rng, rho)
   perturbed_grads, aux = grad_fn(add(params, eps))
+  # GSAM decomposes against the averaged g_p: the mean of per-device GSAM
+  # updates is not the GSAM update of the mean gradients.
+  perturbed_grads = jax.lax.pmean(perturbed_grads, axis_name)
   return combine(rule, grads, perturbed_grads), aux
+
+
+def shared_key(rng: jax.Array, axis_name: str) -> jax.Array:
+  """Device 0's key on every device of ``axis_name`` (a two-word all-reduce).
+
+  Keys reaching a rule are per device (the step folds the device index in),
+  but global m needs one ESAM keep-mask, hence one key. Device 0's key is the
+  one a single-device run draws, so 1 device and n devices use the same mask.
+  """
+  typed = jnp.issubdtype(rng.dtype, jax.dtypes.prng_key)
+  data = jax.random.key_data(rng) if typed else rng
+  first = jax.lax.axis_index(axis_name) == 0
+  data = jax.lax.psum(jnp.where(first, data, jnp.zeros_like(data)), axis_name)
+  return jax.random.wrap_key_data(data) if typed else data

@@ -141,22 +141,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   configure.validate_config(config)
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
-  with Preemption() as preemption, lock.job_lock(workdir):
+  with (Preemption() as preemption, lock.job_lock(workdir),
+        workdir_lib.disk_full_report(workdir) as report):
     s = setup(config, workdir)
     state, objective, extra_update = fresh_state(s)
     state, loop = restore_or_start(s, state, t_start)
+    report.ckpt = loop.ckpt          # its pending writes end before a full disk is reported
     state, placed = place(s, state, objective, extra_update)
-    with workdir_lib.disk_full_report(s.workdir, loop.ckpt):
-      state, step, stopped = run_loop(s, placed, state, loop, preemption)
-      loop.ckpt.wait_until_finished()
-      if loop.bar is not None:
-        loop.bar.close()
-      if stopped and step + 1 < s.total_steps:
-        return {'preempted': True, 'step': step + 1, 'steps': s.total_steps,
-                'workdir': s.workdir, 'signal': preemption.signal_name,
-                'checkpoint': os.path.join(s.workdir, 'checkpoints', str(step + 1)),
-                'wall_time_sec': time.time() - t_start}
-      return summarize(s, placed, state, loop)
+    state, step, stopped = run_loop(s, placed, state, loop, preemption)
+    loop.ckpt.wait_until_finished()
+    if loop.bar is not None:
+      loop.bar.close()
+    if stopped and step + 1 < s.total_steps:
+      return {'preempted': True, 'step': step + 1, 'steps': s.total_steps, 'workdir': s.workdir,
+              'signal': preemption.signal_name,
+              'checkpoint': os.path.join(s.workdir, 'checkpoints', str(step + 1)),
+              'wall_time_sec': time.time() - t_start}
+    return summarize(s, placed, state, loop)
 
 
 # ----------------------------------------------------------------------------

@@ -23,9 +23,20 @@ Put the sharpness transform first in the chain: it must see the raw
 gradient. The math is ``gmix_jax.sharpness``'s, shared with the objectives.
 
 Data parallel: with ``batch_axis_name`` the perturbed gradient is averaged
-over that axis (like ``optax.contrib.sam``'s), and with ``global_ascent=True``
-the ascent gradient is averaged first, so all devices share one ε (global
-m-sharpness). Without it each device perturbs with its own gradient.
+over that axis (like ``optax.contrib.sam``'s). Without ``global_ascent`` each
+device perturbs with its own gradient (m = the device batch). With
+``global_ascent=True`` every quantity of the rule is the global one: g is
+averaged before ε, ESAM draws one mask for all devices and GSAM decomposes
+against the averaged g_p, so the update does not depend on the device count.
+
+Under ``jax.shard_map`` (``check_vma=True``, the default) differentiate with
+respect to params marked device-varying,
+``p = jax.lax.pcast(params, axis, to='varying')``: a gradient with respect to
+*replicated* params is the sum of all devices' gradients, which would make
+the direction n_devices× too large and the ascent not per device. The
+transform raises a ``ValueError`` when it sees replicated params there.
+Under ``jax.pmap`` (no such typing) gradients are per device already. The
+README section "The SAM transform in your own Optax loop" runs both.
 """
 from __future__ import annotations
 
@@ -36,6 +47,7 @@ import jax.numpy as jnp
 import optax
 
 from gmix_jax import sharpness
+from gmix_jax import vma
 
 Schedule = Callable[[jax.Array], jax.Array]
 ScalarOrSchedule = Union[float, jax.Array, Schedule]
@@ -77,6 +89,8 @@ def sharpness_aware(rule: sharpness.SharpnessRule, rho: ScalarOrSchedule, *,
     del extra_args
     if params is None or grad_fn is None:
       raise ValueError(f'the {rule.name} transform needs params and grad_fn=(params, i) -> grads')
+    if batch_axis_name is not None:
+      _check_per_device(params, batch_axis_name, rule.name)
     key, next_key = jax.random.split(jax.random.wrap_key_data(state.rng))
     rho_t = rho(state.count) if callable(rho) else rho
     direction, _ = sharpness.sharpness_gradient(
@@ -89,6 +103,25 @@ def sharpness_aware(rule: sharpness.SharpnessRule, rho: ScalarOrSchedule, *,
                                      jax.random.key_data(next_key))
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _check_per_device(params, axis_name: str, name: str) -> None:
+  """Raise if ``params`` are replicated over ``axis_name`` under shard_map.
+
+  Only where JAX types values as varying/invariant (shard_map with
+  ``check_vma``, where the device index itself is varying); under pmap or
+  ``check_vma=False`` nothing is typed and gradients are per device anyway.
+  """
+  if not vma.typed(axis_name):
+    return
+  if all(axis_name in (vma.varying_axes(p) or ()) for p in jax.tree.leaves(params)):
+    return
+  raise ValueError(
+      f'transforms.{name}(batch_axis_name={axis_name!r}) under shard_map got params that are '
+      f'replicated over {axis_name!r}: jax.grad with respect to them sums every device\'s '
+      'gradient, so the direction would be n_devices times too large and the ascent not per '
+      f'device. Differentiate with respect to jax.lax.pcast(params, {axis_name!r}, '
+      "to='varying') and pass those params to update.")
 
 
 # The factories spell out their keyword arguments (no **kwargs) because

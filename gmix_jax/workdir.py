@@ -17,6 +17,7 @@ import json
 import os
 import socket
 import time
+import types
 
 import ml_collections
 
@@ -181,18 +182,21 @@ def kept_after_failure(workdir: str) -> str:
 
 
 @contextlib.contextmanager
-def disk_full_report(workdir: str, ckpt):
+def disk_full_report(workdir: str):
   """Turns a full disk, anywhere in the body, into one ``DiskFullError``
-  naming the path that failed and what was kept (after letting pending
-  checkpoint writes end, so no background thread fails during shutdown)."""
+  naming the path that failed and what was kept. Yields a report whose
+  ``ckpt`` (a CheckpointManager, once there is one) gets to finish its
+  pending writes first, so no background thread fails during shutdown."""
+  report = types.SimpleNamespace(ckpt=None)
   try:
-    yield
+    yield report
   except Exception as e:  # pylint: disable=broad-except
     cause = _full_disk_cause(e)
     if cause is None:
       raise
     try:
-      ckpt.wait_until_finished()
+      if report.ckpt is not None:
+        report.ckpt.wait_until_finished()
     except Exception:  # pylint: disable=broad-except  (the same full disk)
       pass
     path = getattr(cause, 'filename', None) or workdir

@@ -246,9 +246,9 @@ def copy_run(straight, tmp_path):
 
 
 def data_file(wd, step):
-  """The largest array data file of checkpoint ``step``."""
-  files = glob.glob(str(wd / 'checkpoints' / str(step) / 'state' / '**' / 'd' / '*'),
-                    recursive=True)
+  """The largest array data file of checkpoint ``step`` (process 0's OCDBT data: the
+  top-level ``state/d`` file was not read by a restore here, so corrupting it tests nothing)."""
+  files = glob.glob(str(wd / 'checkpoints' / str(step) / 'state' / 'ocdbt.process_0' / 'd' / '*'))
   return max(files, key=os.path.getsize)
 
 
@@ -416,3 +416,26 @@ def test_a_full_disk_is_one_error_naming_the_path_and_what_was_kept(straight, tm
       raise RuntimeError('checkpoint save failed') from inner
   except RuntimeError as outer:
     assert workdir_lib._full_disk_cause(outer) is wrapped
+
+
+def test_sigint_is_a_stop_request_and_a_second_one_aborts():
+  from gmix_jax.preemption import Preemption
+  before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+  with Preemption() as p:
+    os.kill(os.getpid(), signal.SIGINT)
+    assert p.requested and p.signal_name == 'SIGINT'
+    with pytest.raises(KeyboardInterrupt):
+      os.kill(os.getpid(), signal.SIGINT)
+    os.kill(os.getpid(), signal.SIGTERM)           # still a request, not the default (exit)
+    assert p.signal_name == 'SIGINT'
+  assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+
+
+def test_a_different_device_count_is_drift(tmp_path):
+  c = tiny_config('erm', 'digits', tmp_path / 'data')
+  workdir_lib.write_config(str(tmp_path), c)
+  os.mkdir(tmp_path / 'checkpoints')
+  workdir_lib.record_launch(str(tmp_path), c, 0, {}, devices=2, fresh=False)
+  assert workdir_lib.check_config(str(tmp_path), c, devices=2) == {}
+  with pytest.raises(ValueError, match=r'devices \(num_devices x processes\): 2 -> 4'):
+    workdir_lib.check_config(str(tmp_path), c, devices=4)

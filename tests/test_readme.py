@@ -30,3 +30,24 @@ def test_gmix_gradient_example_runs():
   exec(next(b for b in _blocks() if "get_method('gmix'" in b), scope)
   assert set(scope['metrics']) == {'loss', 'perturbed_loss'}
   assert scope['grads']['w1'].shape == (4, 16)
+
+
+def test_sam_transform_shard_map_example_is_per_device():
+  """The shard_map example (8 fake devices) gives the mean of the one-device
+  SAM updates of each device's rows (the per-device answer, not 8x it)."""
+  import jax
+  import numpy as np
+  import optax
+  from gmix_jax import transforms
+  scope = {}
+  exec(next(b for b in _blocks() if 'jax.shard_map' in b), scope)
+  x, y, n = np.asarray(scope['x']), np.asarray(scope['y']), jax.device_count()
+  opt = optax.chain(transforms.sam(rho=0.05), optax.sgd(0.1))
+  news = []
+  for xd, yd in zip(np.split(x, n), np.split(y, n)):
+    grad_fn = lambda v, _=None: jax.grad(lambda v: ((xd @ v - yd) ** 2).mean())(v)
+    w0 = np.zeros(3, np.float32)
+    updates, _ = opt.update(grad_fn(w0), opt.init(w0), w0, grad_fn=grad_fn)
+    news.append(optax.apply_updates(w0, updates))
+  assert n == 8
+  np.testing.assert_allclose(scope['w'], np.mean(news, 0), rtol=1e-5, atol=1e-6)

@@ -116,7 +116,8 @@ def test_zero_gradient_gives_finite_results(name):
 
 
 def test_global_ascent_averages_before_perturbing(x64):
-  # Under pmap with 'global' m, every device perturbs with the mean gradient.
+  # Under pmap with 'global' m, every device perturbs with the mean gradient
+  # and returns the mean perturbed gradient (every quantity global).
   n = 4
   ws = np.stack([W0 + 0.1 * i for i in range(n)])       # per-device "data" shifts the gradient
   def per_device(shift):
@@ -131,7 +132,7 @@ def test_global_ascent_averages_before_perturbing(x64):
   g_mean = A @ W0 + BVEC + ws.mean(0)
   eps = 0.2 * g_mean / np.linalg.norm(g_mean)
   for i in range(n):
-    np.testing.assert_allclose(out[i], A @ (W0 + eps) + BVEC + ws[i], rtol=1e-10)
+    np.testing.assert_allclose(out[i], A @ (W0 + eps) + BVEC + ws.mean(0), rtol=1e-10)
 
 
 def test_rule_validation_names_field():
