@@ -45,8 +45,8 @@ import numpy as np
 
 from gmix_jax.data import batching
 from gmix_jax.data import sources
+from gmix_jax.data.image_ops import AUGMENT_NAMES
 
-from gmix_jax.data.image_ops import AUGMENT_NAMES  # pylint: disable=g-bad-import-order
 # Batches each worker (or the prefetch thread) keeps ready.
 PREFETCH = 2
 
