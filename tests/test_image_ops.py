@@ -293,3 +293,35 @@ def test_bad_array_is_rejected():
   f = image_ops.make_record_transform('none', 8, True)
   with pytest.raises(ValueError, match='uint8'):
     f({'image': np.zeros((8, 8, 3), np.float32), 'label': 0}, None)
+
+
+def test_cmyk_jpeg_becomes_rgb():
+  """ImageNet holds a few CMYK JPEGs; they convert like PIL's own convert."""
+  cmyk = Image.fromarray(_gradient(40, 60)).convert('CMYK')
+  buf = io.BytesIO()
+  cmyk.save(buf, format='JPEG', quality=95)
+  f = image_ops.make_record_transform('none', None, train=False, channels=3)
+  out = f({'image': buf.getvalue(), 'label': 0}, None)['image']
+  ref = np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert('RGB'))
+  assert out.shape == (40, 60, 3)
+  np.testing.assert_array_equal(out, ref)
+  # channels=None: modes other than L and RGB also become RGB.
+  g = image_ops.make_record_transform('inception', 16, train=True)
+  assert g({'image': buf.getvalue(), 'label': 0},
+           np.random.default_rng(0))['image'].shape == (16, 16, 3)
+
+
+def test_inception_train_is_box_then_crop_resize_then_flip():
+  """The transform composes the pieces, drawing box then flip from one rng."""
+  jpeg = _INPUTS['jpeg']
+  f = image_ops.make_record_transform('inception', 24, train=True)
+  flips = 0
+  for seed in range(40):
+    out = f({'image': jpeg, 'label': 0}, np.random.default_rng(seed))['image']
+    rng = np.random.default_rng(seed)
+    box = image_ops.random_resized_crop_box(rng, 48, 64)
+    crop = image_ops.crop_resize(image_ops.open_image(jpeg), box, 24)
+    flipped = rng.random() < 0.5
+    flips += flipped
+    np.testing.assert_array_equal(out, crop[:, ::-1] if flipped else crop)
+  assert 0 < flips < 40

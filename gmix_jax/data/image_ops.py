@@ -34,7 +34,8 @@ Channels: ``channels=None`` keeps what the image has (grayscale -> 1, RGB ->
 is static.
 
 Resampling is bilinear with PIL's antialiasing (its filter widens when
-downscaling), the same filter in training and evaluation.
+downscaling), the same filter in training and evaluation. EXIF orientation
+is not applied (nor is it by tfds or the usual ImageNet pipelines).
 
 Randomness comes only from the ``np.random.Generator`` passed per record, so
 the same generator state gives the same output.
@@ -157,7 +158,7 @@ def draft_for(im: Image.Image, mode: str, needed: tuple[float, float]):
   width, height = im.size
   req = (min(width, max(1, math.ceil(needed[0]))),
          min(height, max(1, math.ceil(needed[1]))))
-  result = im.draft(mode if mode in ('L', 'RGB') else None, req)
+  result = im.draft(mode, req)
   if not result:
     return 1.0
   return result[1][2] / width  # box = (0, 0, W / s, H / s)
@@ -170,6 +171,19 @@ def _to_array(im: Image.Image, mode: str) -> np.ndarray:
   return array[..., None] if array.ndim == 2 else array
 
 
+def _crop_resize_image(im: Image.Image, box: Box | None, size: int,
+                       channels: int | None, draft: bool) -> Image.Image:
+  mode = _target_mode(im.mode, channels)
+  width, height = im.size
+  top, left, h, w = box if box is not None else (0, 0, height, width)
+  k = (draft_for(im, mode, (width * size / w, height * size / h))
+       if draft else 1.0)
+  if im.mode != mode:
+    im = im.convert(mode)
+  return im.resize((size, size), _RESAMPLE,
+                   box=(left * k, top * k, (left + w) * k, (top + h) * k))
+
+
 def crop_resize(im: Image.Image, box: Box | None, size: int,
                 channels: int | None = None, draft: bool = True
                 ) -> np.ndarray:
@@ -178,16 +192,8 @@ def crop_resize(im: Image.Image, box: Box | None, size: int,
   With ``draft``, a JPEG is decoded at the smallest DCT scale that keeps at
   least ``size`` pixels across the box, and the box is scaled to match.
   """
-  mode = _target_mode(im.mode, channels)
-  width, height = im.size
-  top, left, h, w = box if box is not None else (0, 0, height, width)
-  k = (draft_for(im, mode, (width * size / w, height * size / h))
-       if draft else 1.0)
-  if im.mode != mode:
-    im = im.convert(mode)
-  out = im.resize((size, size), _RESAMPLE,
-                  box=(left * k, top * k, (left + w) * k, (top + h) * k))
-  return _to_array(out, mode)
+  out = _crop_resize_image(im, box, size, channels, draft)
+  return _to_array(out, out.mode)
 
 
 def decode(image: bytes | np.ndarray, channels: int | None = None,
@@ -220,7 +226,10 @@ def inception_train(image, rng: np.random.Generator, size: int,
   im = open_image(image)
   width, height = im.size
   box = random_resized_crop_box(rng, height, width)
-  return flip(rng, crop_resize(im, box, size, channels))
+  out = _crop_resize_image(im, box, size, channels, draft=True)
+  if rng.random() < 0.5:  # as `flip`; in PIL: 10x cheaper than a numpy copy
+    out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+  return _to_array(out, out.mode)
 
 
 def inception_eval(image, size: int, channels: int | None = None
