@@ -313,7 +313,7 @@ def _common_defaults():
 
 def help_text(config=None) -> str:
   """The ``--help`` page; with ``config``, that config's values beside the field docs."""
-  from gmix_jax import data, models, objectives, samix
+  from gmix_jax import models, objectives, samix
   docs = field_docs()
   lines = [USAGE, '',
            'Trains one config; rerunning the same command resumes from the workdir\'s latest',
@@ -330,7 +330,8 @@ def help_text(config=None) -> str:
             '  ' + ', '.join([*objectives.PRESETS, *samix.METHODS]), '',
             'models (model.name) and their model.kwargs (constructor defaults):']
   lines += [f'  {name:16s}{_model_kwargs(ctor)}' for name, ctor in models.MODELS.items()]
-  lines += ['', 'datasets (dataset.name):', '  ' + ', '.join(data.DATASET_NAMES), '']
+  from gmix_jax.data import sources
+  lines += ['', 'datasets (dataset.name):', '  ' + ', '.join(sources.dataset_names()), '']
   if config is None:
     lines.append('config fields (field = default  # doc; --config=FILE --help shows a config\'s '
                  'values):')

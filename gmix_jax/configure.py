@@ -169,9 +169,7 @@ def validate_config(config: ml_collections.ConfigDict) -> objectives.Method:
     raise ValueError(f"model.param_rounding='dither' needs model.dtype='bfloat16', got {dtype!r}")
   one_of('method.name', config.method.name, sorted([*objectives.PRESETS, *samix.METHODS]))
   one_of('nan_policy', opt(config, 'nan_policy'), NAN_POLICIES)
-  name = config.dataset.name
-  if not (name in data_lib.DATASET_NAMES or name.startswith('npz:')):
-    one_of('dataset.name', name, data_lib.DATASET_NAMES)
+  data_lib.inputs.check_fields(config)               # name, augment, image_size, workers
   for field in ('batch_size', 'num_epochs', 'eval_batch_size', 'log_every_steps',
                 'checkpoint_every_steps', 'keep_checkpoints'):
     if not config[field] >= 1:
@@ -297,8 +295,8 @@ def ignored_knobs(config: ml_collections.ConfigDict, method: objectives.Method) 
   return messages
 
 
-def validate_data(config: ml_collections.ConfigDict, ds: data_lib.Dataset,
-                  y_train: np.ndarray, module, method: objectives.Method) -> None:
+def validate_data(config: ml_collections.ConfigDict, ds: data_lib.TrainData, module,
+                  method: objectives.Method) -> None:
   """What needs the data: labels in [0, C) and features the model can take.
 
   Runs after loading, before the model is initialised or the step compiled.
@@ -306,7 +304,7 @@ def validate_data(config: ml_collections.ConfigDict, ds: data_lib.Dataset,
   nothing is compiled or allocated).
   """
   c = ds.num_classes
-  for split, y in (('train', y_train), ('test', ds.y_test)):
+  for split, y in (('train', ds.train_labels()), ('test', ds.test_labels())):
     y = np.asarray(y)
     if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
       raise ValueError(f'dataset {ds.name!r}: y_{split} must be 1-D integer labels, got '
@@ -332,13 +330,11 @@ def validate_data(config: ml_collections.ConfigDict, ds: data_lib.Dataset,
     samix.feature_shape(module, samix.feature_layer(build_samix(config), config.model.name), shape)
 
 
-def augmented(objective, augment: bool):
-  """Wrap the objective so random crop + flip happen on device, in the step."""
-  if not augment:
-    return objective
+def normalized(objective, normalizer: data_lib.Normalizer):
+  """Wrap the objective so the batch's uint8 images (or float features) are
+  normalised on device, in the step (`gmix_jax.data.normalize`)."""
   def wrapped(params, model_state, batch, rng, *extra):
-    x = data_lib.random_crop_flip(jax.random.fold_in(rng, 0x5EED), batch['x'])
-    return objective(params, model_state, {**batch, 'x': x}, rng, *extra)
+    return objective(params, model_state, {**batch, 'x': normalizer(batch['x'])}, rng, *extra)
   return wrapped
 
 

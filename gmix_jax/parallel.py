@@ -29,6 +29,7 @@ device-varying (``jax.lax.pcast(..., to='varying')``) before differentiating.
 """
 from __future__ import annotations
 
+import multiprocessing
 import os
 from typing import Any, Callable, Optional, Sequence, Union
 
@@ -359,10 +360,14 @@ def maybe_initialize_distributed() -> None:
   cluster can tell), or a TPU pod / SLURM / Open MPI launch of more than one
   process is detected from its environment, or ``GMIX_DISTRIBUTED=1``
   (JAX then auto-detects everything; on a Cloud TPU pod this is all that is
-  needed). A no-op on a single host and when already initialized. Call it
-  first thing, before any JAX computation.
+  needed). A no-op on a single host, when already initialized, and in a
+  process started by ``multiprocessing`` (a Grain input worker: spawned, it
+  re-imports ``__main__`` and inherits the launcher's environment, but must
+  never join the job as one more process). Call it first thing, before any
+  JAX computation.
   """
-  if jax.distributed.is_initialized() or not _launched_multiprocess(os.environ):
+  if (jax.distributed.is_initialized() or multiprocessing.parent_process() is not None
+      or not _launched_multiprocess(os.environ)):
     return
   as_int = lambda var: int(os.environ[var]) if os.environ.get(var) else None
   jax.distributed.initialize(

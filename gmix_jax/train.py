@@ -56,9 +56,7 @@ class Setup:
   config: ml_collections.ConfigDict
   workdir: str
   method: objectives.Method
-  ds: data_lib.Dataset
-  x_train: np.ndarray
-  y_train: np.ndarray
+  ds: data_lib.TrainData      # splits, training subset, normaliser (streamed, never in memory)
   module: Any
   apply_fn: Callable
   optimizer: optax.GradientTransformation
@@ -77,6 +75,13 @@ class Setup:
   def per_device_batch(self) -> int:
     return self.config.batch_size // (self.n_dev * jax.process_count())
 
+  @property
+  def eval_batch(self) -> int:
+    """Global evaluation batch: ``eval_batch_size`` rounded up to whole rows
+    for every device of every process."""
+    k = self.n_dev * jax.process_count()
+    return -(-self.config.eval_batch_size // k) * k
+
 
 @dataclasses.dataclass
 class Placed:
@@ -84,9 +89,11 @@ class Placed:
   step_fn: Callable           # (state, device batch) -> (state, metrics)
   to_device: Callable         # host-local batch -> device batch
   host_state: Callable        # state -> what is checkpointed (the global state)
-  local_state: Callable       # state -> this process's copy (for evaluation)
-  predict: Callable           # (params, model_state, x) -> logits
-  score_fn: Callable          # (params, model_state, x, y) -> s_i (stale refresh)
+  local_state: Callable       # state -> this process's copy
+  eval_state: Callable        # state -> what eval_fn / score_fn take (global or local)
+  to_eval_device: Callable    # host-local eval batch -> what eval_fn / score_fn take
+  eval_fn: Callable           # (params, model_state, x, y, mask) -> sums over all processes
+  score_fn: Callable          # (params, model_state, x, y) -> s_i of the global batch
 
 
 @dataclasses.dataclass
@@ -164,21 +171,14 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Setup:
   n_dev = configure.num_devices(config)
   relaunch_changes = workdir_lib.check_config(workdir, config, n_dev * jax.process_count())
 
-  ds = data_lib.load_dataset(config.dataset.name, os.path.expanduser(config.dataset.data_dir),
-                             download=config.dataset.download)
-  x_train, y_train = ds.x_train, ds.y_train
-  if config.dataset.examples_per_class or config.dataset.train_fraction:
-    x_train, y_train = data_lib.subsample(
-        x_train, y_train, examples_per_class=config.dataset.examples_per_class,
-        train_fraction=config.dataset.train_fraction, seed=config.seed)
-  steps_per_epoch = data_lib.steps_per_epoch(x_train.shape[0], config.batch_size)
+  ds = data_lib.open_train_data(config)
+  steps_per_epoch = data_lib.steps_per_epoch(ds.num_train, config.batch_size)
 
   module, apply_fn = configure.build_model(config, ds.num_classes)
   method = configure.build_method(config, ds.num_classes)
-  configure.validate_data(config, ds, y_train, module, method)
+  configure.validate_data(config, ds, module, method)
   return Setup(
-      config=config, workdir=workdir, method=method, ds=ds, x_train=x_train, y_train=y_train,
-      module=module, apply_fn=apply_fn,
+      config=config, workdir=workdir, method=method, ds=ds, module=module, apply_fn=apply_fn,
       optimizer=configure.build_optimizer(config, steps_per_epoch),
       steps_per_epoch=steps_per_epoch, total_steps=config.num_epochs * steps_per_epoch,
       n_dev=n_dev, relaunch_changes=relaunch_changes,
@@ -202,9 +202,9 @@ def fresh_state(s: Setup):
                                           s.ds.input_shape)
   objective, extra, extra_update = configure.build_step_parts(
       config, s.method, s.module, s.apply_fn, s.ds, s.total_steps, params, model_state)
-  objective = configure.augmented(objective, config.dataset.augment)
+  objective = configure.normalized(objective, s.ds.normalizer)
   state = parallel.create_train_state(params, model_state, s.optimizer, config.seed,
-                                      num_train=s.x_train.shape[0] if s.use_stale else 0,
+                                      num_train=s.ds.num_train if s.use_stale else 0,
                                       extra=extra)
   return state, objective, extra_update
 
@@ -252,23 +252,28 @@ def place(s: Setup, state, objective, extra_update) -> tuple[Any, Placed]:
     state = jax.device_put(state, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
     to_device = lambda b: parallel.global_batch_to_device(b, mesh, 'batch')
     host_state = lambda st: st                # what is checkpointed: the global state
-    # For evaluation: this process's copy (replicated, so every copy is the same).
+    # This process's copy (replicated, so every copy is the same).
     local_state = lambda st: jax.tree.map(lambda a: a.addressable_data(0), st)
+    eval_state, eval_mesh = host_state, mesh  # evaluation: sharded over every process
   else:
     devices = jax.local_devices()[:s.n_dev]
     step_fn = parallel.pmap_step(per_device_step, devices=devices)
     state = parallel.replicate(state, devices)
     to_device = lambda b: parallel.shard_batch(b, s.n_dev)
-    host_state = local_state = parallel.unreplicate
+    host_state = local_state = eval_state = parallel.unreplicate
+    eval_mesh = None                          # evaluation: one device
 
   apply_fn, num_classes = s.apply_fn, s.ds.num_classes
   score_cfg = (method.sensitivity if method.sensitivity.estimator != 'stale'
                else sensitivity.SensitivityConfig('per_example', chunk=method.sensitivity.chunk))
-  predict = jax.jit(lambda p, ms, x: apply_fn(p, ms, x, False)[0])
-  score_fn = jax.jit(lambda p, ms, x, y: sensitivity.scores(
-      score_cfg, apply_fn, p, ms, x, jax.nn.one_hot(y, num_classes), method.sensitivity_rho))
-  return state, Placed(step_fn=step_fn, to_device=to_device, host_state=host_state,
-                       local_state=local_state, predict=predict, score_fn=score_fn)
+  predict = lambda p, ms, x: apply_fn(p, ms, x, False)[0]
+  score = lambda p, ms, x, y: sensitivity.scores(
+      score_cfg, apply_fn, p, ms, x, jax.nn.one_hot(y, num_classes), method.sensitivity_rho)
+  return state, Placed(
+      step_fn=step_fn, to_device=to_device, host_state=host_state, local_state=local_state,
+      eval_state=eval_state, to_eval_device=to_device if eval_mesh is not None else (lambda b: b),
+      eval_fn=evaluation.make_eval_fn(predict, s.ds.normalizer, eval_mesh),
+      score_fn=evaluation.make_score_fn(score, s.ds.normalizer, eval_mesh))
 
 
 def run_loop(s: Setup, placed: Placed, state, loop: Loop, preemption: Preemption):
@@ -278,9 +283,18 @@ def run_loop(s: Setup, placed: Placed, state, loop: Loop, preemption: Preemption
   """
   config = s.config
   start_step = int(jax.device_get(placed.local_state(state).step))
-  batches = data_lib.BatchIterator((s.x_train, s.y_train), config.batch_size, config.seed,
-                                   jax.process_index(), jax.process_count(),
-                                   start_step=start_step)
+  # The plan is a function of (seed, step): resuming needs only the step.
+  with s.ds.train_batches(global_batch=config.batch_size, seed=config.seed,
+                          num_steps=s.total_steps, start_step=start_step,
+                          process_index=jax.process_index(),
+                          process_count=jax.process_count()) as batches:
+    return _steps(s, placed, state, loop, preemption, batches, start_step)
+
+
+def _steps(s: Setup, placed: Placed, state, loop: Loop, preemption: Preemption, batches,
+           start_step: int):
+  """The loop body of `run_loop` over an open batch stream."""
+  config = s.config
   debug_nan_step = configure.opt(config, 'debug_nan_step')
   eval_every = s.steps_per_epoch * configure.opt(config, 'eval_every_epochs')
   loop.t_window, loop.window_steps = time.time(), 0
@@ -289,7 +303,7 @@ def run_loop(s: Setup, placed: Placed, state, loop: Loop, preemption: Preemption
     state = maybe_refresh_scores(s, placed, state, step)
     batch = next(batches)
     if step == debug_nan_step:                 # test hook: a batch that makes the loss NaN
-      batch['x'] = np.full_like(batch['x'], np.nan)
+      batch['x'] = np.full(batch['x'].shape, np.nan, np.float32)
     # This process's stop request travels with its batch; the step returns the
     # max over all devices, so every process stops after the same step.
     batch['stop'] = np.full(batch['y'].shape, preemption.requested, np.int32)
@@ -346,8 +360,8 @@ def summarize(s: Setup, placed: Placed, state, loop: Loop) -> dict[str, Any]:
       'final_test_ece': last_eval['ece'],
       'best_test_accuracy': max([h['accuracy'] for h in loop.history],
                                 default=last_eval['accuracy']),
-      'steps': s.total_steps, 'epochs': config.num_epochs, 'num_train': int(s.x_train.shape[0]),
-      'num_test': int(s.ds.x_test.shape[0]), 'method': config.method.name,
+      'steps': s.total_steps, 'epochs': config.num_epochs, 'num_train': s.ds.num_train,
+      'num_test': s.ds.num_test, 'method': config.method.name,
       'model': config.model.name, 'dataset': config.dataset.name,
       'devices': s.n_dev * jax.process_count(), 'parallel': config.parallel,
       'nonfinite_skipped': int(jax.device_get(placed.local_state(state).skipped)),
@@ -373,9 +387,12 @@ def maybe_refresh_scores(s: Setup, placed: Placed, state, step: int):
   ``refresh_every`` epochs (at the epoch's first step)."""
   if not (s.use_stale and step % (s.method.sensitivity.refresh_every * s.steps_per_epoch) == 0):
     return state
-  local = placed.local_state(state)
-  table = evaluation.refresh_scores(placed.score_fn, local.params, local.model_state,
-                                    s.x_train, s.y_train, s.per_device_batch)
+  st = placed.eval_state(state)
+  g = s.config.batch_size        # divisible by every device of every process
+  with s.ds.ordered_batches('train', global_batch=g, process_index=jax.process_index(),
+                            process_count=jax.process_count()) as batches:
+    table = evaluation.refresh_scores(placed.score_fn, st.params, st.model_state, batches,
+                                      placed.to_eval_device, s.ds.num_train, g)
   return parallel.set_scores(state, table)
 
 
@@ -456,6 +473,12 @@ def _clock(loop: Loop) -> dict:
 
 
 def _evaluate(s: Setup, placed: Placed, state) -> dict:
-  local = placed.local_state(state)
-  return evaluation.evaluate(placed.predict, local.params, local.model_state, s.ds.x_test,
-                             s.ds.y_test, s.config.eval_batch_size)
+  """Accuracy, loss and ECE over the whole test split, streamed (each
+  process its rows; the sums cover all of them)."""
+  st = placed.eval_state(state)
+  with s.ds.ordered_batches('test', global_batch=s.eval_batch, process_index=jax.process_index(),
+                            process_count=jax.process_count()) as batches:
+    metrics = evaluation.evaluate(placed.eval_fn, st.params, st.model_state, batches,
+                                  placed.to_eval_device)
+  del metrics['num_examples']    # == num_test (tests check it); not a per-epoch record field
+  return metrics

@@ -97,12 +97,23 @@ def check_config(workdir: str, config: ml_collections.ConfigDict,
   if old is None or not os.path.isdir(os.path.join(workdir, 'checkpoints')):
     return {}                 # nothing to continue: the launch starts the run afresh
   new = json.loads(config.to_json())
+  old = _upgrade_dataset(old)
   if devices is not None:
     previous = [r['devices'] for r in read_launches(workdir) if 'devices' in r]
     if previous:
       old, new = {**old, DEVICES: previous[-1]}, {**new, DEVICES: devices}
   defaults = {k: v for k, v in configure.OPTIONAL_FIELDS.items() if v is not None}
   return drift.check(workdir, old, new, defaults)
+
+
+def _upgrade_dataset(old: dict) -> dict:
+  """An older ``config.json`` in today's terms: ``dataset.augment`` was a bool
+  (True = pad-4 crop + flip = today's ``'cifar'``), so such a workdir resumes."""
+  augment = old.get('dataset', {}).get('augment')
+  if isinstance(augment, bool):
+    from gmix_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+    old = {**old, 'dataset': {**old['dataset'], 'augment': pipeline.augment_name(augment)}}
+  return old
 
 
 def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:

@@ -4,7 +4,7 @@
       --config.dataset.data_dir=/tmp/data
 
 BG-Mix with the `stale` estimator (a sensitivity table in the state), Mixup
-and on-device crop + flip (rng from the step) on 200 digits, 10 steps per
+and crop + flip (per record, rng from (seed, record, epoch)) on 200 digits, 10 steps per
 epoch, a checkpoint every 3 steps (so most checkpoints are mid-epoch), a
 train record every 2 steps (so the checkpoints at odd steps hold an
 unlogged step). Fields newer than configs/common.py (`nan_policy`,
@@ -19,7 +19,7 @@ def get_config():
   c = common.base()
   c.dataset.name = 'digits'
   c.dataset.examples_per_class = 20        # 200 examples -> 10 steps of 20
-  c.dataset.augment = True
+  c.dataset.augment = 'cifar'
   c.model.name = 'mlp'
   c.model.kwargs = {'hidden_sizes': (16,)}
   c.method = common.method('bgmix')

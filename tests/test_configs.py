@@ -10,7 +10,7 @@ import pytest
 
 from gmix_jax import configure, main, objectives
 
-PARAMETRISED = ['cifar10', 'mnist_subset', 'digits']
+PARAMETRISED = ['cifar10', 'mnist_subset', 'digits', 'mnist_jpeg']
 
 
 @pytest.mark.parametrize('name', PARAMETRISED)

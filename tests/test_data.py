@@ -1,4 +1,5 @@
-"""Tests for gmix_jax.data: sources, subsets, the batch plan, augmentation.
+"""Tests for gmix_jax.data: sources, subsets, the batch plan (the pipeline:
+tests/test_pipeline.py; per-record transforms: tests/test_image_ops.py).
 
 Nothing here downloads: tfds datasets are mocked (`tfds.testing.mock_data`),
 the offline builders prepare from pip-package data into a temporary dir.
@@ -8,13 +9,12 @@ import importlib.util
 import os
 import sys
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from gmix_jax import data
-from gmix_jax.data import batching
+from gmix_jax.data import sources
+from gmix_jax.data import stats
 from gmix_jax.data import subsets
 from gmix_jax.data import tfds_source
 
@@ -94,15 +94,19 @@ def test_png_image_feature_reads_without_tensorflow(tmp_path):
 
   PngToy(data_dir=str(tmp_path), file_format='array_record'
          ).download_and_prepare()
-  x_tr, y_tr, x_te, y_te, num_classes = tfds_source.load_tfds_arrays(
-      'png_toy', str(tmp_path))  # found from files: the class is unregistered
+  # Found from its files (the class is unregistered); images stay PNG bytes
+  # until the record transform decodes them.
+  train = sources.open_split('tfds:png_toy', 'train', str(tmp_path))
+  test = sources.open_split('tfds:png_toy', 'test', str(tmp_path))
+  stored, _ = train.read(np.arange(2))
+  assert all(isinstance(x, bytes) for x in stored)
+  x_tr, y_tr = data.load.read_split(train)
+  x_te, _ = data.load.read_split(test)
   assert 'tensorflow' not in sys.modules
   np.testing.assert_array_equal(x_tr, images[:10])  # PNG is lossless
   np.testing.assert_array_equal(x_te, images[10:])
   np.testing.assert_array_equal(y_tr, np.arange(10) % 3)
-  assert num_classes == 3
-  cached = tfds_source.load_tfds_arrays('png_toy', str(tmp_path))
-  np.testing.assert_array_equal(cached[0], x_tr)
+  assert train.num_classes == 3
 
 
 def test_missing_tfds_data_raises_without_downloading(tmp_path):
@@ -122,7 +126,7 @@ def test_download_needs_tensorflow_and_fails_before_downloading(tmp_path):
 def test_unknown_name_lists_valid_names(tmp_path):
   with pytest.raises(ValueError, match='dataset.name') as e:
     data.load_dataset('cifar11', str(tmp_path))
-  for name in ('cifar10', 'svhn_cropped', 'digits', 'mnist_subset', 'npz:'):
+  for name in ('cifar10', 'svhn_cropped', 'digits', 'mnist_subset', 'npz:', 'tfds:'):
     assert name in str(e.value)
 
 
@@ -183,8 +187,9 @@ def test_offline_builder_shapes_and_fixed_split(offline_dir, name):
 def test_digits_images_match_sklearn(offline_dir):
   from sklearn.datasets import load_digits
   src = load_digits()
-  tr = tfds_source.open_split('gmix_digits', 'train', offline_dir)
-  x, y = tfds_source.read_arrays(tr)
+  tr = sources.open_split('digits', 'train', offline_dir)
+  assert isinstance(tr.records, sources.ArrayRecords)   # small raw split: held in memory
+  x, y = tr.records.images, tr.records.labels
   idx = _source_indices('gmix_digits', 'train', offline_dir)
   np.testing.assert_array_equal(x[..., 0], src.images[idx])  # 0..16 kept
   np.testing.assert_array_equal(y, src.target[idx])
@@ -196,12 +201,13 @@ def test_offline_builders_are_cached_and_reproducible(offline_dir, tmp_path):
   mtimes = {f: os.path.getmtime(f) for f in files}
   again = {n: data.load_dataset(n, offline_dir) for n in _OFFLINE}
   assert {f: os.path.getmtime(f) for f in files} == mtimes  # nothing rebuilt
-  # Decoded arrays are cached next to the tfds files and equal a fresh read.
+  # Statistics are stored next to the tfds files, computed on the raw pixels.
   version_dir = os.path.join(offline_dir, 'gmix_digits', '1.0.0')
-  assert os.path.exists(os.path.join(version_dir, 'gmix_arrays_train.npz'))
-  x, y, _ = tfds_source.read_split('gmix_digits', 'train', offline_dir,
-                                   cache=False)
+  assert os.path.exists(os.path.join(version_dir, stats.STATS_FILE))
+  x, y = tfds_source.read_arrays(
+      tfds_source.open_split('gmix_digits', 'train', offline_dir))
   np.testing.assert_array_equal(y, again['digits'].y_train)
+  np.testing.assert_allclose(again['digits'].mean, [x.mean() / 16], rtol=1e-5)
   np.testing.assert_allclose(
       x / 16.0, again['digits'].x_train * again['digits'].std
       + again['digits'].mean, atol=1e-5)
@@ -351,90 +357,8 @@ def test_process_slices_are_disjoint_and_cover_global_batch():
     assert len(np.unique(seen)) == 96  # no example twice within an epoch
 
 
-def test_batch_iterator_resume_is_exact():
-  rng = np.random.default_rng(0)
-  x, y = rng.normal(size=(50, 3)), rng.integers(0, 5, 50)
-  it = data.BatchIterator((x, y), global_batch=8, seed=7)  # 6 steps/epoch
-  straight = [next(it) for _ in range(20)]
-  assert it.step == 20 and it.epoch == 3
-  resumed = data.BatchIterator({'x': x, 'y': y}, 8, 7, start_step=13)
-  for s in range(13, 20):
-    b = next(resumed)
-    for k in ('x', 'y', 'index'):
-      np.testing.assert_array_equal(b[k], straight[s][k])
-  b = straight[0]
-  assert b['x'].dtype == np.float32 and b['x'].shape == (8, 3)
-  assert b['y'].dtype == np.int32 and b['index'].dtype == np.int32
-  np.testing.assert_array_equal(b['x'], x[b['index']].astype(np.float32))
-  np.testing.assert_array_equal(b['y'], y[b['index']])
-
-
-def test_batch_iterator_processes_partition_the_global_batch():
-  x, y = np.arange(40.0)[:, None], np.arange(40)
-  full = data.BatchIterator((x, y), 8, seed=0, start_step=9)
-  parts = [data.BatchIterator((x, y), 8, 0, p, 2, start_step=9)
-           for p in range(2)]
-  for _ in range(6):
-    g = next(full)
-    local = [next(p) for p in parts]
-    assert all(b['x'].shape == (4, 1) for b in local)
-    np.testing.assert_array_equal(
-        np.concatenate([b['index'] for b in local]), g['index'])
-
-
 def test_batch_plan_rejects_bad_shapes():
   with pytest.raises(ValueError, match='not divisible'):
-    batching.batch_indices(100, 10, 0, 0, 0, 0, 3)
+    data.batch_indices(100, 10, 0, 0, 0, 0, 3)
   with pytest.raises(ValueError, match='larger than the training set'):
-    data.BatchIterator((np.zeros((5, 1)), np.zeros(5)), 8, 0)
-
-
-# ----------------------------------------------------------------------------
-# Augmentation
-# ----------------------------------------------------------------------------
-
-_IMAGES = jnp.asarray(
-    np.random.default_rng(0).normal(size=(16, 8, 8, 3)), jnp.float32)
-
-
-def test_flip_twice_with_same_key_is_identity():
-  key = jax.random.key(0)
-  once = data.random_flip(key, _IMAGES)
-  assert not np.array_equal(once, _IMAGES)  # some image was flipped
-  np.testing.assert_array_equal(data.random_flip(key, once), _IMAGES)
-  twice = data.random_crop_flip(
-      key, data.random_crop_flip(key, _IMAGES, pad=0), pad=0)
-  np.testing.assert_array_equal(twice, _IMAGES)
-
-
-def test_crop_with_zero_pad_is_identity():
-  out = data.random_crop_flip(jax.random.key(1), _IMAGES, pad=0, flip=False)
-  np.testing.assert_array_equal(out, _IMAGES)
-
-
-@pytest.mark.parametrize('mode', ['constant', 'reflect'])
-def test_crops_are_windows_of_the_padded_image(mode):
-  pad = 2
-  out = np.asarray(data.random_crop(jax.random.key(2), _IMAGES, pad, mode))
-  padded = np.pad(np.asarray(_IMAGES), ((0, 0), (pad, pad), (pad, pad),
-                                        (0, 0)), mode=mode)
-  h, w = _IMAGES.shape[1:3]
-  offsets = []
-  for i in range(len(out)):  # numpy reference: search every window
-    hits = [(dy, dx) for dy in range(2 * pad + 1) for dx in range(2 * pad + 1)
-            if np.array_equal(padded[i, dy:dy + h, dx:dx + w], out[i])]
-    assert hits, f'example {i} is not a window of its padded image'
-    offsets.append(hits[0])
-  assert len(set(offsets)) > 1  # per-example offsets, not one shared shift
-
-
-def test_augmentation_jit_equals_eager_and_vectors_pass_through():
-  key = jax.random.key(3)
-  jitted = jax.jit(data.random_crop_flip,
-                   static_argnames=('pad', 'flip', 'padding_mode'))
-  np.testing.assert_array_equal(jitted(key, _IMAGES, pad=3),
-                                data.random_crop_flip(key, _IMAGES, pad=3))
-  vectors = jnp.ones((4, 10))
-  assert data.random_crop_flip(key, vectors) is vectors
-  with pytest.raises(ValueError, match='NHWC'):
-    data.random_crop_flip(key, jnp.ones((4, 8, 8)))
+    data.steps_per_epoch(5, 8)

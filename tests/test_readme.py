@@ -51,7 +51,8 @@ def _cli_commands():
       if 'python -m gmix_jax.main' in line:
         commands.append(line.split('#')[0])
   commands += re.findall(r'`(python -m gmix_jax\.main [^`]*)`', text)
-  return [shlex.split(c)[3:] for c in commands]
+  # Placeholders such as <fresh dir> stand for one word.
+  return [shlex.split(re.sub(r'<[^>]*>', 'PLACEHOLDER', c))[3:] for c in commands]
 
 
 def test_readme_cli_commands_parse_and_validate(capsys, tmp_path):

@@ -94,8 +94,10 @@ def assert_same_run(workdir, reference):
 
 
 def test_sigkill_mid_epoch_then_resume_is_exact(reference, tmp_path):
+  """Killed while two Grain workers read ahead; resumed (in process, no workers)
+  from the step alone: the reference ran without workers too."""
   wd = tmp_path / 'killed'
-  proc = launch(wd, reference['data'])
+  proc = launch(wd, reference['data'], '--config.dataset.workers=2')
   # A checkpoint past step 3 that is not at an epoch end (10 steps per epoch).
   wait_for(proc, lambda: any(s % 10 for s in finalized_steps(wd)), 'a mid-epoch checkpoint')
   proc.send_signal(signal.SIGKILL)
@@ -110,11 +112,12 @@ def test_sigkill_mid_epoch_then_resume_is_exact(reference, tmp_path):
 
 def test_sigterm_checkpoints_exits_zero_and_resumes_exactly(reference, tmp_path):
   wd = tmp_path / 'preempted'
-  proc = launch(wd, reference['data'])
+  proc = launch(wd, reference['data'], '--config.dataset.workers=2')
   wait_for(proc, lambda: os.path.exists(wd / 'metrics.jsonl'), 'the first step')
   proc.send_signal(signal.SIGTERM)
   out, _ = proc.communicate(timeout=180)
   assert proc.returncode == 0, out[-3000:]
+  assert 'Exception ignored' not in out, out[-3000:]      # the workers were shut down
   stopped = finalized_steps(wd)[-1]
   assert 1 <= stopped < 30
   assert f'preempted at step {stopped}/30' in out and 'rerun the same command' in out, out[-2000:]

@@ -26,7 +26,7 @@ def tiny_config(method, dataset, data_dir):
     c.batch_size = 6
     c.model.name = 'cnn'
     c.model.kwargs = {'width': 4}
-    c.dataset.augment = True
+    c.dataset.augment = 'cifar'
   c.method = common.method(method)
   c.num_epochs = 1
   c.num_devices = 2
@@ -112,6 +112,10 @@ def test_knob_added_at_its_none_default_still_resumes(tmp_path):
     ('model.name', 'resnet7', r"model.name must be one of \[.*'cnn'.*'resnet18'"),
     ('dataset.name', 'imagenet', r"dataset.name must be one of \[.*'cifar10'.*'digits'"),
     ('parallel', 'xmap', r"parallel must be one of \['shard_map', 'pmap'\]"),
+    ('dataset.augment', 'flip', r"dataset.augment must be one of \['none', 'cifar', 'inception'\]"),
+    ('dataset.augment', 'inception', r"dataset.augment='inception' needs dataset.image_size"),
+    ('dataset.workers', -1, 'dataset.workers must be an int >= 0, got -1'),
+    ('dataset.image_size', 0, 'dataset.image_size must be None or an int >= 1, got 0'),
     ('nan_policy', 'ignore', r"nan_policy must be one of \['stop', 'skip'\]"),
     ('method.mixing.policy', 'mixdown', r"mixing.policy must be one of \[.*'mixup'"),
     # Out-of-range knobs.
@@ -174,11 +178,14 @@ def test_bad_data_fails_before_compiling(case, method, model, message, tmp_path)
 
 
 def test_labels_outside_the_classes_fail_before_compiling(tmp_path, monkeypatch):
-  x = np.zeros((40, 6), np.float32)
-  bad = data_lib.Dataset(name='fake', x_train=x, y_train=(np.arange(40) % 4).astype(np.int32),
-                         x_test=x[:4], y_test=np.zeros(4, np.int32), num_classes=3,
-                         input_shape=(6,), mean=np.zeros(6), std=np.ones(6))
-  monkeypatch.setattr(train.data_lib, 'load_dataset', lambda *a, **k: bad)
+  from gmix_jax.data import normalize, sources
+  records = sources.ArrayRecords(np.zeros((40, 6), np.float32), (np.arange(40) % 4).astype(np.int32))
+  split = lambda name: sources.Split('fake', name, records, 3, None)   # labels 0..3, 3 classes
+  bad = data_lib.TrainData(name='fake', train=split('train'), test=split('test'),
+                           train_ids=np.arange(40), input_shape=(6,),
+                           normalizer=normalize.Normalizer(np.zeros(6), np.ones(6), None),
+                           augment='none', image_size=None, workers=0)
+  monkeypatch.setattr(train.data_lib, 'open_train_data', lambda *a, **k: bad)
   c = tiny_config('erm', 'digits', tmp_path / 'data')
   c.dataset.examples_per_class = None
   with pytest.raises(ValueError, match=r"'fake': train labels must lie in \[0, 3\) .*got range \[0, 3\]"):

@@ -1,39 +1,47 @@
-"""Data: sources without TensorFlow, limited-data subsets, a stateless batch
-plan and on-device augmentation.
+"""Data: random-access sources without TensorFlow, one Grain pipeline, stored
+statistics, on-device normalisation, limited-data subsets.
 
-Typical use (see `train.py`)::
+Typical use (see `gmix_jax.train`)::
 
-  ds = load_dataset('cifar10', data_dir)                  # float32, normalised
-  x, y = subsample(ds.x_train, ds.y_train, examples_per_class=100, seed=0)
-  it = BatchIterator((x, y), global_batch=128, seed=0,
-                     process_index=jax.process_index(),
-                     process_count=jax.process_count(),
-                     start_step=int(state.step))
-  batch = next(it)                                        # {'x', 'y', 'index'}
-  x_aug = random_crop_flip(rng, batch['x'])               # inside the jit step
+  data = open_train_data(config)             # splits, subset, normaliser, input shape
+  with data.train_batches(global_batch=128, seed=0, num_steps=n, start_step=s,
+                          process_index=jax.process_index(),
+                          process_count=jax.process_count()) as batches:
+    batch = next(batches)                    # {'x': uint8, 'y', 'index'} (this process's rows)
+  x = data.normalizer(batch['x'])            # inside the jit step
 
-Modules, one idea each: `dataset` (the container and normalisation),
-`tfds_source` (tfds random access), `builders` (offline tfds builders),
-`npz_source`, `load` (the name -> source entry point), `subsets`,
-`batching`, `augment`. tfds is imported only when a tfds or offline dataset
-is loaded.
+Modules, one idea each: `sources` (every split by random access: `tfds_source`,
+`builders`, `npz_source`, `jpeg_sources`), `stats` (labels and per-channel
+statistics, stored beside the dataset), `subsets` (index selections),
+`batching` (the pure batch plan), `image_ops` (per-record transforms),
+`pipeline` (the Grain chain), `normalize` (on device), `inputs` (what a trainer
+reads from ``config.dataset``), `load` (whole small splits as arrays, for
+analysis). tfds is imported only when a tfds or offline dataset is opened.
 """
 
-from gmix_jax.data.augment import random_crop
-from gmix_jax.data.augment import random_crop_flip
-from gmix_jax.data.augment import random_flip
 from gmix_jax.data.batching import batch_indices
-from gmix_jax.data.batching import BatchIterator
 from gmix_jax.data.batching import epoch_permutation
 from gmix_jax.data.batching import steps_per_epoch
 from gmix_jax.data.dataset import Dataset
-from gmix_jax.data.load import DATASET_NAMES
+from gmix_jax.data import inputs
+from gmix_jax.data.inputs import open_train_data
+from gmix_jax.data.inputs import TrainData
 from gmix_jax.data.load import load_dataset
+from gmix_jax.data.normalize import Normalizer
+from gmix_jax.data.pipeline import AUGMENT_NAMES
+from gmix_jax.data.pipeline import Batches
+from gmix_jax.data.pipeline import ordered_batches
+from gmix_jax.data.pipeline import train_batches
+from gmix_jax.data.sources import dataset_names
+from gmix_jax.data.sources import open_split
+from gmix_jax.data.sources import open_splits
+from gmix_jax.data.sources import Split
 from gmix_jax.data.subsets import subsample
 from gmix_jax.data.subsets import subsample_indices
 
 __all__ = [
-    'BatchIterator', 'DATASET_NAMES', 'Dataset', 'batch_indices',
-    'epoch_permutation', 'load_dataset', 'random_crop', 'random_crop_flip',
-    'random_flip', 'steps_per_epoch', 'subsample', 'subsample_indices',
+    'AUGMENT_NAMES', 'Batches', 'Dataset', 'Normalizer', 'Split', 'TrainData', 'batch_indices',
+    'dataset_names', 'epoch_permutation', 'load_dataset', 'open_split', 'open_splits',
+    'open_train_data', 'ordered_batches', 'steps_per_epoch', 'subsample', 'subsample_indices',
+    'train_batches',
 ]

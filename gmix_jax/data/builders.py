@@ -4,7 +4,7 @@
 On first use each is prepared into ``data_dir`` as a real tfds dataset in
 array_record format, then read back through the same ``tfds.data_source``
 path as cifar10 (`gmix_jax.data.tfds_source`). Later loads reuse the files
-(and the decoded-array cache of `gmix_jax.data.tfds_source.read_split`).
+(and the statistics stored beside them, `gmix_jax.data.stats`).
 
 Why this works without TensorFlow (tfds 4.9.10): the example serializer and
 the array_record writer are pure Python/C++, and ``tfds.features.Tensor``

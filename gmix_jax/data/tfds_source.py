@@ -21,9 +21,10 @@ TensorFlow. What does and does not work without TensorFlow in tfds 4.9.10:
 ``data_source`` only defaults to array_record when no ``data_dir`` is given,
 so the format is always passed explicitly.
 
-Decoding is per example in Python (tfds' example parser, then PIL for PNG),
-about 0.3-0.7 ms per 32x32 image, so each split's decoded arrays are cached
-once as an ``.npz`` next to the tfds files (`read_split`).
+Encoded images (``tfds.features.Image``: PNG for cifar10 and the like, JPEG for
+imagenet2012) are read *undecoded* (``SkipDecoding``): the record transform
+decodes them in the worker that reads them (`gmix_jax.data.pipeline`). Raw
+uint8 ``Tensor`` features (the offline builders) are decoded by tfds with numpy.
 """
 
 from __future__ import annotations
@@ -43,7 +44,46 @@ _CHUNK = 1024  # records per batched read: bounds memory, amortises the call
 
 
 def open_split(name: str, split: str, data_dir: str, *, download: bool = False,
-               prepare_needs_tf: bool = True):
+               prepare_needs_tf: bool = True, skip_image_decoding: bool = False):
+  """`_open` (below), reopened with the image left encoded when it is an
+  encoded ``Image`` feature and ``skip_image_decoding``. (Not for a mocked
+  dataset, which has no files: ``tfds.testing.mock_data`` would encode its
+  generated images to skip their decoding, with TensorFlow.)"""
+  src = _open(name, split, data_dir, download=download, prepare_needs_tf=prepare_needs_tf)
+  feature = image_feature(src)
+  if (skip_image_decoding and feature is not None and is_encoded(feature)
+      and version_dir(src) is not None):
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+    src = tfds.data_source(name, split=split, data_dir=data_dir, download=False,
+                           builder_kwargs={'file_format': _ARRAY_RECORD},
+                           decoders={'image': tfds.decode.SkipDecoding()})
+  return src
+
+
+def image_feature(source):
+  """The source's ``'image'`` feature, or None (e.g. a mocked source)."""
+  info = getattr(source, 'dataset_info', None)
+  try:
+    return info.features['image']
+  except (AttributeError, KeyError, TypeError):
+    return None
+
+
+def is_encoded(feature) -> bool:
+  """True for a ``tfds.features.Image`` (stored as PNG/JPEG bytes)."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  return isinstance(feature, tfds.features.Image)
+
+
+def version_dir(source) -> str | None:
+  """The dataset's prepared version directory (where its files are), or None
+  when it does not exist on disk (mocked datasets)."""
+  path = getattr(getattr(source, 'dataset_info', None), 'data_dir', None)
+  return os.fspath(path) if isinstance(path, (str, os.PathLike)) and os.path.isdir(path) else None
+
+
+def _open(name: str, split: str, data_dir: str, *, download: bool = False,
+          prepare_needs_tf: bool = True):
   """Random-access source of one split: ``len(src)``, ``src[i]`` -> dict.
 
   Args:
@@ -128,66 +168,3 @@ def read_arrays(source: Sequence[dict[str, Any]], image_key: str = 'image',
 def num_classes_of(source, label_key: str = 'label') -> int:
   """Number of classes from the source's ``ClassLabel`` feature."""
   return int(source.dataset_info.features[label_key].num_classes)
-
-
-def _cache_file(source, split: str) -> str | None:
-  """Where decoded arrays of ``split`` are cached: the dataset's version dir.
-
-  None when that dir does not exist (mocked datasets) or the split name is
-  not a plain name (slices such as ``train[:10%]`` are not cached).
-  """
-  version_dir = getattr(source.dataset_info, 'data_dir', None)
-  if not split.isidentifier() or not version_dir or not os.path.isdir(
-      version_dir):
-    return None
-  return os.path.join(version_dir, f'gmix_arrays_{split}.npz')
-
-
-def read_split(name: str, split: str, data_dir: str, *, download: bool = False,
-               prepare_needs_tf: bool = True, cache: bool = True):
-  """One split as ``(images, labels, num_classes)``, decoded once then cached.
-
-  Decoding goes through tfds per example (PNG via PIL for the stock image
-  datasets: 0.3-0.7 ms per 32x32 image on one core, 20-40 s for CIFAR-10).
-  The decoded arrays are therefore saved as an uncompressed
-  ``gmix_arrays_<split>.npz`` inside the dataset's version directory, which
-  tfds replaces wholesale when the dataset is re-prepared, taking the cache
-  with it. A cache whose length disagrees with the source is ignored; a
-  read-only data dir just means no cache.
-  """
-  src = open_split(name, split, data_dir, download=download,
-                   prepare_needs_tf=prepare_needs_tf)
-  num_classes = num_classes_of(src)
-  path = _cache_file(src, split) if cache else None
-  if path and os.path.exists(path):
-    with np.load(path) as f:
-      if len(f['labels']) == len(src):
-        return f['images'], f['labels'], num_classes
-  images, labels = read_arrays(src)
-  if path:
-    tmp = f'{path}.tmp{os.getpid()}'
-    try:
-      with open(tmp, 'wb') as f:
-        np.savez(f, images=images, labels=labels)
-      os.replace(tmp, path)  # atomic: concurrent readers never see half
-    except OSError:
-      if os.path.exists(tmp):
-        os.remove(tmp)
-  return images, labels, num_classes
-
-
-def load_tfds_arrays(name: str, data_dir: str, *, download: bool = False,
-                     prepare_needs_tf: bool = True, cache: bool = True):
-  """Train and test arrays of a tfds dataset plus its number of classes.
-
-  Returns:
-    ``(x_train, y_train, x_test, y_test, num_classes)``, images as stored
-    (uint8 HWC), labels int64.
-  """
-  x_train, y_train, num_classes = read_split(
-      name, 'train', data_dir, download=download,
-      prepare_needs_tf=prepare_needs_tf, cache=cache)
-  x_test, y_test, _ = read_split(name, 'test', data_dir, download=download,
-                                 prepare_needs_tf=prepare_needs_tf,
-                                 cache=cache)
-  return x_train, y_train, x_test, y_test, num_classes

@@ -1,0 +1,227 @@
+"""Input throughput: decode -> random-resized crop -> flip -> batch, images/s.
+
+  python experiments/bench_input.py                       # 0, 1, 2 workers
+  python experiments/bench_input.py --workers 1,2,4,8,16 --label gpu16   # 16 cores
+
+ImageNet-like records are generated first (deterministic): ``--images``
+distinct 500 x 375 RGB JPEGs at quality 90 of a smooth colour pattern plus
+Gaussian noise (sigma 28), about 110 KB each (the mean is measured and
+written), stored as one array_record file of `gmix_jax.data.jpeg_sources`
+records. Each setting runs the library's training stream,
+`gmix_jax.data.pipeline.train_batches` (the trainer's own input path) over a
+`sources.Split` of these records: ``MapDataset.range(steps).map(batch at
+step s) -> to_iter_dataset(one thread) -> mp_prefetch(N workers)`` (no
+``mp_prefetch`` for 0 workers: one thread of the main process does the
+work), where a batch is an epoch-permutation slice, one ``__getitems__``
+read, the ``inception`` training transform of `gmix_jax.data.image_ops` per
+record at ``--size`` (224: PIL draft-mode decode, crop, bilinear resize,
+flip), and a ``np.stack`` into uint8 ``[B, 224, 224, 3]``. One worker is one
+process with one thread, so images/s per worker is a per-core figure.
+
+Timing: ``--warmup`` batches (worker start-up, and long enough to drain the
+batches buffered meanwhile, so the timed part is steady state), then the
+next ``--batches`` batches are timed with ``time.perf_counter``; images/s =
+images / seconds, and per worker = that / N. On a shared machine a process
+may get only part of a core, so CPU time is read too (psutil: this process
+and its worker processes, user + system, over the timed window):
+``images_per_worker_cpu_s`` = images / the workers' CPU seconds (the main
+process's for 0 workers) is what one worker does with a whole core. Also timed, in the main
+process without grain: full decode only, and the transform alone (so the
+cost of grain and of batching can be read off), per wall and per CPU second. Results are merged into
+``--out`` under ``--label`` (one entry per machine).
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+HEIGHT, WIDTH = 375, 500
+QUALITY = 90
+NOISE = 28.0
+
+
+def make_jpeg(seed: int) -> bytes:
+  """A 500 x 375 JPEG: per-channel sinusoidal gradient plus noise."""
+  from PIL import Image
+  rng = np.random.default_rng(seed)
+  yy, xx = np.mgrid[0:HEIGHT, 0:WIDTH].astype(np.float32)
+  phase = rng.uniform(0, 1, 3)
+  base = np.stack([
+      127.5 * (1 + np.sin(2 * np.pi * (xx / WIDTH * (1 + c)
+                                       + yy / HEIGHT * (2 - c) + phase[c])))
+      for c in range(3)], -1)
+  image = np.clip(base + rng.normal(0, NOISE, base.shape), 0, 255)
+  buf = io.BytesIO()
+  Image.fromarray(image.astype(np.uint8)).save(buf, format='JPEG',
+                                               quality=QUALITY)
+  return buf.getvalue()
+
+
+def write_jpeg_records(path: str, num_records: int, distinct: int) -> float:
+  """``num_records`` records cycling ``distinct`` JPEGs; returns mean bytes."""
+  from gmix_jax.data import jpeg_sources
+  pool = [make_jpeg(i) for i in range(min(distinct, num_records))]
+  jpeg_sources.write_records(
+      path, (jpeg_sources.encode_record(pool[i % len(pool)], i % 1000, i)
+             for i in range(num_records)))
+  return float(np.mean([len(p) for p in pool]))
+
+
+def make_dataset(path: str, workers: int, batch: int, size: int,
+                 seed: int = 0, steps: int = 1 << 30):
+  """The library's training stream (`pipeline.train_batches`) over the
+  records at ``path``, Inception crops at ``size``; close it when done."""
+  from gmix_jax.data import jpeg_sources
+  from gmix_jax.data import pipeline
+  from gmix_jax.data import sources
+  split = sources.Split('bench_jpeg', 'train',
+                        jpeg_sources.JpegRecordSource(path), num_classes=1000,
+                        pixel_max=255, channels=3)
+  return pipeline.train_batches(
+      split, None, global_batch=batch, seed=seed, num_steps=steps,
+      augment='inception', image_size=size, workers=workers)
+
+
+def time_pipeline(path: str, workers: int, batch: int, size: int,
+                  warmup: int, batches: int) -> dict:
+  with make_dataset(path, workers, batch, size) as it:
+    for _ in range(warmup):
+      b = next(it)
+    assert b['x'].shape == (batch, size, size, 3), b['x'].shape
+    assert b['x'].dtype == np.uint8
+    start, cpu0 = time.perf_counter(), cpu_seconds()
+    for _ in range(batches):
+      next(it)
+    seconds = time.perf_counter() - start
+    cpu1 = cpu_seconds()
+  images = batch * batches
+  rate = images / seconds
+  row = {'workers': workers, 'images_per_s': round(rate, 1),
+         'images_per_s_per_worker': round(rate / max(workers, 1), 1),
+         'seconds': round(seconds, 2), 'images': images}
+  if cpu0 is not None:
+    main, kids = cpu1[0] - cpu0[0], cpu1[1] - cpu0[1]
+    row.update(cpu_s_main=round(main, 2), cpu_s_workers=round(kids, 2),
+               images_per_worker_cpu_s=round(images / (kids if workers
+                                                       else main), 1))
+  return row
+
+
+def time_in_process(path: str, size: int, n: int = 200) -> dict:
+  """Decode alone and the transform alone, main process, no grain."""
+  from PIL import Image
+  from gmix_jax.data import image_ops
+  from gmix_jax.data import jpeg_sources
+  src = jpeg_sources.JpegRecordSource(path)
+  records = [src[i % len(src)] for i in range(n)]
+  start, cpu = time.perf_counter(), time.process_time()
+  for r in records:
+    np.asarray(Image.open(io.BytesIO(r['image'])).convert('RGB'))
+  decode = n / (time.perf_counter() - start)
+  decode_cpu = n / (time.process_time() - cpu)
+  transform = image_ops.make_record_transform('inception', size, True,
+                                              channels=3)
+  rng = np.random.default_rng(0)
+  start, cpu = time.perf_counter(), time.process_time()
+  for r in records:
+    transform(r, rng)
+  crop = n / (time.perf_counter() - start)
+  crop_cpu = n / (time.process_time() - cpu)
+  return {'full_decode_per_s': round(decode, 1),
+          'transform_per_s': round(crop, 1),
+          'full_decode_per_cpu_s': round(decode_cpu, 1),
+          'transform_per_cpu_s': round(crop_cpu, 1)}
+
+
+def cpu_seconds() -> tuple[float, float] | None:
+  """CPU seconds (user + system) of this process and of its live children
+  (the grain workers); None without psutil."""
+  try:
+    import psutil
+  except ImportError:
+    return None
+  me = psutil.Process()
+  kids = 0.0
+  for child in me.children(recursive=True):
+    try:
+      t = child.cpu_times()
+      kids += t.user + t.system
+    except psutil.Error:
+      pass
+  t = me.cpu_times()
+  return t.user + t.system, kids
+
+
+def machine() -> dict:
+  return {'platform': platform.platform(), 'python': platform.python_version(),
+          'cpus': os.cpu_count(),
+          'load_avg_at_start': [round(x, 2) for x in os.getloadavg()]}
+
+
+def main(argv=None) -> None:
+  p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  p.add_argument('--workers', default='0,1,2')
+  p.add_argument('--images', type=int, default=256,
+                 help='distinct JPEGs generated (the records cycle them)')
+  p.add_argument('--records', type=int, default=4096)
+  p.add_argument('--batch', type=int, default=64)
+  p.add_argument('--size', type=int, default=224)
+  p.add_argument('--warmup', type=int, default=0,
+                 help='batches before timing (default: 4 + 3 per worker)')
+  p.add_argument('--batches', type=int, default=0,
+                 help='timed batches (default: 16 + 8 per worker)')
+  p.add_argument('--data_dir', default=None,
+                 help='where the records file goes (default: a temp dir)')
+  p.add_argument('--label', default='cpu')
+  p.add_argument('--out', default=os.path.join(os.path.dirname(__file__),
+                                               'bench_input.json'))
+  args = p.parse_args(argv)
+
+  tmp = None
+  if args.data_dir is None:
+    tmp = tempfile.TemporaryDirectory()
+  data_dir = args.data_dir or tmp.name
+  path = os.path.join(data_dir, f'bench_jpeg_{args.records}.array_record')
+  start = time.perf_counter()
+  mean_bytes = write_jpeg_records(path, args.records, args.images)
+  print(f'{args.records} records ({args.images} distinct JPEGs, mean '
+        f'{mean_bytes / 1e3:.1f} KB) in {time.perf_counter() - start:.1f} s',
+        flush=True)
+
+  entry = {'machine': machine(), 'command': 'python ' + ' '.join(
+      [os.path.relpath(__file__)] + (sys.argv[1:] if argv is None else argv)),
+           'image': f'{WIDTH}x{HEIGHT} RGB JPEG q{QUALITY}',
+           'mean_jpeg_bytes': round(mean_bytes), 'crop': args.size,
+           'batch': args.batch, 'in_process': time_in_process(path, args.size),
+           'pipeline': []}
+  print(entry['in_process'], flush=True)
+  for w in [int(x) for x in args.workers.split(',')]:
+    row = time_pipeline(path, w, args.batch, args.size,
+                        args.warmup or 4 + 3 * w,
+                        args.batches or 16 + 8 * w)
+    entry['pipeline'].append(row)
+    print(row, flush=True)
+
+  entry['machine']['load_avg_at_end'] = [round(x, 2) for x in os.getloadavg()]
+  results = {}
+  if os.path.exists(args.out):
+    with open(args.out) as f:
+      results = json.load(f)
+  results[args.label] = entry
+  with open(args.out, 'w') as f:
+    json.dump(results, f, indent=1)
+    f.write('\n')
+  if tmp is not None:
+    tmp.cleanup()
+
+
+if __name__ == '__main__':
+  main()

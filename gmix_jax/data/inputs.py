@@ -1,0 +1,135 @@
+"""What a trainer reads from ``config.dataset``: `TrainData`, the two splits
+of a dataset, the training subset, the normaliser and the batch streams.
+
+Config fields (configs/common.py): ``name``, ``data_dir``, ``download``,
+``examples_per_class`` / ``train_fraction`` (an index selection over the
+training split, `subsets`), ``augment`` (``'none'`` | ``'cifar'`` |
+``'inception'``; old configs' ``True``/``False`` mean ``'cifar'``/``'none'``),
+``image_size`` (crop size; None = the stored size) and ``workers`` (Grain
+worker processes; 0 = read in the training process). Fields missing from an
+older config take these defaults.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import ml_collections
+import numpy as np
+
+from gmix_jax.data import normalize as normalize_lib
+from gmix_jax.data import pipeline
+from gmix_jax.data import sources
+from gmix_jax.data import subsets
+from gmix_jax.data import validate
+
+DEFAULTS = {'augment': 'none', 'image_size': None, 'workers': 0}
+
+
+def dataset_field(config: ml_collections.ConfigDict, field: str):
+  """``config.dataset.<field>``, or its default for configs older than it."""
+  return config.dataset.get(field, DEFAULTS.get(field))
+
+
+def check_fields(config: ml_collections.ConfigDict) -> None:
+  """The dataset fields' values, checked before any data is read."""
+  name = config.dataset.name
+  if not (isinstance(name, str) and sources.is_known(name)):
+    raise sources.unknown_name_error(name)
+  augment = pipeline.augment_name(dataset_field(config, 'augment'))
+  size = dataset_field(config, 'image_size')
+  if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
+    raise ValueError(f'dataset.image_size must be None or an int >= 1, got {size!r}')
+  if augment == 'inception' and size is None:
+    raise ValueError("dataset.augment='inception' needs dataset.image_size (e.g. 224)")
+  workers = dataset_field(config, 'workers')
+  if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
+    raise ValueError(f'dataset.workers must be an int >= 0, got {workers!r}')
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class TrainData:
+  """A dataset as the trainer uses it.
+
+  Attributes:
+    train, test: the splits (`sources.Split`).
+    train_ids: the training set's records in ``train`` (sorted; all of them
+      unless ``examples_per_class`` / ``train_fraction`` select a subset).
+    input_shape: one example's shape as the model sees it.
+    normalizer: on-device ``uint8 -> float32`` (`normalize.Normalizer`).
+  """
+  name: str
+  train: sources.Split
+  test: sources.Split
+  train_ids: np.ndarray
+  input_shape: tuple[int, ...]
+  normalizer: normalize_lib.Normalizer
+  augment: str
+  image_size: int | None
+  workers: int
+
+  @property
+  def num_classes(self) -> int:
+    return self.train.num_classes
+
+  @property
+  def num_train(self) -> int:
+    return len(self.train_ids)
+
+  @property
+  def num_test(self) -> int:
+    return len(self.test)
+
+  def train_labels(self) -> np.ndarray:
+    return self.train.labels()[self.train_ids]
+
+  def test_labels(self) -> np.ndarray:
+    return self.test.labels()
+
+  def train_batches(self, *, global_batch: int, seed: int, num_steps: int, start_step: int,
+                    process_index: int, process_count: int) -> pipeline.Batches:
+    """The training stream from ``start_step`` (`pipeline.train_batches`)."""
+    return pipeline.train_batches(
+        self.train, self.train_ids, global_batch=global_batch, seed=seed, num_steps=num_steps,
+        start_step=start_step, augment=self.augment, image_size=self.image_size,
+        workers=self.workers, process_index=process_index, process_count=process_count)
+
+  def ordered_batches(self, split: str, *, global_batch: int, process_index: int,
+                      process_count: int) -> pipeline.Batches:
+    """``'test'``: the test split; ``'train'``: the training set (for the
+    ``stale`` refresh), unaugmented, in order, padded and masked.
+
+    Splits held in memory as raw arrays are read in this process whatever
+    ``workers`` says: there is nothing to decode, and starting workers for each
+    pass (they are spawned afresh) would cost more than the pass.
+    """
+    src, ids = (self.test, None) if split == 'test' else (self.train, self.train_ids)
+    in_memory = isinstance(src.records, sources.ArrayRecords)
+    return pipeline.ordered_batches(
+        src, ids, global_batch=global_batch, augment=self.augment, image_size=self.image_size,
+        workers=0 if in_memory else self.workers, process_index=process_index,
+        process_count=process_count)
+
+
+def open_train_data(config: ml_collections.ConfigDict) -> TrainData:
+  """Opens ``config.dataset`` (see the module docstring); reads no images but
+  the first (for the input shape) and, once per dataset, the statistics."""
+  check_fields(config)
+  dc = config.dataset
+  train, test = sources.open_splits(dc.name, os.path.expanduser(dc.data_dir),
+                                    download=dc.download)
+  for split in (train, test):                  # before any record is read
+    validate.check_nonempty(dc.name, split.split, len(split))
+  ids = np.arange(len(train))
+  if dc.examples_per_class or dc.train_fraction:
+    ids = subsets.subsample_indices(train.labels(), examples_per_class=dc.examples_per_class,
+                                    train_fraction=dc.train_fraction, seed=config.seed)
+  augment = pipeline.augment_name(dataset_field(config, 'augment'))
+  size = dataset_field(config, 'image_size')
+  first = pipeline.OrderedBatch(train, ids[:1], 1,
+                                pipeline.record_transform(train, augment, size, train=False))(0)
+  return TrainData(name=dc.name, train=train, test=test, train_ids=ids,
+                   input_shape=tuple(first['x'].shape[1:]),
+                   normalizer=normalize_lib.for_split(train), augment=augment, image_size=size,
+                   workers=dataset_field(config, 'workers'))

@@ -1,0 +1,199 @@
+"""Every dataset split as a random-access source: ``open_split(name, split, data_dir)``.
+
+A `Split` is what the pipeline (`gmix_jax.data.pipeline`) reads: ``len(split)``
+records, ``split.read(ids)`` -> ``(images, labels)`` for a batch of record ids,
+its class count, its pixel maximum and where its metadata (`stats`) is stored.
+Images come back as they are stored: encoded bytes (PNG/JPEG, decoded later by
+the record transform, in the worker that reads them), or uint8 / float arrays.
+
+Names (``dataset.name``):
+
+* ``cifar10``, ``cifar100``, ``svhn_cropped``, ``fashion_mnist``, ``mnist``, and
+  any other tfds image dataset prepared as array_record in ``data_dir``
+  (`tfds_source`): read record by record; ``Image`` features stay encoded.
+* ``digits``, ``mnist_subset``: offline, prepared into ``data_dir`` on first use
+  (`builders`), then read like the tfds ones.
+* ``tfds:NAME``: any other tfds image dataset (features ``image``, ``label``)
+  prepared as array_record in ``data_dir``.
+* ``npz:/path/file.npz``: a user's arrays (`npz_source`), held as given.
+* names registered by `gmix_jax.data.jpeg_sources` (``mnist_jpeg``,
+  ``imagenet2012``) when that module is present.
+
+Small splits of raw (not encoded) tensors, such as the offline sets, are read
+into memory once (`IN_MEMORY_BYTES`): an array_record random read costs 20-40 µs
+a record on a CPU, more than the rest of a small run's input work. They remain a
+source like any other; only where the bytes sit differs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from gmix_jax.data import tfds_source
+
+NPZ_PREFIX = 'npz:'
+TFDS_PREFIX = 'tfds:'     # any other tfds image dataset prepared as array_record
+OFFLINE_DATASETS = ('digits', 'mnist_subset')
+# Raw-tensor splits up to this size are read into memory once (see module doc).
+IN_MEMORY_BYTES = 256 << 20
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Split:
+  """One split of a classification dataset, by random access.
+
+  Attributes:
+    name: the dataset's load name.
+    split: ``'train'`` or ``'test'``.
+    records: ``len(records)``; ``records[i]`` -> ``{'image', 'label'}``;
+      ``records.__getitems__(ids)`` when batched reads exist.
+    num_classes: number of classes.
+    pixel_max: value of a white pixel (255, 16) for images; None for features.
+    meta_dir: directory where this dataset's metadata (`stats`) is stored, or
+      None when it cannot be stored (mocked data, in-memory arrays).
+    fixed_stats: ``(mean, std)`` per channel in [0, 1] units when the dataset
+      has standard constants (ImageNet); None = computed once (`stats`).
+    channels: channels the record transform converts every image to (3 for
+      sets mixing grayscale and colour JPEGs); None keeps each image's own.
+  """
+  name: str
+  split: str
+  records: Sequence[dict[str, Any]]
+  num_classes: int
+  pixel_max: float | None
+  meta_dir: str | None = None
+  fixed_stats: tuple[Sequence[float], Sequence[float]] | None = None
+  channels: int | None = None
+
+  def __len__(self) -> int:
+    return len(self.records)
+
+  def read(self, ids: np.ndarray) -> tuple[Any, np.ndarray]:
+    """Records ``ids`` as ``(images, labels int32 [k])``.
+
+    ``images`` is one array ``[k, ...]`` for array-backed splits (a single
+    fancy index) and a list of stored images (bytes or arrays) otherwise.
+    """
+    records = self.records
+    if isinstance(records, ArrayRecords):
+      return records.images[ids], records.labels[ids]
+    ids = [int(i) for i in ids]
+    get_many = getattr(records, '__getitems__', None)
+    examples = get_many(ids) if get_many is not None else [records[i] for i in ids]
+    return ([ex['image'] for ex in examples],
+            np.asarray([ex['label'] for ex in examples], np.int32))
+
+  def labels(self) -> np.ndarray:
+    """Every label, int32 ``[len(self)]`` (cached by `stats.split_labels`)."""
+    if isinstance(self.records, ArrayRecords):
+      return self.records.labels
+    from gmix_jax.data import stats  # pylint: disable=g-import-not-at-top
+    return stats.split_labels(self)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class ArrayRecords:
+  """Records held as two arrays (npz files, small raw splits)."""
+  images: np.ndarray
+  labels: np.ndarray
+
+  def __len__(self) -> int:
+    return len(self.labels)
+
+  def __getitem__(self, i: int) -> dict[str, Any]:
+    return {'image': self.images[i], 'label': int(self.labels[i])}
+
+
+def _tfds_split(name: str, load_name: str, split: str, data_dir: str, *, download: bool,
+                prepare_needs_tf: bool, pixel_max: float) -> Split:
+  """A tfds array_record split; raw-tensor images of a small split go to memory."""
+  src = tfds_source.open_split(load_name, split, data_dir, download=download,
+                               prepare_needs_tf=prepare_needs_tf, skip_image_decoding=True)
+  num_classes = tfds_source.num_classes_of(src)
+  meta_dir = tfds_source.version_dir(src)
+  records: Sequence[dict[str, Any]] = src
+  feature = tfds_source.image_feature(src)
+  shape = getattr(feature, 'shape', None)
+  if (feature is not None and not tfds_source.is_encoded(feature) and shape
+      and None not in shape and len(src) * int(np.prod(shape)) <= IN_MEMORY_BYTES):
+    images, labels = tfds_source.read_arrays(src)
+    records = ArrayRecords(images, labels.astype(np.int32))
+  return Split(name, split, records, num_classes, pixel_max, meta_dir=meta_dir)
+
+
+def _npz_splits(path: str) -> dict[str, Split]:
+  from gmix_jax.data import npz_source  # pylint: disable=g-import-not-at-top
+  x_train, y_train, x_test, y_test, num_classes, pixel_max = npz_source.read_npz(path)
+  out = {}
+  for split, x, y in (('train', x_train, y_train), ('test', x_test, y_test)):
+    if pixel_max is None:
+      x = x.astype(np.float32)         # features travel as float32
+    elif x.ndim == 3:
+      x = x[..., None]                 # grayscale [N, H, W] -> one channel, as decoded JPEGs
+    records = ArrayRecords(x, np.asarray(y, np.int32))
+    out[split] = Split(NPZ_PREFIX + path, split, records, num_classes, pixel_max)
+  return out
+
+
+def _registered() -> dict[str, Callable[..., Split]]:
+  """Extra names from `gmix_jax.data.jpeg_sources`, when that module exists."""
+  try:
+    from gmix_jax.data import jpeg_sources  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return {}
+  return getattr(jpeg_sources, 'SPLITS', {})
+
+
+def dataset_names() -> tuple[str, ...]:
+  """Every valid ``dataset.name`` (the npz form as a pattern)."""
+  return (*tfds_source.TFDS_DATASETS, *OFFLINE_DATASETS, *_registered(),
+          TFDS_PREFIX + 'NAME', NPZ_PREFIX + '/path/to/file.npz')
+
+
+def is_known(name: str) -> bool:
+  return (name.startswith(NPZ_PREFIX) or name.startswith(TFDS_PREFIX) and len(name) > 5
+          or name in dataset_names())
+
+
+def unknown_name_error(name: str) -> ValueError:
+  return ValueError(f'dataset.name must be one of {list(dataset_names())}, got {name!r}')
+
+
+def open_split(name: str, split: str, data_dir: str, *, download: bool = False) -> Split:
+  """The ``split`` (``'train'`` / ``'test'``) of dataset ``name``.
+
+  Raises:
+    ValueError: unknown name (listing the valid ones), or a bad npz file.
+    FileNotFoundError: a tfds dataset is not prepared and download is off.
+    ImportError: download=True for a dataset that needs TensorFlow to prepare.
+  """
+  if name.startswith(NPZ_PREFIX):
+    return _npz_splits(name[len(NPZ_PREFIX):])[split]
+  data_dir = os.path.expanduser(os.fspath(data_dir))
+  if name in tfds_source.TFDS_DATASETS or name.startswith(TFDS_PREFIX):
+    tfds_name = name[len(TFDS_PREFIX):] if name.startswith(TFDS_PREFIX) else name
+    return _tfds_split(name, tfds_name, split, data_dir, download=download,
+                       prepare_needs_tf=True, pixel_max=255)
+  if name in OFFLINE_DATASETS:
+    # Imported here: defining the builders registers them with tfds.
+    from gmix_jax.data import builders  # pylint: disable=g-import-not-at-top
+    cls = builders.OFFLINE_BUILDERS[name]
+    return _tfds_split(name, cls.name, split, data_dir, download=True, prepare_needs_tf=False,
+                       pixel_max=cls.PIXEL_MAX)
+  registered = _registered()
+  if name in registered:
+    return registered[name](split, data_dir, download=download)
+  raise unknown_name_error(name)
+
+
+def open_splits(name: str, data_dir: str, *, download: bool = False) -> tuple[Split, Split]:
+  """``(train, test)`` of dataset ``name``; see `open_split`."""
+  if name.startswith(NPZ_PREFIX):              # one read of the file for both
+    splits = _npz_splits(name[len(NPZ_PREFIX):])
+    return splits['train'], splits['test']
+  return (open_split(name, 'train', data_dir, download=download),
+          open_split(name, 'test', data_dir, download=download))
