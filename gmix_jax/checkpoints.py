@@ -119,7 +119,11 @@ def restore_verified(workdir: str, template, lead: bool = True):
   """
   import orbax.checkpoint as ocp
   directory = os.path.join(workdir, 'checkpoints')
-  if not os.path.isdir(directory):
+  # Every process must take the same branch: Orbax's CheckpointManager
+  # synchronises the processes, so one that skipped it would pair its next
+  # collective with another's barrier. On a fresh run process 0 may create the
+  # folder before a slower process looks, so "exists" must hold on all of them.
+  if not _all_agree(os.path.isdir(directory)):
     return None
   ckpt = ocp.CheckpointManager(directory)
   failed, found = [], None

@@ -27,8 +27,11 @@ source like any other; only where the bytes sit differs.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 import os
+import sys
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -182,8 +185,9 @@ def open_split(name: str, split: str, data_dir: str, *, download: bool = False) 
     # Imported here: defining the builders registers them with tfds.
     from gmix_jax.data import builders  # pylint: disable=g-import-not-at-top
     cls = builders.OFFLINE_BUILDERS[name]
-    return _tfds_split(name, cls.name, split, data_dir, download=True, prepare_needs_tf=False,
-                       pixel_max=cls.PIXEL_MAX)
+    with _quiet_first_build(name, os.path.join(data_dir, cls.name)):
+      return _tfds_split(name, cls.name, split, data_dir, download=True, prepare_needs_tf=False,
+                         pixel_max=cls.PIXEL_MAX)
   registered = _registered()
   if name in registered:
     return registered[name](split, data_dir, download=download)
@@ -197,3 +201,30 @@ def open_splits(name: str, data_dir: str, *, download: bool = False) -> tuple[Sp
     return splits['train'], splits['test']
   return (open_split(name, 'train', data_dir, download=download),
           open_split(name, 'test', data_dir, download=download))
+
+
+@contextlib.contextmanager
+def _quiet_first_build(name: str, dataset_dir: str):
+  """Builds an offline set without tfds's console output.
+
+  tfds prints "Downloading and preparing dataset ..." (nothing downloads
+  here: the files ship inside pip packages), progress bars and warnings
+  about a dataset_info.json that does not exist yet. One line says what
+  happens instead; an error still propagates.
+  """
+  if os.path.isdir(dataset_dir):          # prepared before: nothing to say
+    yield
+    return
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
+  print(f'preparing the offline dataset {name!r} in {os.path.abspath(dataset_dir)} '
+        '(first use only; nothing is downloaded)', file=sys.stderr, flush=True)
+  verbosity = absl_logging.get_verbosity()
+  absl_logging.set_verbosity(absl_logging.ERROR)
+  tfds.disable_progress_bar()
+  try:
+    with contextlib.redirect_stdout(io.StringIO()):
+      yield
+  finally:
+    tfds.enable_progress_bar()
+    absl_logging.set_verbosity(verbosity)
