@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from gmix_jax import configure, data, objectives, parallel
+from gmix_jax import configure, objectives, parallel
 
 CONFIGS = ('imagenet', 'imagenet_vit')
 TINY = {'resnet50': dict(stage_sizes=(1, 1), width=4),
@@ -19,12 +19,7 @@ TINY = {'resnet50': dict(stage_sizes=(1, 1), width=4),
 
 
 def get(name, method):
-  config = importlib.import_module(f'configs.{name}').get_config(method)
-  if config.dataset.name not in data.DATASET_NAMES:
-    # imagenet2012 joins the registry with the streaming data path; until
-    # then validate everything else under a registered name.
-    config.dataset.name = 'digits'
-  return config
+  return importlib.import_module(f'configs.{name}').get_config(method)
 
 
 @pytest.mark.parametrize('name', CONFIGS)
