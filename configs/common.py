@@ -159,3 +159,14 @@ def cifar(method_name: str, dataset: str = 'cifar10', model: str = 'preact_resne
   c.log_every_steps = 100
   c.checkpoint_every_steps = 2000
   return c
+
+
+def imagenet_data(c: ml_collections.ConfigDict) -> None:
+  """The ImageNet input of configs/imagenet*.py: tfds ``imagenet2012`` prepared
+  as array_record (README, "Data"), JPEG bytes decoded by the input workers with
+  the Inception crop at 224 px (resize 256 + centre crop in evaluation)."""
+  c.dataset.name = 'imagenet2012'
+  c.dataset.data_dir = '~/tensorflow_datasets'
+  c.dataset.augment = 'inception'        # Inception random-resized crop + flip, per record
+  c.dataset.image_size = 224
+  c.dataset.workers = 16                 # JPEG decoding: ~200-250 images/s per worker core

@@ -34,11 +34,7 @@ from configs import common
 
 def get_config(method: str = 'gsam'):
   c = common.base()
-  c.dataset.name = 'imagenet2012'
-  c.dataset.data_dir = '~/tensorflow_datasets'
-  c.dataset.augment = 'inception'        # Inception random-resized crop + flip, per record
-  c.dataset.image_size = 224
-  c.dataset.workers = 16                 # JPEG decoding: ~200-250 images/s per worker core
+  common.imagenet_data(c)
   c.model.name = 'vit_b32'
   c.model.dtype = 'bfloat16'
   c.model.kwargs.pool = 'gap'
