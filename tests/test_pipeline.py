@@ -300,3 +300,20 @@ def test_stats_of_a_large_split_use_a_fixed_sample(monkeypatch):
   mean, std = stats.channel_stats(split)
   np.testing.assert_allclose(mean, every.mean(0), rtol=1e-6)
   np.testing.assert_allclose(std, every.std(0), rtol=1e-5)
+
+
+def test_cifar_padding_is_the_mean_pixel_so_it_normalises_to_zero(tmp_path):
+  """The host-side crop pads with the training set's mean colour: padding
+  then normalises to 0 on device, as zero-padding the normalised image did
+  when the crop ran on device (black would normalise to -mean/std)."""
+  from configs import common
+  from gmix_jax.data import inputs
+  c = common.base()
+  c.dataset.name, c.dataset.data_dir, c.dataset.augment = 'digits', str(tmp_path), 'cifar'
+  ds = inputs.open_train_data(c)
+  fill = np.asarray(ds.pad_fill(), np.float32)
+  padded = np.asarray(ds.normalizer(fill.reshape(1, 1, 1, -1)))
+  # Rounding the mean to a whole pixel value costs at most half a level.
+  half_level = 0.5 / ds.train.pixel_max / ds.normalizer.std
+  assert np.all(np.abs(padded) <= half_level + 1e-6)
+  assert np.all(np.abs(np.asarray(ds.normalizer(np.zeros((1, 1, 1, fill.size))))) > 4 * half_level)

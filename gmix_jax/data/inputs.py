@@ -93,7 +93,17 @@ class TrainData:
     return pipeline.train_batches(
         self.train, self.train_ids, global_batch=global_batch, seed=seed, num_steps=num_steps,
         start_step=start_step, augment=self.augment, image_size=self.image_size,
-        workers=self.workers, process_index=process_index, process_count=process_count)
+        workers=self.workers, process_index=process_index, process_count=process_count,
+        fill=self.pad_fill())
+
+  def pad_fill(self) -> tuple[int, ...] | None:
+    """The ``'cifar'`` crop's padding colour: the training set's mean pixel, so
+    padding normalises to 0, as zero-padding the normalised image did before
+    augmentation moved to the host."""
+    pixel_max = self.train.pixel_max
+    if pixel_max is None:
+      return None
+    return tuple(int(v) for v in np.clip(np.round(self.normalizer.mean * pixel_max), 0, 255))
 
   def ordered_batches(self, split: str, *, global_batch: int, process_index: int,
                       process_count: int) -> pipeline.Batches:

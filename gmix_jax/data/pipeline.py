@@ -67,17 +67,19 @@ def augment_name(value) -> str:
 
 
 def record_transform(split: sources.Split, augment: str, image_size: int | None,
-                     train: bool) -> Transform | None:
+                     train: bool, fill=None) -> Transform | None:
   """The per-record transform for ``split`` (`image_ops.make_record_transform`),
   or None where there is nothing to do per record: feature vectors (never
-  augmented), and raw arrays without augmentation (read as one array)."""
+  augmented), and raw arrays without augmentation (read as one array).
+  ``fill``: the ``'cifar'`` padding colour (uint8 per channel; None = black)."""
   if split.pixel_max is None:
     return None
   raw = isinstance(split.records, sources.ArrayRecords)
   if raw and image_size is None and (augment == 'none' or not train and augment == 'cifar'):
     return None
   from gmix_jax.data import image_ops  # pylint: disable=g-import-not-at-top
-  return image_ops.make_record_transform(augment, image_size, train, channels=split.channels)
+  return image_ops.make_record_transform(augment, image_size, train, channels=split.channels,
+                                         fill=fill)
 
 
 def _apply(transform: Transform | None, images, labels: np.ndarray, records: np.ndarray,
@@ -239,10 +241,10 @@ class Batches(Iterator[dict]):
 def train_batches(split: sources.Split, ids: np.ndarray | None, *, global_batch: int, seed: int,
                   num_steps: int, start_step: int = 0, augment: str = 'none',
                   image_size: int | None = None, workers: int = 0, process_index: int = 0,
-                  process_count: int = 1) -> Batches:
+                  process_count: int = 1, fill=None) -> Batches:
   """Host batches of global steps ``[start_step, num_steps)`` (module docstring)."""
   fn = TrainBatch(split, ids, global_batch, seed,
-                  record_transform(split, augment, image_size, train=True),
+                  record_transform(split, augment, image_size, train=True, fill=fill),
                   process_index, process_count)
   return Batches(fn, start_step, num_steps, workers)
 
