@@ -29,11 +29,15 @@ def method(name: str) -> ml_collections.ConfigDict:
           'layers': s(),            # manifold: mixing points to draw from, e.g. '0,1,2'
       },
       'sharpness': {                # docs/methods.md § 2
-          'rule': s(),              # none | sam | asam | gsam | esam
+          'rule': s(),              # none | sam | asam | gsam | esam | looksam | fsam | msam
           'rho': f(),               # ρ, the perturbation radius
           'asam_eta': f(),          # asam: η_a in T = |w| + η_a
           'gsam_alpha': f(),        # gsam: α, weight of the removed orthogonal component
           'esam_beta': f(),         # esam: β, probability of keeping a tensor in the ascent
+          'looksam_k': i(),         # looksam: a full SAM step every k steps (default 5)
+          'looksam_alpha': f(),     # looksam: α, weight of the reused orthogonal g_v (0.7)
+          'fsam_sigma': f(),        # fsam: σ in d = g − σ m (default 1)
+          'fsam_lambda': f(),       # fsam: λ of the gradient EMA m (default 0.95)
           'm': s(),                 # 'device' | 'global' | a group size such as '32'
           'rho_schedule': s(),      # 'constant' | 'lr' (GSAM: ρ follows the LR)
           'rho_min': f(),           # rho_schedule='lr': ρ at the end of the schedule

@@ -136,6 +136,24 @@ def ablation(seeds=SEEDS, steps=STEPS, dataset='mnist_subset', n=50) -> list[Run
           for m, v, o in ABLATION_VARIANTS for s in seeds]
 
 
+# Efficient sharpness rules (docs/methods.md § 2) inside G-Mix, next to G-Mix
+# with SAM and Mixup, at the benchmark's two smallest settings.
+RULES_SETTINGS = (('digits', 10), ('mnist_subset', 50))
+RULES_VARIANTS = (
+    ('mixup', '', {}), ('gmix', '', {}),
+    ('gmix', 'looksam', {'method.sharpness.rule': 'looksam'}),
+    ('gmix', 'msam', {'method.sharpness.rule': 'msam'}),
+    ('gmix', 'fsam', {'method.sharpness.rule': 'fsam'}),
+)
+
+
+def rules(seeds=SEEDS, steps=STEPS) -> list[Run]:
+  """G-Mix with each efficient rule, and its references, run on one machine
+  (grid ``rules``, so the step costs and accuracies come from the same code)."""
+  return [Run('rules', d, m, n, s, steps, variant=v, overrides=tuple(sorted(o.items())))
+          for s in seeds for d, n in RULES_SETTINGS for m, v, o in RULES_VARIANTS]
+
+
 def smoke(seeds=(0, 1), steps=30) -> list[Run]:
   return [Run('smoke', 'digits', m, 10, s, steps) for m in ('erm', 'gmix') for s in seeds]
 
@@ -147,7 +165,8 @@ def everything(seeds=SEEDS, steps=STEPS, methods=METHODS) -> list[Run]:
   return list(runs.values())
 
 
-GRIDS = {'benchmark': benchmark, 'ablation': ablation, 'smoke': smoke, 'all': everything}
+GRIDS = {'benchmark': benchmark, 'ablation': ablation, 'smoke': smoke, 'all': everything,
+         'rules': rules}
 
 # Step cost relative to ERM (README, "Cost per step": small CNN, CPU), for
 # scheduling only: the longest runs start first, so they do not make the tail.

@@ -89,6 +89,9 @@ def build_method(config: ml_collections.ConfigDict, num_classes: int) -> objecti
     if isinstance(sharp.get('m'), int):
       raise ValueError(f"sharpness.m={sharp['m']} (groups) is not defined for method.name="
                        f"{mc.name!r}; use 'device' or 'global'")
+    if sharp.get('name') in ('looksam', 'fsam', 'msam'):
+      raise ValueError(f"sharpness.rule={sharp['name']!r} is not implemented for method.name="
+                       f"{mc.name!r} (its step keeps its own state); use sam, asam, gsam or esam")
     if sharp.get('rho_schedule', 'constant') != 'constant':
       raise ValueError(f"sharpness.rho_schedule={sharp['rho_schedule']!r} is not implemented for "
                        f"method.name={mc.name!r}; use 'constant'")
@@ -186,6 +189,10 @@ def validate_config(config: ml_collections.ConfigDict) -> objectives.Method:
     raise ValueError(f'model.kwargs {dict(config.model.kwargs)} do not fit '
                      f'model.name={config.model.name!r}: {e}') from e
   method = build_method(config, num_classes=10)       # raises on any bad method knob
+  if method.sharpness.name == 'msam' and config.optimizer.name == 'sgd' and \
+      not config.optimizer.momentum:
+    raise ValueError("sharpness.rule='msam' perturbs along the optimizer's momentum: set "
+                     'optimizer.momentum > 0 (e.g. 0.9) or use optimizer.name=adam/adamw')
   if config.method.name in samix.METHODS:
     samix_cfg = build_samix(config)
     samix.feature_layer(samix_cfg, config.model.name)  # an encoder with a spatial map
@@ -253,6 +260,10 @@ _KNOB_OWNERS = {
     ('sharpness', 'asam_eta'): ('sharpness.rule', ('asam',)),
     ('sharpness', 'gsam_alpha'): ('sharpness.rule', ('gsam',)),
     ('sharpness', 'esam_beta'): ('sharpness.rule', ('esam',)),
+    ('sharpness', 'looksam_k'): ('sharpness.rule', ('looksam',)),
+    ('sharpness', 'looksam_alpha'): ('sharpness.rule', ('looksam',)),
+    ('sharpness', 'fsam_sigma'): ('sharpness.rule', ('fsam',)),
+    ('sharpness', 'fsam_lambda'): ('sharpness.rule', ('fsam',)),
     ('partition', 'bgmix_rule'): ('partition.rule', ('binary',)),
     ('partition', 'mix_subset'): ('partition.rule', ('binary', 'decomposed')),
     ('partition', 'partners'): ('partition.rule', ('binary', 'decomposed')),
@@ -347,9 +358,13 @@ def build_step_parts(config, method, module, apply_fn, ds, total_steps, params, 
   if config.method.name not in samix.METHODS:
     # The LR schedule is for sharpness.rho_schedule='lr' (GSAM's ρ_t).
     lr = build_lr_schedule(config, total_steps // config.num_epochs)
-    return objectives.make_objective(
+    objective = objectives.make_objective(
         method, apply_fn, axis_name='batch', lr_schedule=lr, num_steps=total_steps,
-        accumulation_steps=opt(config, 'accumulation_steps')), None, None
+        accumulation_steps=opt(config, 'accumulation_steps'))
+    # LookSAM's g_v / F-SAM's m live in TrainState.extra (checkpointed with it).
+    extra = objectives.rule_state_init(method.sharpness, params)
+    update = objectives.rule_state_update(method.sharpness) if extra is not None else None
+    return objective, extra, update
   return samix.build(build_samix(config), config.model.name, module, apply_fn,
                      tuple(ds.input_shape), ds.num_classes, total_steps, params, model_state,
                      jax.random.fold_in(jax.random.PRNGKey(config.seed), 0x5A41),

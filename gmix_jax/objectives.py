@@ -56,6 +56,7 @@ from gmix_jax import mixing
 from gmix_jax import partition
 from gmix_jax import sensitivity
 from gmix_jax import sharpness
+from gmix_jax import vma
 
 PyTree = Any
 ApplyFn = Callable[..., tuple[jax.Array, PyTree]]
@@ -537,8 +538,13 @@ def _part_rows(part: _Part, mix_cfg: MixingConfig) -> dict:
 
 
 def _part_gradient(apply_fn, params, model_state, part: _Part, rng, axis_name,
-                   mix_cfg: MixingConfig, rho, accumulation_steps: int = 1):
+                   mix_cfg: MixingConfig, rho, accumulation_steps: int = 1,
+                   rule_state: Optional[dict] = None):
   """Gradient of Σ_r w_r ℓ_r for one part, at its own perturbed point of radius ``rho``.
+
+  Returns ``(direction, clean gradient, new model state, loss, perturbed loss)``.
+  ``rule_state`` carries what a rule reads from the step's state: MSAM's
+  ``'momentum'`` v, F-SAM's ``'m'`` (its gradient EMA) and ``'first'``.
 
   The part's gradient function sweeps its rows in ``accumulation_steps``
   micro-batches (``accumulation``); the sharpness rule calls it at w and at
@@ -574,13 +580,24 @@ def _part_gradient(apply_fn, params, model_state, part: _Part, rng, axis_name,
     return g, (total, accumulation.mean_state(states))
 
   def one_group(rows, key, k):
+    if part.rule.name == 'msam':
+      # MSAM: one gradient, at w − ρ v/‖v‖; BatchNorm statistics come from
+      # that pass (there is no clean one), as in the paper's code.
+      eps = sharpness.momentum_perturbation(rule_state['momentum'], rho)
+      g, (loss, new_state) = grad_fn(sharpness.add(params, eps), rows, k)
+      return g, g, new_state, loss, loss
     g, (loss, new_state) = grad_fn(params, rows, k)
     if not part.rule.active:
-      return g, new_state, loss, loss
-    g, (loss_p, _) = sharpness.sharpness_gradient(
+      return g, g, new_state, loss, loss
+    state = None
+    if part.rule.name == 'fsam':
+      # m estimates the gradient of the whole (unit-weight) batch; these rows'
+      # gradient is Σ w_r ∇ℓ_r, so m enters scaled by Σ w_r (1 for one part).
+      state = (sharpness.scale(rule_state['m'], jnp.sum(rows['w'])), rule_state['first'])
+    d, (loss_p, _) = sharpness.sharpness_gradient(
         part.rule, lambda p: grad_fn(p, rows, k), params, g, rng=key, rho=rho,
-        axis_name=axis_name)
-    return g, new_state, loss, loss_p
+        axis_name=axis_name, state=state)
+    return d, g, new_state, loss, loss_p
 
   rows = _part_rows(part, mix_cfg)
   m = part.rule.m
@@ -595,13 +612,14 @@ def _part_gradient(apply_fn, params, model_state, part: _Part, rng, axis_name,
 
   def micro(gs):
     rows_j = {name: a for name, a in gs.items() if name != 'key'}
-    g, states, loss, loss_p = jax.vmap(lambda r, kk: one_group(r, kk, 1))(rows_j, gs['key'])
-    return ((jax.tree.map(lambda t: jnp.sum(t, 0), g), jnp.sum(loss), jnp.sum(loss_p)),
+    d, g, states, loss, loss_p = jax.vmap(lambda r, kk: one_group(r, kk, 1))(rows_j, gs['key'])
+    total = lambda t: jax.tree.map(lambda x: jnp.sum(x, 0), t)
+    return ((total(d), total(g), jnp.sum(loss), jnp.sum(loss_p)),
             accumulation.mean_state(states))
 
-  (g, loss, loss_p), states = accumulation.accumulate(micro, grouped, accumulation_steps,
-                                                      like=params)
-  return g, accumulation.mean_state(states), loss, loss_p
+  (d, g, loss, loss_p), states = accumulation.accumulate(
+      micro, grouped, accumulation_steps, like=params)
+  return d, g, accumulation.mean_state(states), loss, loss_p
 
 
 def make_objective(method: Method, apply_fn: ApplyFn, *,
@@ -639,7 +657,12 @@ def make_objective(method: Method, apply_fn: ApplyFn, *,
       inside one forward pass, is rejected with K > 1.
 
   Returns:
-    ``objective(params, model_state, batch, rng) -> (grads, new_state, metrics)``
+    ``objective(params, model_state, batch, rng) -> (grads, new_state, metrics)``;
+    for a stateful rule (``sharpness.STATEFUL_RULES``: LookSAM, F-SAM)
+    ``objective(params, model_state, batch, rng, extra) -> (grads, new_state,
+    metrics, extra_grads)`` with ``extra`` from ``rule_state_init`` and the
+    update ``rule_state_update`` (``parallel.make_per_device_step``'s
+    ``extra_update``); MSAM reads ``batch['momentum']`` (``msam_inputs``).
     with ``batch = {'x': [B, ...], 'y': int [B] or soft [B, C]}`` plus
     ``'score'`` ``[B]`` for the ``stale`` estimator and ``'step'`` (int
     scalar) for ``rho_schedule='lr'``. ``metrics`` holds
@@ -663,7 +686,7 @@ def make_objective(method: Method, apply_fn: ApplyFn, *,
                        'num_steps=): the learning rate that rho follows')
     lr_position = sharpness.lr_fraction(lr_schedule, num_steps)
 
-  def objective(params, model_state, batch, rng):
+  def objective(params, model_state, batch, rng, extra=None):
     x = batch['x']
     y = losses.as_soft_labels(batch['y'], method.num_classes)
     b = x.shape[0]
@@ -691,21 +714,127 @@ def make_objective(method: Method, apply_fn: ApplyFn, *,
                                                method.sharpness.rho_min, u)
     elif scheduled:
       metrics['rho'] = jnp.asarray(method.sharpness.radius, jnp.float32)
-    grads, states, shares = None, [], []
-    loss = loss_p = 0.0
-    for i, part in enumerate(parts):
-      rho = part.rho if u is None else sharpness.scheduled_rho(
-          part.rho, method.sharpness.rho_min, u)
-      g, state, l, lp = _part_gradient(apply_fn, params, model_state, part,
-                                       jax.random.fold_in(k_sharp, i), axis_name,
-                                       method.mixing, rho, k_acc)
-      grads = g if grads is None else sharpness.add(grads, g)
-      states.append(state)
-      shares.append(part.share)
-      loss, loss_p = loss + l, loss_p + lp
+    rule = method.sharpness
+    rule_state = {}
+    if rule.name == 'msam':
+      if 'momentum' not in batch:
+        raise ValueError("sharpness.rule='msam' needs the optimizer's momentum as "
+                         "batch['momentum'] (parallel.make_per_device_step(..., "
+                         'objective_inputs=msam_inputs) supplies it)')
+      rule_state['momentum'] = batch['momentum']
+    if rule.name in sharpness.STATEFUL_RULES:
+      if extra is None or 'step' not in batch:
+        raise ValueError(f'sharpness.rule={rule.name!r} keeps state: call the objective with '
+                         "its state (rule_state_init) and batch['step']")
+    if rule.name == 'fsam':
+      rule_state.update(m=extra['m'], first=batch['step'] == 0)
+
+    def run(perturb: bool):
+      """(Σ directions, Σ clean gradients, model state, loss, perturbed loss) over parts."""
+      d_sum = g_sum = None
+      states, shares = [], []
+      loss = loss_p = 0.0
+      for i, part in enumerate(parts):
+        if not perturb:
+          part = dataclasses.replace(part, rule=sharpness.SharpnessRule('none'))
+        rho = part.rho if u is None else sharpness.scheduled_rho(part.rho, rule.rho_min, u)
+        d, g, state, l, lp = _part_gradient(apply_fn, params, model_state, part,
+                                            jax.random.fold_in(k_sharp, i), axis_name,
+                                            method.mixing, rho, k_acc, rule_state)
+        d_sum = d if d_sum is None else sharpness.add(d_sum, d)
+        g_sum = g if g_sum is None else sharpness.add(g_sum, g)
+        states.append(state)
+        shares.append(part.share)
+        loss, loss_p = loss + l, loss_p + lp
+      return d_sum, g_sum, _average_states(states, shares), loss, loss_p
+
+    if rule.name == 'looksam':
+      grads, new_state, loss, loss_p, extra_grads = _looksam(
+          run, rule, extra, batch['step'], axis_name)
+    else:
+      grads, clean, new_state, loss, loss_p = run(True)
+      # F-SAM's m follows the device-averaged clean gradient: each device
+      # hands its own, averaged with the update in the step's one pmean.
+      extra_grads = {'g': clean} if rule.name == 'fsam' else None
     metrics['loss'] = loss
-    if method.sharpness.active:
+    if rule.active:
       metrics['perturbed_loss'] = loss_p
-    return grads, _average_states(states, shares), metrics
+    if rule.name in sharpness.STATEFUL_RULES:
+      return grads, new_state, metrics, extra_grads
+    return grads, new_state, metrics
 
   return objective
+
+
+def _looksam(run, rule: sharpness.SharpnessRule, extra, step, axis_name):
+  """LookSAM (Liu et al. 2022, Alg. 1): a SAM step every k-th step, else one
+  clean gradient plus α‖g‖/‖g_v‖ · g_v with the stored g_v (``lax.cond``:
+  only the taken branch runs).
+
+  Per device (``m='device'``) the full step stores this device's
+  g_v = g_p − (⟨g_p, g⟩/‖g‖²) g, averaged over devices by the step's one
+  pmean (``extra_update`` keeps it); the cheap step uses this device's g.
+  With ``m='global'`` g and g_p are the device averages, so the update does
+  not depend on the device count. Returns (direction, model state, loss,
+  perturbed loss, this device's g_v or zeros).
+  """
+  glob = rule.m == 'global'
+  mean = (lambda t: jax.lax.pmean(t, axis_name)) if glob else (lambda t: t)
+
+  def full(_):
+    d, g, state, loss, loss_p = run(True)
+    return _varying((d, state, loss, loss_p, {'g_v': sharpness.orthogonal_component(
+        mean(d), mean(g))}), axis_name)
+
+  def cheap(_):
+    _, g, state, loss, _ = run(False)
+    d = sharpness.looksam_reuse(mean(g), extra['g_v'], rule.looksam_alpha)
+    zeros = jax.tree.map(jnp.zeros_like, extra['g_v'])
+    return _varying((d, state, loss, loss, {'g_v': zeros}), axis_name)
+
+  return jax.lax.cond(step % rule.looksam_k == 0, full, cheap, None)
+
+
+def _varying(tree, axis_name: Optional[str]):
+  """``tree`` typed device-varying over ``axis_name`` (under shard_map with
+  ``check_vma``): the two branches of a ``lax.cond`` must agree, and a
+  device average is invariant where a per-device value is not."""
+  if axis_name is None or not vma.typed(axis_name):
+    return tree
+  def cast(x):
+    if axis_name in (vma.varying_axes(x) or ()):
+      return x
+    return jax.lax.pcast(x, axis_name, to='varying')
+  return jax.tree.map(cast, tree)
+
+
+def rule_state_init(rule: sharpness.SharpnessRule, params) -> Optional[dict]:
+  """The state a stateful rule carries between steps (``TrainState.extra``):
+  LookSAM's g_v, F-SAM's m, zeros at step 0; ``None`` for the other rules."""
+  if rule.name not in sharpness.STATEFUL_RULES:
+    return None
+  zeros = jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), jnp.promote_types(p.dtype, jnp.float32)),
+                       params)
+  return {'g_v': zeros} if rule.name == 'looksam' else {'m': zeros}
+
+
+def rule_state_update(rule: sharpness.SharpnessRule):
+  """``extra_update(extra, averaged_extra_grads, params, model_state, step)``
+  for ``parallel.make_per_device_step``: LookSAM keeps the averaged g_v of a
+  full step (every k-th) and its old g_v otherwise; F-SAM moves m towards the
+  averaged clean gradient, m ← λ m + (1 − λ) ḡ (m = ḡ at step 0)."""
+  def update(extra, averaged, params, model_state, step):
+    del params, model_state
+    if rule.name == 'looksam':
+      full = step % rule.looksam_k == 0
+      return {'g_v': jax.tree.map(lambda new, old: jnp.where(full, new, old),
+                                  averaged['g_v'], extra['g_v'])}
+    return {'m': sharpness.fsam_momentum(extra['m'], averaged['g'], rule.fsam_lambda,
+                                         step == 0)}
+  return update
+
+
+def msam_inputs(state) -> dict:
+  """``objective_inputs`` for MSAM: the optimizer's momentum v from the
+  train state's ``opt_state`` (``sharpness.optimizer_momentum``)."""
+  return {'momentum': sharpness.optimizer_momentum(state.opt_state)}

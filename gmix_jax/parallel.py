@@ -115,7 +115,8 @@ def _pmean_state(tree: PyTree, axis_name: str) -> PyTree:
 def make_per_device_step(objective: Callable, optimizer: optax.GradientTransformation, *,
                          axis_name: str = 'batch', use_stale_scores: bool = False,
                          skip_nonfinite: bool = False,
-                         extra_update: Optional[Callable] = None):
+                         extra_update: Optional[Callable] = None,
+                         objective_inputs: Optional[Callable] = None):
   """The train step for one device shard, with the named axis ``axis_name``.
 
   Args:
@@ -140,6 +141,10 @@ def make_per_device_step(objective: Callable, optimizer: optax.GradientTransform
       ``extra_update(extra, averaged_extra_grads, new_params,
       new_model_state, step) -> new_extra``. It must give the same value on
       every device (it sees only averaged or replicated inputs).
+    objective_inputs: ``state -> dict`` of arrays the objective reads from
+      the train state, added to its batch (MSAM's momentum from
+      ``opt_state``: ``objectives.msam_inputs``). Replicated values, read
+      before the update.
 
   Returns:
     ``per_device_step(state, batch) -> (new_state, metrics)``; ``metrics``
@@ -166,6 +171,8 @@ def make_per_device_step(objective: Callable, optimizer: optax.GradientTransform
     params = jax.lax.pcast(state.params, axis_name, to='varying')
     if use_stale_scores:
       batch = {**batch, 'score': sensitivity.lookup(state.scores, batch['index'])}
+    if objective_inputs is not None:
+      batch.update(objective_inputs(state))
     if extra_update is None:
       grads, model_state, metrics = objective(params, state.model_state, batch, key)
       extra_grads = ()

@@ -8,6 +8,12 @@ gradient at the perturbed point g_p = ∇L(w + ε) into the update direction:
   GSAM (Zhuang et al. 2022)  ε as SAM; g = g_∥ + g_⊥ relative to g_p;  update g_p − α g_⊥
   ESAM-SWP (Du et al. 2022)  each tensor kept with probability β, m ∈ {0,1};
                              ε = (ρ/β) m⊙g / (‖m⊙g‖ + eps_norm);         update g_p
+  LookSAM (Liu et al. 2022)  every k-th step SAM, storing g_v = g_p − (⟨g_p, g⟩/‖g‖²) g;
+                             other steps g + α ‖g‖/‖g_v‖ · g_v (one gradient)
+  F-SAM (Li et al. 2024)     d = g − σ m, m ← λ m + (1−λ) g (EMA of g);
+                             ε = ρ d / (‖d‖ + eps_norm);                 update g_p
+  MSAM (Becker et al. 2024)  ε = −ρ v / (‖v‖ + eps_norm), v the optimizer's momentum;
+                             update ∇L(w + ε) (one gradient, no clean pass)
 
 ‖·‖ is the global L2 norm over the whole pytree and eps_norm = 1e-12 keeps a
 zero gradient finite (optax's ``contrib.normalize`` divides by a zero norm).
@@ -23,13 +29,19 @@ from typing import Any, Callable, Optional, Union
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 PyTree = Any
 EPS_NORM = 1e-12
 
-RULES = ('none', 'sam', 'asam', 'gsam', 'esam')
-# ρ defaults differ per rule: ASAM's ρ lives in the rescaled space T⁻¹ε.
-DEFAULT_RHO = {'none': 0.0, 'sam': 0.05, 'asam': 0.5, 'gsam': 0.05, 'esam': 0.05}
+RULES = ('none', 'sam', 'asam', 'gsam', 'esam', 'looksam', 'fsam', 'msam')
+# ρ defaults differ per rule: ASAM's ρ lives in the rescaled space T⁻¹ε; MSAM's
+# 0.3 is the official code's default (its ε follows the momentum, not g).
+DEFAULT_RHO = {'none': 0.0, 'sam': 0.05, 'asam': 0.5, 'gsam': 0.05, 'esam': 0.05,
+               'looksam': 0.05, 'fsam': 0.05, 'msam': 0.3}
+# Rules whose state is a vector carried from step to step (TrainState.extra in
+# the trainer): LookSAM's g_v, F-SAM's gradient EMA m. MSAM reads the optimizer's.
+STATEFUL_RULES = ('looksam', 'fsam')
 M_MODES = ('device', 'global')
 RHO_SCHEDULES = ('constant', 'lr')
 
@@ -103,6 +115,51 @@ def gsam_combine(grads: PyTree, perturbed_grads: PyTree, alpha,
       grads, perturbed_grads)
 
 
+def orthogonal_component(perturbed_grads: PyTree, grads: PyTree,
+                         eps: float = EPS_NORM) -> PyTree:
+  """LookSAM's g_v = g_p − (⟨g_p, g⟩/‖g‖²) g: the part of the SAM gradient
+  orthogonal to the clean one (Liu et al. 2022, Eq. 5)."""
+  coef = tree_dot(perturbed_grads, grads) / (jnp.square(global_norm(grads)) + eps)
+  return jax.tree.map(lambda gp, g: (gp - coef * g).astype(gp.dtype), perturbed_grads, grads)
+
+
+def looksam_reuse(grads: PyTree, g_v: PyTree, alpha, eps: float = EPS_NORM) -> PyTree:
+  """LookSAM's cheap step: g + α ‖g‖/‖g_v‖ · g_v (g_v = 0 gives g)."""
+  return add(grads, scale(g_v, alpha * global_norm(grads) / (global_norm(g_v) + eps)))
+
+
+def fsam_direction(grads: PyTree, m: PyTree, sigma, first) -> PyTree:
+  """F-SAM's ascent direction d = g − σ m, or g on the first step (m not yet
+  an average: the official code starts m at the first gradient)."""
+  keep = 1.0 - jnp.asarray(first, jnp.float32)
+  return jax.tree.map(lambda g, mi: (g - keep * sigma * mi).astype(g.dtype), grads, m)
+
+
+def fsam_momentum(m: PyTree, grads: PyTree, lam, first) -> PyTree:
+  """F-SAM's m ← λ m + (1 − λ) g, or m = g on the first step."""
+  lam = jnp.where(first, 0.0, lam)
+  return jax.tree.map(lambda mi, g: (lam * mi + (1.0 - lam) * g).astype(mi.dtype), m, grads)
+
+
+def momentum_perturbation(momentum: PyTree, rho, eps: float = EPS_NORM) -> PyTree:
+  """MSAM's ε = −ρ v/(‖v‖ + eps), against the momentum (Becker et al. 2024,
+  Alg. 1: w̃ = w − ρ v/‖v‖); v = 0 (the first step) gives ε = 0."""
+  return scale(momentum, -rho / (global_norm(momentum) + eps))
+
+
+def optimizer_momentum(opt_state: PyTree) -> PyTree:
+  """The momentum buffer inside an Optax state, found by name: ``trace``
+  (``optax.sgd(momentum=μ)``, ``optax.trace``: v ← μ v + g) or ``mu`` (Adam's
+  first moment). Raises a ``ValueError`` when the state has neither."""
+  for name in ('trace', 'mu'):
+    v = optax.tree.get(opt_state, name)
+    if v is not None:
+      return v
+  raise ValueError("sharpness.rule='msam' perturbs along the optimizer's momentum, but the "
+                   "optimizer state has none ('trace' of optax.sgd(momentum=...) or 'mu' of "
+                   'adam/adamw): use optimizer.momentum > 0 with sgd, or adam/adamw')
+
+
 @dataclasses.dataclass(frozen=True)
 class SharpnessRule:
   """A sharpness rule and its knobs (docs/methods.md § 2).
@@ -125,6 +182,11 @@ class SharpnessRule:
       schedule, see ``objectives.make_objective``).
     rho_min: ρ_min of ``rho_schedule='lr'`` (ρ is ρ_max); 0 by default (not
       given by docs/methods.md).
+    looksam_k: LookSAM's period k: a full SAM step every k steps (5, the
+      paper's default).
+    looksam_alpha: LookSAM's α, weight of the reused g_v (0.7, the paper's).
+    fsam_sigma: F-SAM's σ in d = g − σ m (1, the paper's).
+    fsam_lambda: F-SAM's EMA factor λ of m (0.95, the official run script's).
   """
   name: str = 'sam'
   rho: Optional[float] = None
@@ -134,6 +196,10 @@ class SharpnessRule:
   m: Union[str, int] = 'device'
   rho_schedule: str = 'constant'
   rho_min: float = 0.0
+  looksam_k: int = 5
+  looksam_alpha: float = 0.7
+  fsam_sigma: float = 1.0
+  fsam_lambda: float = 0.95
 
   def __post_init__(self):
     # Numeric knobs are checked when they are Python numbers; arrays (e.g.
@@ -152,6 +218,19 @@ class SharpnessRule:
         raise ValueError(f"sharpness.m must be 'device', 'global' or a positive int, got {self.m!r}")
     elif not (isinstance(self.m, int) and self.m > 0):
       raise ValueError(f"sharpness.m must be 'device', 'global' or a positive int, got {self.m!r}")
+    if not (isinstance(self.looksam_k, int) and not isinstance(self.looksam_k, bool)
+            and self.looksam_k >= 1):
+      raise ValueError(f'sharpness.looksam_k must be an int >= 1, got {self.looksam_k!r}')
+    if number(self.looksam_alpha) and not self.looksam_alpha >= 0:
+      raise ValueError(f'sharpness.looksam_alpha must be >= 0, got {self.looksam_alpha}')
+    if number(self.fsam_sigma) and not self.fsam_sigma >= 0:
+      raise ValueError(f'sharpness.fsam_sigma must be >= 0, got {self.fsam_sigma}')
+    if number(self.fsam_lambda) and not 0 <= self.fsam_lambda < 1:
+      raise ValueError(f'sharpness.fsam_lambda must be in [0, 1), got {self.fsam_lambda}')
+    if self.name == 'msam' and self.m != 'device':
+      raise ValueError(f"sharpness.m={self.m!r} has no meaning for sharpness.rule='msam': its ε "
+                       "comes from the optimizer's momentum, not from an ascent gradient; "
+                       "leave sharpness.m='device'")
     if self.rho_schedule not in RHO_SCHEDULES:
       raise ValueError(f'sharpness.rho_schedule must be one of {RHO_SCHEDULES}, '
                        f'got {self.rho_schedule!r}')
@@ -205,11 +284,19 @@ def rho_following_lr(rho_max: float, rho_min: float, lr_schedule,
 
 
 def perturbation(rule: SharpnessRule, grads: PyTree, params: PyTree,
-                 rng: Optional[jax.Array] = None, rho=None) -> PyTree:
-  """ε for ``rule`` from the ascent gradient; ``rho`` overrides ``rule.radius``."""
+                 rng: Optional[jax.Array] = None, rho=None, state=None) -> PyTree:
+  """ε for ``rule`` from the ascent gradient; ``rho`` overrides ``rule.radius``.
+
+  ``state`` is F-SAM's ``(m, first)``: its EMA m and whether this is the first step.
+  """
   rho = rule.radius if rho is None else rho
-  if rule.name in ('sam', 'gsam'):
+  if rule.name in ('sam', 'gsam', 'looksam'):
     return sam_perturbation(grads, rho)
+  if rule.name == 'fsam':
+    if state is None:
+      raise ValueError("sharpness.rule='fsam' needs its state (m, first)")
+    m, first = state
+    return sam_perturbation(fsam_direction(grads, m, rule.fsam_sigma, first), rho)
   if rule.name == 'asam':
     return asam_perturbation(grads, params, rho, rule.asam_eta)
   if rule.name == 'esam':
@@ -230,7 +317,7 @@ def sharpness_gradient(rule: SharpnessRule,
                        grad_fn: Callable[[PyTree], tuple[PyTree, Any]],
                        params: PyTree, grads: PyTree, *,
                        rng: Optional[jax.Array] = None, rho=None,
-                       axis_name: Optional[str] = None) -> tuple[PyTree, Any]:
+                       axis_name: Optional[str] = None, state=None) -> tuple[PyTree, Any]:
   """One ascent-descent step: returns (update direction, aux at w + ε).
 
   Args:
@@ -242,14 +329,18 @@ def sharpness_gradient(rule: SharpnessRule,
       gives BatchNorm state and metrics, so it is not recomputed here).
     rng: for ESAM's mask.
     rho: overrides ``rule.radius`` (e.g. a schedule value).
+    state: F-SAM's ``(m, first)`` (``perturbation``).
     axis_name: when ``rule.m == 'global'``, the ascent gradient is averaged
       over this axis before ε is formed, ESAM's key is device 0's on every
       device and g_p is averaged before GSAM's decomposition, so the
       direction is the same on every device and equals the one-device
       direction on the whole batch (``grad_fn``'s aux stays per device).
   """
+  if rule.name == 'msam':
+    raise ValueError("sharpness.rule='msam' takes no ascent step: perturb with "
+                     'momentum_perturbation and take one gradient there')
   if rule.m != 'global':
-    eps = perturbation(rule, grads, params, rng, rho)
+    eps = perturbation(rule, grads, params, rng, rho, state)
     perturbed_grads, aux = grad_fn(add(params, eps))
     return combine(rule, grads, perturbed_grads), aux
   # Global m: every quantity of the rule is the global one (docs/methods.md § 2),
@@ -259,7 +350,7 @@ def sharpness_gradient(rule: SharpnessRule,
   grads = jax.lax.pmean(grads, axis_name)
   if rng is not None:
     rng = shared_key(rng, axis_name)
-  eps = perturbation(rule, grads, params, rng, rho)
+  eps = perturbation(rule, grads, params, rng, rho, state)
   perturbed_grads, aux = grad_fn(add(params, eps))
   # GSAM decomposes against the averaged g_p: the mean of per-device GSAM
   # updates is not the GSAM update of the mean gradients.

@@ -240,7 +240,8 @@ def place(s: Setup, state, objective, extra_update) -> tuple[Any, Placed]:
   config, method = s.config, s.method
   per_device_step = parallel.make_per_device_step(
       objective, s.optimizer, axis_name='batch', use_stale_scores=s.use_stale,
-      skip_nonfinite=configure.opt(config, 'nan_policy') == 'skip', extra_update=extra_update)
+      skip_nonfinite=configure.opt(config, 'nan_policy') == 'skip', extra_update=extra_update,
+      objective_inputs=objectives.msam_inputs if method.sharpness.name == 'msam' else None)
   if config.parallel == 'shard_map':
     if jax.process_count() > 1:     # the first n_dev devices of every process, by process
       mesh = parallel.make_mesh(devices=[
