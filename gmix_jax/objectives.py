@@ -801,11 +801,7 @@ def _varying(tree, axis_name: Optional[str]):
   device average is invariant where a per-device value is not."""
   if axis_name is None or not vma.typed(axis_name):
     return tree
-  def cast(x):
-    if axis_name in (vma.varying_axes(x) or ()):
-      return x
-    return jax.lax.pcast(x, axis_name, to='varying')
-  return jax.tree.map(cast, tree)
+  return vma.cast_to(tree, (axis_name,))
 
 
 def rule_state_init(rule: sharpness.SharpnessRule, params) -> Optional[dict]:

@@ -164,3 +164,200 @@ def esam(rho: ScalarOrSchedule = 0.05, beta: float = 0.5, *,
   return sharpness_aware(sharpness.SharpnessRule('esam', esam_beta=beta), rho,
                          batch_axis_name=batch_axis_name, global_ascent=global_ascent,
                          seed=seed)
+
+
+# ----------------------------------------------------------------------------
+# Efficient rules: LookSAM, F-SAM, MSAM (docs/methods.md § 2).
+# ----------------------------------------------------------------------------
+class LookSAMState(NamedTuple):
+  """State of ``looksam``.
+
+  Attributes:
+    count: updates taken so far (int32); a full SAM step when count % k == 0.
+    g_v: the stored component of the last SAM gradient orthogonal to its
+      clean gradient, g_v = g_p − (⟨g_p, g⟩/‖g‖²) g (zeros before the first
+      full step); float32 or wider, shaped like the params.
+  """
+  count: jax.Array
+  g_v: optax.Params
+
+
+def _mean(tree, axis_name):
+  return tree if axis_name is None else jax.lax.pmean(tree, axis_name)
+
+
+def _branch_axes(trees, batch_axis_name):
+  """Axes both branches of a cond are cast to: those the inputs vary over,
+  except the data axis, which outputs are averaged over (invariant)."""
+  axes = vma.union(trees) or frozenset()
+  return tuple(sorted(axes - {batch_axis_name}))
+
+
+def looksam(rho: ScalarOrSchedule = 0.05, k: int = 5, alpha: float = 0.7, *,
+            batch_axis_name: Optional[str] = None,
+            global_ascent: bool = False) -> optax.GradientTransformationExtraArgs:
+  """LookSAM (Liu et al. 2022, "Towards Efficient and Scalable Sharpness-Aware
+  Minimization", CVPR, arXiv:2203.02714, Alg. 1).
+
+  Every k-th update (count % k == 0) a SAM step: g_p = ∇L(w + ρ g/‖g‖),
+  returned as the direction, and g_v = g_p − (⟨g_p, g⟩/‖g‖²) g stored. The
+  other updates call no ``grad_fn``: g + α ‖g‖/‖g_v‖ · g_v, one gradient.
+  Defaults k = 5 and α = 0.7 are the paper's. Only the taken branch of a
+  ``lax.cond`` runs, so k − 1 of every k updates cost one gradient.
+
+  Data parallel (``batch_axis_name``): the direction is averaged over the
+  axis; g_v is the average of the devices' g_v (the state stays replicated).
+  Per device (default) each device ascends with its own g and combines its
+  own g on the cheap steps; ``global_ascent=True`` uses the averaged g and
+  g_p everywhere, so the update does not depend on the device count.
+  """
+  if global_ascent and batch_axis_name is None:
+    raise ValueError('global_ascent=True needs batch_axis_name')
+  if not (isinstance(k, int) and k >= 1):
+    raise ValueError(f'looksam: k must be an int >= 1, got {k!r}')
+  rule = sharpness.SharpnessRule('looksam', looksam_k=k,
+                                 m='global' if global_ascent else 'device')
+  glob = (lambda t: _mean(t, batch_axis_name)) if global_ascent else (lambda t: t)
+
+  def init_fn(params):
+    wide = lambda p: jnp.zeros(jnp.shape(p), jnp.promote_types(p.dtype, jnp.float32))
+    return LookSAMState(count=jnp.zeros((), jnp.int32), g_v=jax.tree.map(wide, params))
+
+  def update_fn(updates, state, params=None, *, grad_fn=None, **extra_args):
+    del extra_args
+    if params is None or grad_fn is None:
+      raise ValueError('the looksam transform needs params and grad_fn=(params, i) -> grads')
+    if batch_axis_name is not None:
+      _check_per_device(params, batch_axis_name, 'looksam')
+    rho_t = rho(state.count) if callable(rho) else rho
+    axes = _branch_axes((updates, params, state), batch_axis_name)
+
+    def full(_):
+      d, _ = sharpness.sharpness_gradient(
+          rule, lambda p: (grad_fn(p, 0), None), params, updates, rho=rho_t,
+          axis_name=batch_axis_name)
+      g_v = _mean(sharpness.orthogonal_component(d, glob(updates)), batch_axis_name)
+      g_v = jax.tree.map(lambda v, old: v.astype(old.dtype), g_v, state.g_v)
+      return vma.cast_to((_mean(d, batch_axis_name), g_v), axes)
+
+    def cheap(_):
+      d = sharpness.looksam_reuse(glob(updates), state.g_v, alpha)
+      return vma.cast_to((_mean(d, batch_axis_name), state.g_v), axes)
+
+    direction, g_v = jax.lax.cond(state.count % k == 0, full, cheap, None)
+    direction = jax.tree.map(lambda d, u: d.astype(u.dtype), direction, updates)
+    return direction, LookSAMState(optax.safe_increment(state.count), g_v)
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+class FSAMState(NamedTuple):
+  """State of ``fsam``.
+
+  Attributes:
+    count: updates taken so far (int32); m starts as the first gradient.
+    m: the exponential moving average of the clean gradient,
+      m ← λ m + (1 − λ) g; float32 or wider, shaped like the params.
+  """
+  count: jax.Array
+  m: optax.Params
+
+
+def fsam(rho: ScalarOrSchedule = 0.05, sigma: float = 1.0, lam: float = 0.95, *,
+         batch_axis_name: Optional[str] = None,
+         global_ascent: bool = False) -> optax.GradientTransformationExtraArgs:
+  """F-SAM (Li et al. 2024, "Friendly Sharpness-Aware Minimization", CVPR,
+  arXiv:2403.12350): the ascent drops the full-gradient component that SAM's
+  perturbation carries, estimated by an EMA m of the gradients:
+  d = g − σ m, ε = ρ d/‖d‖, update ∇L(w + ε); then m ← λ m + (1 − λ) g.
+  On the first update m = g and d = g (the official code). σ = 1 is the
+  paper's; λ = 0.95 its official CIFAR run script's (the class default is 0.9).
+
+  Data parallel: m follows the device-averaged g (replicated state); the
+  ascent uses each device's g (``global_ascent``: the averaged g).
+  """
+  if global_ascent and batch_axis_name is None:
+    raise ValueError('global_ascent=True needs batch_axis_name')
+  rule = sharpness.SharpnessRule('fsam', fsam_sigma=sigma, fsam_lambda=lam,
+                                 m='global' if global_ascent else 'device')
+
+  def init_fn(params):
+    wide = lambda p: jnp.zeros(jnp.shape(p), jnp.promote_types(p.dtype, jnp.float32))
+    return FSAMState(count=jnp.zeros((), jnp.int32), m=jax.tree.map(wide, params))
+
+  def update_fn(updates, state, params=None, *, grad_fn=None, **extra_args):
+    del extra_args
+    if params is None or grad_fn is None:
+      raise ValueError('the fsam transform needs params and grad_fn=(params, i) -> grads')
+    if batch_axis_name is not None:
+      _check_per_device(params, batch_axis_name, 'fsam')
+    rho_t = rho(state.count) if callable(rho) else rho
+    first = state.count == 0
+    direction, _ = sharpness.sharpness_gradient(
+        rule, lambda p: (grad_fn(p, 0), None), params, updates, rho=rho_t,
+        axis_name=batch_axis_name, state=(state.m, first))
+    direction = _mean(direction, batch_axis_name)
+    m = sharpness.fsam_momentum(state.m, _mean(updates, batch_axis_name), rule.fsam_lambda, first)
+    direction = jax.tree.map(lambda d, u: d.astype(u.dtype), direction, updates)
+    return direction, FSAMState(optax.safe_increment(state.count), m)
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+class MSAMState(NamedTuple):
+  """State of ``msam``: the wrapped optimizer's state, whose momentum buffer
+  (``trace`` of ``optax.sgd(momentum=μ)``, ``mu`` of adam/adamw) gives ε.
+
+  Attributes:
+    inner: the wrapped optimizer's state.
+  """
+  inner: optax.OptState
+
+
+def msam(optimizer: optax.GradientTransformation, rho: float = 0.3, *,
+         batch_axis_name: Optional[str] = None) -> optax.GradientTransformationExtraArgs:
+  """Momentum-SAM (Becker et al. 2024, "Momentum-SAM: Sharpness Aware
+  Minimization without Computational Overhead", arXiv:2401.12033).
+
+  MSAM wraps the optimizer it perturbs for, because ε comes from *its*
+  momentum v: ε = −ρ v/‖v‖ (the paper's sign: against the momentum), and the
+  update is ``optimizer``'s on g̃ = ∇L(w + ε) — one gradient per step, no
+  ascent pass. v is read from the wrapped state by name
+  (``sharpness.optimizer_momentum``: ``trace`` or ``mu``), so any chain that
+  contains ``optax.sgd(momentum=μ)``, ``optax.trace`` or adam/adamw works,
+  weight decay included where the chain adds it before the momentum (as the
+  paper's SGD does); no second copy of the momentum is kept. v = 0 on the
+  first step gives ε = 0. ρ = 0.3 is the official code's default.
+
+  Use it in place of the optimizer::
+
+    opt = transforms.msam(optax.sgd(0.1, momentum=0.9), rho=0.3)
+    updates, state = opt.update(grads, state, params, grad_fn=grad_fn)
+
+  ``updates`` (the caller's gradient at w) is not used: MSAM's only gradient
+  is ``grad_fn`` at w + ε. Under ``jax.jit`` the caller's gradient is then
+  dead code and XLA removes it, so the jitted step costs one gradient.
+  """
+  if callable(rho):
+    raise ValueError('msam: rho must be a number (wrap msam in optax.inject_hyperparams to '
+                     'change it during training)')
+
+  def init_fn(params):
+    inner = optimizer.init(params)
+    sharpness.optimizer_momentum(inner)          # a clear error now, not at the first step
+    return MSAMState(inner)
+
+  def update_fn(updates, state, params=None, *, grad_fn=None, **extra_args):
+    if params is None or grad_fn is None:
+      raise ValueError('the msam transform needs params and grad_fn=(params, i) -> grads')
+    if batch_axis_name is not None:
+      _check_per_device(params, batch_axis_name, 'msam')
+    del extra_args
+    eps = sharpness.momentum_perturbation(sharpness.optimizer_momentum(state.inner), rho)
+    grads = grad_fn(sharpness.add(params, eps), 0)
+    grads = _mean(grads, batch_axis_name)
+    grads = jax.tree.map(lambda g, u: g.astype(u.dtype), grads, updates)
+    new_updates, inner = optimizer.update(grads, state.inner, params)
+    return new_updates, MSAMState(inner)
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)

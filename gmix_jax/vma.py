@@ -44,3 +44,16 @@ def typed(axis_name: str) -> bool:
   (shard_map with ``check_vma``: the device index itself varies)."""
   v = varying_axes(jax.lax.axis_index(axis_name))
   return bool(v) and axis_name in v
+
+
+def cast_to(tree: PyTree, axes) -> PyTree:
+  """Each leaf of ``tree`` made varying over every axis in ``axes`` (a
+  ``jax.lax.pcast``); a no-op where values are not typed (pmap, outside
+  shard_map). The two branches of a ``lax.cond`` must return equal types."""
+  def one(x):
+    have = varying_axes(x)
+    if have is None:
+      return x
+    missing = tuple(a for a in axes if a not in have)
+    return jax.lax.pcast(x, missing, to='varying') if missing else x
+  return jax.tree.map(one, tree)
