@@ -349,6 +349,15 @@ def normalized(objective, normalizer: data_lib.Normalizer):
   return wrapped
 
 
+def build_objective(config, method, apply_fn, total_steps, looksam_phase=None):
+  """The per-device objective of a composed method (``objectives.make_objective``)."""
+  # The LR schedule is for sharpness.rho_schedule='lr' (GSAM's ρ_t).
+  lr = build_lr_schedule(config, total_steps // config.num_epochs)
+  return objectives.make_objective(
+      method, apply_fn, axis_name='batch', lr_schedule=lr, num_steps=total_steps,
+      accumulation_steps=opt(config, 'accumulation_steps'), looksam_phase=looksam_phase)
+
+
 def build_step_parts(config, method, module, apply_fn, ds, total_steps, params, model_state):
   """``(objective, extra, extra_update)`` for ``parallel.make_per_device_step``.
 
@@ -356,11 +365,7 @@ def build_step_parts(config, method, module, apply_fn, ds, total_steps, params, 
   its step's extra state (``samix.METHODS``) builds all three.
   """
   if config.method.name not in samix.METHODS:
-    # The LR schedule is for sharpness.rho_schedule='lr' (GSAM's ρ_t).
-    lr = build_lr_schedule(config, total_steps // config.num_epochs)
-    objective = objectives.make_objective(
-        method, apply_fn, axis_name='batch', lr_schedule=lr, num_steps=total_steps,
-        accumulation_steps=opt(config, 'accumulation_steps'))
+    objective = build_objective(config, method, apply_fn, total_steps)
     # LookSAM's g_v / F-SAM's m live in TrainState.extra (checkpointed with it).
     extra = objectives.rule_state_init(method.sharpness, params)
     update = objectives.rule_state_update(method.sharpness) if extra is not None else None

@@ -625,7 +625,8 @@ def _part_gradient(apply_fn, params, model_state, part: _Part, rng, axis_name,
 def make_objective(method: Method, apply_fn: ApplyFn, *,
                    axis_name: Optional[str] = None, lr_schedule=None,
                    num_steps: Optional[int] = None,
-                   accumulation_steps: int = 1) -> Objective:
+                   accumulation_steps: int = 1,
+                   looksam_phase: Optional[str] = None) -> Objective:
   """The per-device objective of ``method``.
 
   Args:
@@ -655,6 +656,12 @@ def make_objective(method: Method, apply_fn: ApplyFn, *,
       divide each part's rows and integer m groups must fit in a
       micro-batch (``Method.check_batch``); Manifold Mixup, which pairs rows
       inside one forward pass, is rejected with K > 1.
+    looksam_phase: LookSAM only. ``None``: the objective chooses the full
+      or the cheap step from ``batch['step']`` with a ``lax.cond``;
+      ``'full'`` / ``'cheap'``: it is that step only. XLA on CPU runs a
+      gradient inside a conditional an order of magnitude slower than
+      outside one, so the trainer compiles the two phases and picks one on
+      the host by the step number (``train.place``).
 
   Returns:
     ``objective(params, model_state, batch, rng) -> (grads, new_state, metrics)``;
@@ -670,6 +677,11 @@ def make_objective(method: Method, apply_fn: ApplyFn, *,
     points) and, for partitioned methods, ``sensitivity`` (mean s_i) and
     ``sensitive_minus_rest`` (mean s over S⁺ minus mean over S⁻).
   """
+  if looksam_phase not in (None, 'full', 'cheap'):
+    raise ValueError(f"looksam_phase must be None, 'full' or 'cheap', got {looksam_phase!r}")
+  if looksam_phase is not None and method.sharpness.name != 'looksam':
+    raise ValueError(f"looksam_phase={looksam_phase!r} needs sharpness.rule='looksam', "
+                     f'got {method.sharpness.name!r}')
   if method.mixing.policy == 'manifold' and getattr(apply_fn, 'mix_points', None) is None:
     raise ValueError("mixing.policy='manifold' needs a model that mixes hidden states: an "
                      'apply_fn(params, model_state, x, train, mix=None) that applies mix(j, h) at '
@@ -750,7 +762,7 @@ def make_objective(method: Method, apply_fn: ApplyFn, *,
 
     if rule.name == 'looksam':
       grads, new_state, loss, loss_p, extra_grads = _looksam(
-          run, rule, extra, batch['step'], axis_name)
+          run, rule, extra, batch['step'], axis_name, looksam_phase)
     else:
       grads, clean, new_state, loss, loss_p = run(True)
       # F-SAM's m follows the device-averaged clean gradient: each device
@@ -766,7 +778,7 @@ def make_objective(method: Method, apply_fn: ApplyFn, *,
   return objective
 
 
-def _looksam(run, rule: sharpness.SharpnessRule, extra, step, axis_name):
+def _looksam(run, rule: sharpness.SharpnessRule, extra, step, axis_name, phase=None):
   """LookSAM (Liu et al. 2022, Alg. 1): a SAM step every k-th step, else one
   clean gradient plus α‖g‖/‖g_v‖ · g_v with the stored g_v (``lax.cond``:
   only the taken branch runs).
@@ -776,7 +788,8 @@ def _looksam(run, rule: sharpness.SharpnessRule, extra, step, axis_name):
   pmean (``extra_update`` keeps it); the cheap step uses this device's g.
   With ``m='global'`` g and g_p are the device averages, so the update does
   not depend on the device count. Returns (direction, model state, loss,
-  perturbed loss, this device's g_v or zeros).
+  perturbed loss, this device's g_v or zeros). ``phase`` ('full' / 'cheap')
+  runs that step only.
   """
   glob = rule.m == 'global'
   mean = (lambda t: jax.lax.pmean(t, axis_name)) if glob else (lambda t: t)
@@ -792,6 +805,8 @@ def _looksam(run, rule: sharpness.SharpnessRule, extra, step, axis_name):
     zeros = jax.tree.map(jnp.zeros_like, extra['g_v'])
     return _varying((d, state, loss, loss, {'g_v': zeros}), axis_name)
 
+  if phase is not None:                       # chosen on the host: no conditional
+    return (full if phase == 'full' else cheap)(None)
   return jax.lax.cond(step % rule.looksam_k == 0, full, cheap, None)
 
 
@@ -828,6 +843,21 @@ def rule_state_update(rule: sharpness.SharpnessRule):
     return {'m': sharpness.fsam_momentum(extra['m'], averaged['g'], rule.fsam_lambda,
                                          step == 0)}
   return update
+
+
+def rule_step_kwargs(rule: sharpness.SharpnessRule, params) -> tuple[Optional[dict], dict]:
+  """``(extra, kwargs)`` for a stateful rule's step: ``extra`` is the initial
+  ``TrainState.extra`` (``parallel.create_train_state(..., extra=extra)``)
+  and ``kwargs`` go to ``parallel.make_per_device_step`` (``extra_update``
+  for LookSAM / F-SAM, ``objective_inputs`` for MSAM); ``(None, {})`` for
+  the other rules."""
+  extra = rule_state_init(rule, params)
+  kwargs = {}
+  if extra is not None:
+    kwargs['extra_update'] = rule_state_update(rule)
+  if rule.name == 'msam':
+    kwargs['objective_inputs'] = msam_inputs
+  return extra, kwargs
 
 
 def msam_inputs(state) -> dict:

@@ -118,9 +118,19 @@ def gsam_combine(grads: PyTree, perturbed_grads: PyTree, alpha,
 def orthogonal_component(perturbed_grads: PyTree, grads: PyTree,
                          eps: float = EPS_NORM) -> PyTree:
   """LookSAM's g_v = g_p − (⟨g_p, g⟩/‖g‖²) g: the part of the SAM gradient
-  orthogonal to the clean one (Liu et al. 2022, Eq. 5)."""
+  orthogonal to the clean one (Liu et al. 2022, Eq. 5).
+
+  When g_p ∥ g (e.g. an isotropic quadratic) the subtraction leaves only
+  rounding error, of size ~ε_dtype‖g_p‖, whose direction is noise that the
+  cheap step would scale up to α‖g‖. A g_v below 64 ε_dtype ‖g_p‖ is
+  therefore returned as exactly zero (the cheap step is then g).
+  """
   coef = tree_dot(perturbed_grads, grads) / (jnp.square(global_norm(grads)) + eps)
-  return jax.tree.map(lambda gp, g: (gp - coef * g).astype(gp.dtype), perturbed_grads, grads)
+  g_v = jax.tree.map(lambda gp, g: (gp - coef * g).astype(gp.dtype), perturbed_grads, grads)
+  leaves = jax.tree.leaves(perturbed_grads)
+  tiny = 64 * max(float(jnp.finfo(jnp.promote_types(l.dtype, jnp.float32)).eps) for l in leaves)
+  keep = global_norm(g_v) > tiny * global_norm(perturbed_grads)
+  return jax.tree.map(lambda v: jnp.where(keep, v, jnp.zeros_like(v)), g_v)
 
 
 def looksam_reuse(grads: PyTree, g_v: PyTree, alpha, eps: float = EPS_NORM) -> PyTree:

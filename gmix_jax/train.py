@@ -86,7 +86,7 @@ class Setup:
 @dataclasses.dataclass
 class Placed:
   """The compiled step and how state and batches live on the devices."""
-  step_fn: Callable           # (state, device batch) -> (state, metrics)
+  step_fn: Callable           # (state, device batch, step number) -> (state, metrics)
   to_device: Callable         # host-local batch -> device batch
   host_state: Callable        # state -> what is checkpointed (the global state)
   local_state: Callable       # state -> this process's copy
@@ -238,10 +238,18 @@ def place(s: Setup, state, objective, extra_update) -> tuple[Any, Placed]:
   """Compiles the per-device step for the chosen parallelism and puts the
   state on the devices."""
   config, method = s.config, s.method
-  per_device_step = parallel.make_per_device_step(
-      objective, s.optimizer, axis_name='batch', use_stale_scores=s.use_stale,
+  make_step = lambda obj: parallel.make_per_device_step(
+      obj, s.optimizer, axis_name='batch', use_stale_scores=s.use_stale,
       skip_nonfinite=configure.opt(config, 'nan_policy') == 'skip', extra_update=extra_update,
       objective_inputs=objectives.msam_inputs if method.sharpness.name == 'msam' else None)
+  per_device_step = make_step(objective)
+  phases = {}
+  if method.sharpness.name == 'looksam':
+    # Two programs, chosen on the host by the step number (no lax.cond: XLA on
+    # CPU runs a gradient inside a conditional an order of magnitude slower).
+    phases = {p: make_step(configure.normalized(
+        configure.build_objective(config, method, s.apply_fn, s.total_steps, p),
+        s.ds.normalizer)) for p in ('full', 'cheap')}
   if config.parallel == 'shard_map':
     if jax.process_count() > 1:     # the first n_dev devices of every process, by process
       mesh = parallel.make_mesh(devices=[
@@ -249,7 +257,7 @@ def place(s: Setup, state, objective, extra_update) -> tuple[Any, Placed]:
           for d in [d for d in jax.devices() if d.process_index == p][:s.n_dev]])
     else:
       mesh = parallel.make_mesh(s.n_dev)
-    step_fn = parallel.shard_map_step(per_device_step, mesh)
+    wrap = lambda f: parallel.shard_map_step(f, mesh)
     state = jax.device_put(state, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
     to_device = lambda b: parallel.global_batch_to_device(b, mesh, 'batch')
     host_state = lambda st: st                # what is checkpointed: the global state
@@ -258,12 +266,19 @@ def place(s: Setup, state, objective, extra_update) -> tuple[Any, Placed]:
     eval_state, eval_mesh = host_state, mesh  # evaluation: sharded over every process
   else:
     devices = jax.local_devices()[:s.n_dev]
-    step_fn = parallel.pmap_step(per_device_step, devices=devices)
+    wrap = lambda f: parallel.pmap_step(f, devices=devices)
     state = parallel.replicate(state, devices)
     to_device = lambda b: parallel.shard_batch(b, s.n_dev)
     host_state = local_state = eval_state = parallel.unreplicate
     eval_mesh = None                          # evaluation: one device
 
+  if phases:
+    k = method.sharpness.looksam_k
+    full, cheap = wrap(phases['full']), wrap(phases['cheap'])
+    step_fn = lambda state, batch, step: (full if step % k == 0 else cheap)(state, batch)
+  else:
+    one = wrap(per_device_step)
+    step_fn = lambda state, batch, step: one(state, batch)
   apply_fn, num_classes = s.apply_fn, s.ds.num_classes
   score_cfg = (method.sensitivity if method.sensitivity.estimator != 'stale'
                else sensitivity.SensitivityConfig('per_example', chunk=method.sensitivity.chunk))
@@ -308,7 +323,7 @@ def _steps(s: Setup, placed: Placed, state, loop: Loop, preemption: Preemption, 
     # This process's stop request travels with its batch; the step returns the
     # max over all devices, so every process stops after the same step.
     batch['stop'] = np.full(batch['y'].shape, preemption.requested, np.int32)
-    state, metrics = placed.step_fn(state, placed.to_device(batch))
+    state, metrics = placed.step_fn(state, placed.to_device(batch), step)
     loop.in_flight.append((step, metrics))
     loop.window_steps += 1
     if step == start_step:     # compilation is not throughput: start the clocks after it

@@ -213,10 +213,10 @@ def looksam(rho: ScalarOrSchedule = 0.05, k: int = 5, alpha: float = 0.7, *,
   """
   if global_ascent and batch_axis_name is None:
     raise ValueError('global_ascent=True needs batch_axis_name')
-  if not (isinstance(k, int) and k >= 1):
+  # k may arrive as an array (optax.inject_hyperparams); checked when a number.
+  if isinstance(k, (int, float)) and not (int(k) == k and k >= 1):
     raise ValueError(f'looksam: k must be an int >= 1, got {k!r}')
-  rule = sharpness.SharpnessRule('looksam', looksam_k=k,
-                                 m='global' if global_ascent else 'device')
+  rule = sharpness.SharpnessRule('looksam', m='global' if global_ascent else 'device')
   glob = (lambda t: _mean(t, batch_axis_name)) if global_ascent else (lambda t: t)
 
   def init_fn(params):

@@ -163,8 +163,8 @@ def toy_setup():
   return params, {'x': x, 'y': labels}
 
 
-def call(m, params, batch, step, extra=None, **inputs):
-  obj = objectives.make_objective(m, toy.mlp_apply)
+def call(m, params, batch, step, extra=None, phase=None, **inputs):
+  obj = objectives.make_objective(m, toy.mlp_apply, looksam_phase=phase)
   batch = {**batch, 'step': jnp.asarray(step, jnp.int32), **inputs}
   if extra is None:
     return obj(params, {}, batch, jax.random.PRNGKey(7))
@@ -183,20 +183,24 @@ def rand_like(params, seed):
 
 @pytest.mark.parametrize('policy', MIXINGS)
 @pytest.mark.parametrize('part', list(PARTITIONS))
-def test_looksam_objective_full_and_cheap_steps(policy, part, x64):
+@pytest.mark.parametrize('host', [False, True], ids=['cond', 'host_phase'])
+def test_looksam_objective_full_and_cheap_steps(policy, part, host, x64):
+  """``host``: the phase chosen outside (``looksam_phase``), as the trainer does."""
   params, batch = toy_setup()
   rule = SharpnessRule('looksam', looksam_k=2, looksam_alpha=0.7)
   sam_g, _, _ = call(method(policy, part, SharpnessRule('sam')), params, batch, 0)
   clean, _, _ = call(method(policy, part, SharpnessRule('sam', rho=0.0)), params, batch, 0)
   zeros = objectives.rule_state_init(rule, params)
   # Full step (step % k == 0): SAM's direction; g_v ⟂ clean g.
-  g, _, metrics, out = call(method(policy, part, rule), params, batch, 4, zeros)
+  g, _, metrics, out = call(method(policy, part, rule), params, batch, 4, zeros,
+                            phase='full' if host else None)
   close(g, sam_g)
   close(out['g_v'], sharpness.orthogonal_component(sam_g, clean))
   assert abs(float(sharpness.tree_dot(out['g_v'], clean))) < 1e-10
   # Cheap step: clean g + α‖g‖/‖g_v‖ g_v with the stored g_v; nothing to store.
   g_v = rand_like(params, 3)
-  g, _, m2, out = call(method(policy, part, rule), params, batch, 5, {'g_v': g_v})
+  g, _, m2, out = call(method(policy, part, rule), params, batch, 5, {'g_v': g_v},
+                       phase='cheap' if host else None)
   scale = 0.7 * sharpness.global_norm(clean) / sharpness.global_norm(g_v)
   close(g, jax.tree.map(lambda c, v: c + scale * v, clean, g_v))
   assert all(float(jnp.max(jnp.abs(v))) == 0 for v in jax.tree.leaves(out['g_v']))

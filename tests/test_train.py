@@ -84,6 +84,39 @@ def test_resume_continues_at_the_right_step_and_matches_uninterrupted(tmp_path):
   assert resumed['final_test_accuracy'] == straight['final_test_accuracy']
 
 
+@pytest.mark.parametrize('rule', ['looksam', 'fsam'])
+def test_resume_keeps_the_sharpness_rule_state(rule, tmp_path):
+  """LookSAM's g_v and F-SAM's m live in TrainState.extra: a resumed run
+  that lost them (zeros) would take a different step 2 than the straight one."""
+  def config(stop_at=None):
+    c = tiny_config('gmix', 'digits', tmp_path / 'data')
+    c.num_epochs = 2
+    c.method.sharpness.rule = rule
+    if rule == 'looksam':
+      c.method.sharpness.looksam_k = 3        # full at steps 0 and 3; step 2 reuses g_v
+    c.debug_nan_step = stop_at
+    return c
+  straight = train.train_and_evaluate(config(), str(tmp_path / 'straight'))
+  with pytest.raises(FloatingPointError):
+    train.train_and_evaluate(config(stop_at=2), str(tmp_path / 'resumed'))
+  resumed = train.train_and_evaluate(config(), str(tmp_path / 'resumed'))
+  steps = [r['step'] for r in read_metrics(tmp_path / 'resumed') if r['split'] == 'train']
+  assert steps == [1, 2, 3, 4]
+  assert resumed['final_test_loss'] == straight['final_test_loss']
+
+
+def test_msam_without_momentum_and_samix_with_a_stateful_rule_fail_early(tmp_path):
+  c = tiny_config('gmix', 'digits', tmp_path / 'data')
+  c.method.sharpness.rule = 'msam'
+  c.optimizer.momentum = 0.0
+  with pytest.raises(ValueError, match="msam' perturbs along the optimizer's momentum"):
+    configure.validate_config(c)
+  c = tiny_config('samix', 'digits', tmp_path / 'data')
+  c.method.sharpness.rule = 'looksam'
+  with pytest.raises(ValueError, match="rule='looksam' is not implemented for method.name='samix'"):
+    configure.validate_config(c)
+
+
 def test_incompatible_checkpoint_is_never_overwritten(tmp_path):
   train.train_and_evaluate(tiny_config('erm', 'digits', tmp_path / 'data'), str(tmp_path / 'wd'))
   before = sorted(os.listdir(tmp_path / 'wd' / 'checkpoints'))
@@ -124,6 +157,10 @@ def test_knob_added_at_its_none_default_still_resumes(tmp_path):
     ('method.partition.gamma', -0.1, r'partition.gamma must be in \[0, 1\]'),
     ('method.mixing.alpha', 0.0, 'mixing.alpha must be > 0'),
     ('method.mixing.k', 0, 'mixing.k must be >= 1'),
+    ('method.sharpness.looksam_k', 0, 'sharpness.looksam_k must be an int >= 1, got 0'),
+    ('method.sharpness.looksam_alpha', -0.5, 'sharpness.looksam_alpha must be >= 0'),
+    ('method.sharpness.fsam_lambda', 1.0, r'sharpness.fsam_lambda must be in \[0, 1\)'),
+    ('method.sharpness.fsam_sigma', -1.0, 'sharpness.fsam_sigma must be >= 0'),
     ('checkpoint_every_steps', 0, 'checkpoint_every_steps must be >= 1'),
     ('debug_nan_step', -1, 'debug_nan_step must be None or a step >= 0'),
     # Sizes: the per-device batch is 20 / 2 devices = 10.

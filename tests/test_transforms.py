@@ -16,7 +16,21 @@ FACTORIES = {
     'asam': transforms.asam,
     'gsam': transforms.gsam,
     'esam': transforms.esam,
+    'looksam': transforms.looksam,
+    'fsam': transforms.fsam,
+    'msam': transforms.msam,
 }
+
+
+def make(name, inner, factory=None, **kwargs):
+  """The rule in front of ``inner``; MSAM wraps it instead (it reads the
+  inner state's momentum), so its plain SGD gets momentum 0.9."""
+  factory = factory or FACTORIES[name]
+  if name != 'msam':
+    return optax.chain(factory(**kwargs), inner)
+  lr = 0.1
+  inner = optax.sgd(lr, momentum=0.9) if inner == 'sgd' else optax.adam(lr)
+  return optax.chain(factory(optimizer=inner, **kwargs))
 TARGET = jnp.array([1.0, -2.0, 3.0])
 
 
@@ -36,7 +50,7 @@ def init_params(dtype=jnp.float32):
 def test_init_update_under_jit_and_dtype_shape_stable(name):
   for dtype in (jnp.float32, jnp.bfloat16):
     params = init_params(dtype)
-    opt = optax.chain(FACTORIES[name](), optax.sgd(0.1))
+    opt = make(name, 'sgd') if name == 'msam' else make(name, optax.sgd(0.1))
     state = jax.jit(opt.init)(params)
 
     @jax.jit
@@ -57,7 +71,7 @@ def test_init_update_under_jit_and_dtype_shape_stable(name):
 @pytest.mark.parametrize('inner', ['sgd', 'adam'])
 def test_converges_on_parabola_in_chain(name, inner):
   inner_opt = optax.sgd(0.1, momentum=0.9) if inner == 'sgd' else optax.adam(0.1)
-  opt = optax.chain(FACTORIES[name](rho=0.01), inner_opt)
+  opt = make(name, inner if name == 'msam' else inner_opt, rho=0.01)
   params = init_params()
   state = opt.init(params)
 
@@ -75,7 +89,8 @@ def test_converges_on_parabola_in_chain(name, inner):
 
 @pytest.mark.parametrize('name', sorted(FACTORIES))
 def test_inject_hyperparams(name):
-  opt = optax.chain(optax.inject_hyperparams(FACTORIES[name])(rho=0.05), optax.sgd(0.1))
+  opt = make(name, 'sgd' if name == 'msam' else optax.sgd(0.1),
+             factory=optax.inject_hyperparams(FACTORIES[name]), rho=0.05)
   params = init_params()
   state = opt.init(params)
   grads = jax.grad(parabola)(params)
@@ -84,14 +99,20 @@ def test_inject_hyperparams(name):
   # Changing the injected ρ changes the update: ρ really flows through the state.
   state0 = opt.init(params)
   state0[0].hyperparams['rho'] = jnp.asarray(0.0)
-  updates0, _ = opt.update(grads, state0, params, grad_fn=grad_fn)
+  updates0, state0 = opt.update(grads, state0, params, grad_fn=grad_fn)
   np.testing.assert_allclose(updates0['w'], -0.1 * grads['w'], rtol=1e-6)
+  if name == 'msam':
+    # ε = −ρ v/‖v‖ needs a momentum: the first step has none, so compare the second.
+    state1 = opt.init(params)
+    _, state1 = opt.update(grads, state1, params, grad_fn=grad_fn)
+    updates, _ = opt.update(grads, state1, params, grad_fn=grad_fn)
+    updates0, _ = opt.update(grads, state0, params, grad_fn=grad_fn)
   assert not np.allclose(updates['w'], updates0['w'])
 
 
 @pytest.mark.parametrize('name', sorted(FACTORIES))
 def test_state_stable_under_lax_cond(name):
-  opt = optax.chain(FACTORIES[name](), optax.sgd(0.1))
+  opt = make(name, 'sgd') if name == 'msam' else make(name, optax.sgd(0.1))
   params = init_params()
   state = opt.init(params)
   grads = jax.grad(parabola)(params)
@@ -103,7 +124,12 @@ def test_state_stable_under_lax_cond(name):
 
   s1 = maybe_update(True, state)
   s0 = maybe_update(False, state)
-  assert int(s1[0].count) == 1 and int(s0[0].count) == 0
+  assert jax.tree.structure(s1) == jax.tree.structure(s0) == jax.tree.structure(state)
+  if name == 'msam':                  # its state is the inner one: the momentum moved
+    assert float(optax.tree.norm(optax.tree.get(s1, 'trace'))) > 0
+    assert float(optax.tree.norm(optax.tree.get(s0, 'trace'))) == 0
+  else:
+    assert int(s1[0].count) == 1 and int(s0[0].count) == 0
 
 
 def test_sam_matches_optax_contrib_sam_opaque_step_for_step():
