@@ -20,7 +20,10 @@ chains in front of any Optax optimizer::
   True
 
 Put the sharpness transform first in the chain: it must see the raw
-gradient. The math is ``gmix_jax.sharpness``'s, shared with the objectives.
+gradient. The efficient rules (docs/methods.md § 2): ``looksam`` (a SAM step
+every k-th update, one gradient otherwise) and ``fsam`` chain the same way;
+``msam`` wraps the optimizer instead, because its ε comes from that
+optimizer's momentum: ``transforms.msam(optax.sgd(lr, momentum=0.9))``. The math is ``gmix_jax.sharpness``'s, shared with the objectives.
 
 Data parallel: with ``batch_axis_name`` the perturbed gradient is averaged
 over that axis (like ``optax.contrib.sam``'s). Without ``global_ascent`` each
@@ -210,6 +213,18 @@ def looksam(rho: ScalarOrSchedule = 0.05, k: int = 5, alpha: float = 0.7, *,
   Per device (default) each device ascends with its own g and combines its
   own g on the cheap steps; ``global_ascent=True`` uses the averaged g and
   g_p everywhere, so the update does not depend on the device count.
+
+    >>> import jax, jax.numpy as jnp, optax
+    >>> from gmix_jax import transforms
+    >>> loss = lambda w: jnp.sum((w - 3.0) ** 2) + jnp.sum(w ** 4) / 100
+    >>> opt = optax.chain(transforms.looksam(rho=0.05, k=5, alpha=0.7), optax.sgd(0.05))
+    >>> w = jnp.zeros(2); state = opt.init(w)
+    >>> for _ in range(200):
+    ...   u, state = opt.update(jax.grad(loss)(w), state, w,
+    ...                         grad_fn=lambda p, _: jax.grad(loss)(p))
+    ...   w = optax.apply_updates(w, u)
+    >>> int(state[0].count), bool(jnp.allclose(jax.grad(loss)(w), 0.0, atol=1e-2))
+    (200, True)
   """
   if global_ascent and batch_axis_name is None:
     raise ValueError('global_ascent=True needs batch_axis_name')
@@ -275,6 +290,18 @@ def fsam(rho: ScalarOrSchedule = 0.05, sigma: float = 1.0, lam: float = 0.95, *,
 
   Data parallel: m follows the device-averaged g (replicated state); the
   ascent uses each device's g (``global_ascent``: the averaged g).
+
+    >>> import jax, jax.numpy as jnp, optax
+    >>> from gmix_jax import transforms
+    >>> loss = lambda w: jnp.sum((w - 3.0) ** 2)
+    >>> opt = optax.chain(transforms.fsam(rho=0.05, sigma=1.0, lam=0.95), optax.sgd(0.1))
+    >>> w = jnp.zeros(2); state = opt.init(w)
+    >>> for _ in range(100):
+    ...   u, state = opt.update(jax.grad(loss)(w), state, w,
+    ...                         grad_fn=lambda p, _: jax.grad(loss)(p))
+    ...   w = optax.apply_updates(w, u)
+    >>> bool(jnp.allclose(w, 3.0, atol=5e-2))
+    True
   """
   if global_ascent and batch_axis_name is None:
     raise ValueError('global_ascent=True needs batch_axis_name')
@@ -329,10 +356,20 @@ def msam(optimizer: optax.GradientTransformation, rho: float = 0.3, *,
   paper's SGD does); no second copy of the momentum is kept. v = 0 on the
   first step gives ε = 0. ρ = 0.3 is the official code's default.
 
-  Use it in place of the optimizer::
+  Use it in place of the optimizer:
 
-    opt = transforms.msam(optax.sgd(0.1, momentum=0.9), rho=0.3)
-    updates, state = opt.update(grads, state, params, grad_fn=grad_fn)
+    >>> import jax, jax.numpy as jnp, optax
+    >>> from gmix_jax import transforms
+    >>> loss = lambda w: jnp.sum((w - 3.0) ** 2)
+    >>> opt = transforms.msam(optax.sgd(0.02, momentum=0.9), rho=0.05)
+    >>> w = jnp.zeros(2); state = opt.init(w)
+    >>> step = jax.jit(lambda w, s: opt.update(jax.grad(loss)(w), s, w,
+    ...                                        grad_fn=lambda p, _: jax.grad(loss)(p)))
+    >>> for _ in range(300):
+    ...   u, state = step(w, state)
+    ...   w = optax.apply_updates(w, u)
+    >>> bool(jnp.allclose(w, 3.0, atol=5e-2))
+    True
 
   ``updates`` (the caller's gradient at w) is not used: MSAM's only gradient
   is ``grad_fn`` at w + ε. Under ``jax.jit`` the caller's gradient is then
