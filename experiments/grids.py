@@ -144,6 +144,9 @@ RULES_VARIANTS = (
     ('gmix', 'looksam', {'method.sharpness.rule': 'looksam'}),
     ('gmix', 'msam', {'method.sharpness.rule': 'msam'}),
     ('gmix', 'fsam', {'method.sharpness.rule': 'fsam'}),
+    # A diagnostic of LookSAM's α (its cheap step pushes α‖g‖ along g_v whatever ρ is).
+    ('gmix', 'looksam-a0.1', {'method.sharpness.rule': 'looksam',
+                              'method.sharpness.looksam_alpha': 0.1}),
 )
 
 
