@@ -145,7 +145,8 @@ def opt(config: ml_collections.ConfigDict, field: str):
 
 def num_devices(config: ml_collections.ConfigDict) -> int:
   """Devices used on each process."""
-  return config.num_devices or jax.local_device_count()
+  n = config.num_devices
+  return jax.local_device_count() if n is None else n
 
 
 def validate_config(config: ml_collections.ConfigDict) -> objectives.Method:
@@ -193,8 +194,9 @@ def validate_config(config: ml_collections.ConfigDict) -> objectives.Method:
       samix.check_source(samix_cfg, json.loads(config.to_json()))
   local = jax.local_device_count()
   n_dev = num_devices(config)
-  if not 1 <= n_dev <= local:
-    raise ValueError(f'num_devices must be in [1, {local}] (the local devices), got {n_dev}')
+  if isinstance(n_dev, bool) or not isinstance(n_dev, int) or not 1 <= n_dev <= local:
+    raise ValueError(f'num_devices must be None (all) or an int in [1, {local}] (the local '
+                     f'devices), got {n_dev!r}')
   if config.parallel == 'pmap' and jax.process_count() > 1:
     raise ValueError("parallel='pmap' runs on one process only; use 'shard_map' on several hosts")
   if config.batch_size % (n_dev * jax.process_count()):

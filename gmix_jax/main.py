@@ -46,6 +46,8 @@ def _parse(argv: list[str]):
       return 0
     if config is None or args.workdir is None:
       raise cli.UsageError(f'--config and --workdir are required; {cli.USAGE} (see --help)')
+    if not args.workdir.strip():       # '' would write the run into the current directory
+      raise cli.UsageError(f'--workdir is empty; name a directory for the run: {cli.USAGE}')
   except cli.UsageError as e:
     print(f'error: {e}', file=sys.stderr)
     return 2

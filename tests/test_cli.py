@@ -3,6 +3,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from gmix_jax import cli, main, models, objectives
@@ -125,3 +126,37 @@ def test_a_model_change_prints_a_note(capsys):
   code, out, err = run_main(capsys, '--config=configs/default.py', '--config.model.name=mlp', '--help')
   assert code == 0 and err.startswith("note: model.name='mlp': dropped the config file's model.kwargs")
   assert 'model.kwargs = {}' in out
+
+
+# Values that mean nothing are refused before anything runs (one line, exit 2).
+@pytest.mark.parametrize('flag,message', [
+    ('--config.dataset.examples_per_class=0', 'error: dataset.examples_per_class must be None'),
+    ('--config.dataset.examples_per_class=-3', 'error: dataset.examples_per_class must be None'),
+    ('--config.dataset.train_fraction=0', 'error: dataset.train_fraction must be None (every '
+                                          'example) or a number in (0, 1], got 0.0'),
+    ('--config.dataset.train_fraction=1.5', 'error: dataset.train_fraction must be None'),
+    ('--config.num_devices=0', 'error: num_devices must be None (all) or an int in [1, '),
+    ('--workdir=', 'error: --workdir is empty'),
+    ('--workdir=  ', 'error: --workdir is empty'),
+])
+def test_values_that_mean_nothing_are_refused(capsys, tmp_path, monkeypatch, flag, message):
+  monkeypatch.chdir(tmp_path)                  # an empty --workdir would write here
+  argv = ['--config=configs/digits.py:gmix', '--config.num_epochs=1', '--config.progress=false',
+          '--config.plots=false', f'--workdir={tmp_path / "wd"}', flag]
+  code, out, err = run_main(capsys, *argv)
+  assert code == 2 and err.startswith(message) and err.count('\n') == 1, err
+  assert os.listdir(tmp_path) == []            # nothing written: no workdir, no run in the cwd
+
+
+@pytest.mark.parametrize('x', [np.array([['1.0', '2.0']] * 8), np.ones((8, 2), np.complex64)],
+                         ids=['str', 'complex'])
+def test_npz_features_that_are_not_real_numbers_are_refused(capsys, tmp_path, x):
+  path = tmp_path / 'd.npz'
+  y = np.arange(8) % 2
+  np.savez(path, x_train=x, y_train=y, x_test=x, y_test=y)
+  code, _, err = run_main(capsys, '--config=configs/digits.py:erm', f'--workdir={tmp_path / "wd"}',
+                          f'--config.dataset.name=npz:{path}', '--config.num_epochs=1',
+                          '--config.batch_size=8', '--config.progress=false', '--config.plots=false')
+  assert code == 2 and err.count('\n') == 1, err
+  assert err.startswith(f'error: {path}: x_train must hold real numbers'), err
+  assert not (tmp_path / 'wd' / 'checkpoints').exists()

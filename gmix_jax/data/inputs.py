@@ -24,7 +24,7 @@ from gmix_jax.data import sources
 from gmix_jax.data import subsets
 from gmix_jax.data import validate
 
-DEFAULTS = {'augment': 'none', 'image_size': None, 'workers': 0}
+DEFAULTS = {'augment': 'none', 'image_size': None, 'workers': 0, 'bad_records': 'error'}
 
 
 def dataset_field(config: ml_collections.ConfigDict, field: str):
@@ -46,6 +46,29 @@ def check_fields(config: ml_collections.ConfigDict) -> None:
   workers = dataset_field(config, 'workers')
   if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
     raise ValueError(f'dataset.workers must be an int >= 0, got {workers!r}')
+  check_subset_fields(config.dataset.get('examples_per_class'),
+                      config.dataset.get('train_fraction'))
+  bad = dataset_field(config, 'bad_records')
+  if bad not in pipeline.BAD_RECORDS:
+    raise ValueError(f'dataset.bad_records must be one of {list(pipeline.BAD_RECORDS)}, '
+                     f'got {bad!r}')
+
+
+def check_subset_fields(examples_per_class, train_fraction) -> None:
+  """``examples_per_class``: None or an int >= 1; ``train_fraction``: None or
+  a number in (0, 1]; at most one of them (0 would otherwise read as "unset"
+  and train on everything)."""
+  k, f = examples_per_class, train_fraction
+  if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
+    raise ValueError(f'dataset.examples_per_class must be None (every example) or an int >= 1, '
+                     f'got {k!r}')
+  if f is not None and (isinstance(f, bool) or not isinstance(f, (int, float))
+                        or not 0.0 < f <= 1.0):
+    raise ValueError(f'dataset.train_fraction must be None (every example) or a number in '
+                     f'(0, 1], got {f!r}')
+  if k is not None and f is not None:
+    raise ValueError(f'set at most one of dataset.examples_per_class ({k}) and '
+                     f'dataset.train_fraction ({f})')
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -132,7 +155,7 @@ def open_train_data(config: ml_collections.ConfigDict) -> TrainData:
   for split in (train, test):                  # before any record is read
     validate.check_nonempty(dc.name, split.split, len(split))
   ids = np.arange(len(train))
-  if dc.examples_per_class or dc.train_fraction:
+  if dc.examples_per_class is not None or dc.train_fraction is not None:
     ids = subsets.subsample_indices(train.labels(), examples_per_class=dc.examples_per_class,
                                     train_fraction=dc.train_fraction, seed=config.seed)
   augment = pipeline.augment_name(dataset_field(config, 'augment'))

@@ -52,6 +52,9 @@ from gmix_jax.data.image_ops import AUGMENT_NAMES
 
 # Batches each worker (or the prefetch thread) keeps ready.
 PREFETCH = 2
+# ``dataset.bad_records``: a record that cannot be read or decoded stops the run
+# ('error') or is replaced by the next good one and counted ('skip').
+BAD_RECORDS = ('error', 'skip')
 
 Transform = Callable[[dict, np.random.Generator], dict]
 
