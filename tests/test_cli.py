@@ -160,3 +160,24 @@ def test_npz_features_that_are_not_real_numbers_are_refused(capsys, tmp_path, x)
   assert code == 2 and err.count('\n') == 1, err
   assert err.startswith(f'error: {path}: x_train must hold real numbers'), err
   assert not (tmp_path / 'wd' / 'checkpoints').exists()
+
+
+def test_a_bad_stats_file_stops_the_run_before_anything_is_written(capsys, tmp_path):
+  """A stored gmix_stats.json of 3 channels for 1-channel digits: one line naming
+  the file and how to rebuild it, exit 2, no checkpoint folder, no config.json."""
+  from gmix_jax.data import sources, stats
+  data = str(tmp_path / 'data')
+  train = sources.open_split('digits', 'train', data)  # prepares digits (offline)
+  path = os.path.join(train.meta_dir, stats.STATS_FILE)
+  with open(path, 'w') as f:
+    f.write(f'{{"version": 1, "num_records": {len(train)}, "pixel_max": {train.pixel_max}, '
+            '"mean": [0.3, 0.3, 0.3], "std": [0.3, 0.3, 0.3]}')
+  capsys.readouterr()                                  # the preparation's note
+  workdir = tmp_path / 'wd'
+  code, _, err = run_main(capsys, '--config=configs/digits.py:erm', f'--workdir={workdir}',
+                          f'--config.dataset.data_dir={data}', '--config.num_epochs=1',
+                          '--config.progress=false', '--config.plots=false')
+  assert code == 2 and err.count('\n') == 1, err
+  assert err.startswith(f'error: statistics file {path}: it has statistics of 3 channel(s), the '
+                        "dataset's examples have 1") and 'delete it and rerun' in err, err
+  assert not (workdir / 'checkpoints').exists() and not (workdir / 'config.json').exists()

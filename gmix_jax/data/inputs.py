@@ -162,7 +162,10 @@ def open_train_data(config: ml_collections.ConfigDict) -> TrainData:
   size = dataset_field(config, 'image_size')
   first = pipeline.OrderedBatch(train, ids[:1], 1,
                                 pipeline.record_transform(train, augment, size, train=False))(0)
-  return TrainData(name=dc.name, train=train, test=test, train_ids=ids,
-                   input_shape=tuple(first['x'].shape[1:]),
-                   normalizer=normalize_lib.for_split(train), augment=augment, image_size=size,
+  shape = tuple(first['x'].shape[1:])
+  # Normalised per channel, the last axis; a grayscale image [H, W] has one.
+  channels = 1 if train.pixel_max is not None and len(shape) == 2 else shape[-1]
+  return TrainData(name=dc.name, train=train, test=test, train_ids=ids, input_shape=shape,
+                   normalizer=normalize_lib.for_split(train, channels), augment=augment,
+                   image_size=size,
                    workers=dataset_field(config, 'workers'))

@@ -113,18 +113,74 @@ def _compute(split: sources.Split) -> tuple[np.ndarray, np.ndarray]:
   return mean / split.pixel_max, std / split.pixel_max
 
 
-def channel_stats(split: sources.Split) -> tuple[np.ndarray, np.ndarray]:
-  """``(mean, std)`` float32 per channel of the training ``split`` (see module doc)."""
+def _bad_file(path: str, problem: str) -> ValueError:
+  return ValueError(f'statistics file {path}: {problem}. It is computed from the training split '
+                    'when missing: delete it and rerun to rebuild it')
+
+
+def read_stored(path: str, split: sources.Split, channels: int | None = None) -> dict | None:
+  """The statistics stored at ``path``, checked; None when they are for another
+  version of the file or of the split (then they are computed again).
+
+  Raises:
+    ValueError: naming the file, when it is not JSON, or its ``mean``/``std``
+      are not finite per-channel numbers in range (images: mean in [0, 1], std
+      in [0, 0.5], the largest std of values in [0, 1]; features: std >= 0),
+      its ``pixel_max`` is not the split's, or it has another number of
+      channels than ``channels`` (when given). A NaN or absurd std would
+      otherwise surface as a non-finite loss, a wrong channel count as a
+      broadcasting error, far from the file.
+  """
+  try:
+    with open(path, 'rb') as f:
+      stored = json.loads(f.read().decode())
+  except (ValueError, UnicodeDecodeError) as e:    # JSONDecodeError is a ValueError
+    raise _bad_file(path, f'not valid JSON ({" ".join(str(e).split())})') from None
+  if not isinstance(stored, dict):
+    raise _bad_file(path, f'expected a JSON object, got {type(stored).__name__}')
+  if stored.get('version') != STATS_VERSION or stored.get('num_records') != len(split):
+    return None
+  arrays = {}
+  for key in ('mean', 'std'):
+    try:
+      value = np.asarray(stored.get(key), np.float64)
+    except (TypeError, ValueError):
+      value = np.zeros(0)
+    if value.ndim != 1 or not value.size:
+      raise _bad_file(path, f'{key!r} must be a list of numbers (one per channel), got '
+                      f'{stored.get(key)!r}')
+    if not np.isfinite(value).all():
+      raise _bad_file(path, f'{key!r} holds non-finite values {value.tolist()}')
+    arrays[key] = value
+  mean, std = arrays['mean'], arrays['std']
+  if len(mean) != len(std):
+    raise _bad_file(path, f"'mean' has {len(mean)} channels but 'std' has {len(std)}")
+  if stored.get('pixel_max') != split.pixel_max:
+    raise _bad_file(path, f"pixel_max {stored.get('pixel_max')!r} is not the dataset's "
+                    f'{split.pixel_max!r}')
+  if split.pixel_max is not None and not ((0 <= mean) & (mean <= 1 + 1e-6)).all():
+    raise _bad_file(path, f"'mean' {mean.tolist()} is outside [0, 1] (pixel / pixel_max)")
+  high = 0.5 if split.pixel_max is not None else np.inf
+  if not ((0 <= std) & (std <= high + 1e-6)).all():
+    raise _bad_file(path, f"'std' {std.tolist()} is outside [0, {high:g}]")
+  if channels is not None and len(mean) != channels:
+    raise _bad_file(path, f'it has statistics of {len(mean)} channel(s), the dataset\'s '
+                    f'examples have {channels}')
+  return stored
+
+
+def channel_stats(split: sources.Split, channels: int | None = None
+                  ) -> tuple[np.ndarray, np.ndarray]:
+  """``(mean, std)`` float32 per channel of the training ``split`` (see module
+  doc); a stored file is checked (`read_stored`; ``channels``: the count the
+  examples have, when known)."""
   if split.fixed_stats is not None:
     mean, std = split.fixed_stats
   else:
     path = os.path.join(split.meta_dir, STATS_FILE) if split.meta_dir else None
     stored = None
     if path and os.path.exists(path):
-      with open(path) as f:
-        stored = json.load(f)
-      if stored.get('version') != STATS_VERSION or stored.get('num_records') != len(split):
-        stored = None
+      stored = read_stored(path, split, channels)
     if stored is None:
       if len(split) == 0:
         raise ValueError(f'dataset {split.name!r}: the {split.split} split is empty')
