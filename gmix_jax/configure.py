@@ -21,6 +21,7 @@ import optax
 
 from gmix_jax import accumulation
 from gmix_jax import checkpoints
+from gmix_jax import cli
 from gmix_jax import data as data_lib
 from gmix_jax import models
 from gmix_jax import objectives
@@ -158,7 +159,8 @@ def validate_config(config: ml_collections.ConfigDict) -> objectives.Method:
   """
   def one_of(field, value, allowed):
     if value not in allowed:
-      raise ValueError(f'{field} must be one of {list(allowed)}, got {value!r}')
+      raise ValueError(f'{field} must be one of {list(allowed)}, got {value!r}'
+                       f'{cli.did_you_mean(value, allowed)}')
   one_of('parallel', config.parallel, PARALLEL_MODES)
   one_of('optimizer.name', config.optimizer.name, OPTIMIZERS)
   one_of('optimizer.schedule', config.optimizer.schedule, SCHEDULES)
