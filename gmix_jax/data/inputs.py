@@ -5,8 +5,10 @@ Config fields (configs/common.py): ``name``, ``data_dir``, ``download``,
 ``examples_per_class`` / ``train_fraction`` (an index selection over the
 training split, `subsets`), ``augment`` (``'none'`` | ``'cifar'`` |
 ``'inception'``; old configs' ``True``/``False`` mean ``'cifar'``/``'none'``),
-``image_size`` (crop size; None = the stored size) and ``workers`` (Grain
-worker processes; 0 = read in the training process). Fields missing from an
+``image_size`` (crop size; None = the stored size), ``workers`` (Grain
+worker processes; 0 = read in the training process) and ``bad_records``
+(``'error'`` | ``'skip'``: a record that cannot be read stops the run, naming
+it, or is replaced by the next good one and counted, `pipeline`). Fields missing from an
 older config take these defaults.
 """
 
@@ -91,6 +93,7 @@ class TrainData:
   augment: str
   image_size: int | None
   workers: int
+  bad_records: str = 'error'   # a record that cannot be read: 'error' | 'skip' (`pipeline`)
 
   @property
   def num_classes(self) -> int:
@@ -105,10 +108,10 @@ class TrainData:
     return len(self.test)
 
   def train_labels(self) -> np.ndarray:
-    return self.train.labels()[self.train_ids]
+    return self.train.labels(self.bad_records)[self.train_ids]
 
   def test_labels(self) -> np.ndarray:
-    return self.test.labels()
+    return self.test.labels(self.bad_records)
 
   def train_batches(self, *, global_batch: int, seed: int, num_steps: int, start_step: int,
                     process_index: int, process_count: int) -> pipeline.Batches:
@@ -117,7 +120,7 @@ class TrainData:
         self.train, self.train_ids, global_batch=global_batch, seed=seed, num_steps=num_steps,
         start_step=start_step, augment=self.augment, image_size=self.image_size,
         workers=self.workers, process_index=process_index, process_count=process_count,
-        fill=self.pad_fill())
+        fill=self.pad_fill(), bad_records=self.bad_records)
 
   def pad_fill(self) -> tuple[int, ...] | None:
     """The ``'cifar'`` crop's padding colour: the training set's mean pixel, so
@@ -142,7 +145,7 @@ class TrainData:
     return pipeline.ordered_batches(
         src, ids, global_batch=global_batch, augment=self.augment, image_size=self.image_size,
         workers=0 if in_memory else self.workers, process_index=process_index,
-        process_count=process_count)
+        process_count=process_count, bad_records=self.bad_records)
 
 
 def open_train_data(config: ml_collections.ConfigDict) -> TrainData:
@@ -155,17 +158,21 @@ def open_train_data(config: ml_collections.ConfigDict) -> TrainData:
   for split in (train, test):                  # before any record is read
     validate.check_nonempty(dc.name, split.split, len(split))
   ids = np.arange(len(train))
+  bad_records = dataset_field(config, 'bad_records')
   if dc.examples_per_class is not None or dc.train_fraction is not None:
-    ids = subsets.subsample_indices(train.labels(), examples_per_class=dc.examples_per_class,
+    ids = subsets.subsample_indices(train.labels(bad_records),
+                                    examples_per_class=dc.examples_per_class,
                                     train_fraction=dc.train_fraction, seed=config.seed)
   augment = pipeline.augment_name(dataset_field(config, 'augment'))
   size = dataset_field(config, 'image_size')
   first = pipeline.OrderedBatch(train, ids[:1], 1,
-                                pipeline.record_transform(train, augment, size, train=False))(0)
+                                pipeline.record_transform(train, augment, size, train=False),
+                                bad_records=bad_records)(0)
   shape = tuple(first['x'].shape[1:])
   # Normalised per channel, the last axis; a grayscale image [H, W] has one.
   channels = 1 if train.pixel_max is not None and len(shape) == 2 else shape[-1]
   return TrainData(name=dc.name, train=train, test=test, train_ids=ids, input_shape=shape,
-                   normalizer=normalize_lib.for_split(train, channels), augment=augment,
-                   image_size=size,
-                   workers=dataset_field(config, 'workers'))
+                   normalizer=normalize_lib.for_split(train, channels, bad_records),
+                   augment=augment, image_size=size,
+                   workers=dataset_field(config, 'workers'),
+                   bad_records=bad_records)
