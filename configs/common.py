@@ -141,7 +141,7 @@ def cifar(method_name: str, dataset: str = 'cifar10', model: str = 'preact_resne
   200 epochs of SGD (momentum 0.9, nesterov, lr 0.1 for batch 128 scaled
   linearly with the batch, cosine decay, weight decay 5e-4), random crop +
   flip (``augment='cifar'``, per record in 4 Grain workers). Data: tfds ``cifar10``/``cifar100`` prepared as array_record in
-  ``dataset.data_dir`` (see README, "Data").
+  ``dataset.data_dir`` (see docs/data.md).
   """
   c = base()
   c.dataset.name = dataset
@@ -164,7 +164,7 @@ def cifar(method_name: str, dataset: str = 'cifar10', model: str = 'preact_resne
 
 def imagenet_data(c: ml_collections.ConfigDict) -> None:
   """The ImageNet input of configs/imagenet*.py: tfds ``imagenet2012`` prepared
-  as array_record (README, "Data"), JPEG bytes decoded by the input workers with
+  as array_record (docs/data.md), JPEG bytes decoded by the input workers with
   the Inception crop at 224 px (resize 256 + centre crop in evaluation)."""
   c.dataset.name = 'imagenet2012'
   c.dataset.data_dir = '~/tensorflow_datasets'

@@ -36,7 +36,7 @@ respect to params marked device-varying,
 the direction n_devices× too large and the ascent not per device. The
 transform raises a ``ValueError`` when it sees replicated params there.
 Under ``jax.pmap`` (no such typing) gradients are per device already. The
-README section "The SAM transform in your own Optax loop" runs both.
+README ("Quick start for library users") and docs/api.md run both.
 """
 from __future__ import annotations
 
