@@ -9,7 +9,8 @@ changes nothing (exit 0).
 
 Exit status: 0 done (or preempted by SIGTERM, or help); 2 a bad command line,
 config or dataset (one line ``error: ...`` on stderr, before anything
-compiles); 1 a locked workdir, config drift, checkpoints that do not verify or
+compiles; or a dataset record that cannot be read, when the run reaches it
+under ``dataset.bad_records='error'``, its last checkpoint kept); 1 a locked workdir, config drift, checkpoints that do not verify or
 a full disk (one line ``error: ...``); 130 stopped by SIGINT.
 """
 from __future__ import annotations
