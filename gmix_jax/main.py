@@ -52,6 +52,18 @@ def _parse(argv: list[str]):
   return config, args.workdir
 
 
+def result_line(summary: dict, workdir: str) -> str:
+  """What the run achieved; for a workdir that already held a finished run,
+  says that nothing was trained and that the figures are that run's."""
+  result = (f"final test accuracy {summary['final_test_accuracy']:.4f} "
+            f"(ECE {summary['final_test_ece']:.4f}) after {summary['epochs']} epochs")
+  if summary.get('finished_before'):
+    return (f"{workdir} holds a finished run: nothing was trained (summary.json and the plot "
+            f"were re-written; use a new --workdir for a new run). Its {result}, "
+            f"{summary['total_wall_time_sec']:.0f} s over all its launches")
+  return f"{result}, {summary['wall_time_sec']:.0f} s"
+
+
 def main(argv: list[str] | None = None) -> int:
   argv = sys.argv[1:] if argv is None else argv
   warnings.formatwarning = _warning    # gmix_jax's warnings as one line each
@@ -88,9 +100,7 @@ def main(argv: list[str] | None = None) -> int:
           f"checkpoint {summary['checkpoint']}.\nTo resume, rerun the same command:\n  {command}",
           flush=True)
     return 128 + signal.SIGINT if summary['signal'] == 'SIGINT' else 0
-  print(f"final test accuracy {summary['final_test_accuracy']:.4f} "
-        f"(ECE {summary['final_test_ece']:.4f}) after {summary['epochs']} epochs, "
-        f"{summary['wall_time_sec']:.0f} s")
+  print(result_line(summary, workdir))
   print(f"metrics: {summary.get('metrics')}\nplot:    {summary.get('curves')}\n"
         f"summary: {os.path.join(os.path.abspath(workdir), 'summary.json')}")
   return 0

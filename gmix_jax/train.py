@@ -123,7 +123,9 @@ class Loop:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains ``config`` in ``workdir`` (resuming if it holds a checkpoint).
 
-  Returns the summary (also written to ``summary.json``); after a SIGTERM,
+  Returns the summary (also written to ``summary.json``), with
+  ``finished_before`` (not written) True when the workdir held a finished run
+  and nothing was trained; after a SIGTERM,
   ``{'preempted': True, 'step': s, ...}`` instead, with a checkpoint at
   ``s`` (nothing else written): the next call with the same arguments
   resumes from it.
@@ -148,6 +150,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     s = setup(config, workdir)
     state, objective, extra_update = fresh_state(s)
     state, loop = restore_or_start(s, state, t_start)
+    finished_before = int(jax.device_get(state.step)) >= s.total_steps   # nothing to train
     report.ckpt = loop.ckpt          # its pending writes end before a full disk is reported
     state, placed = place(s, state, objective, extra_update)
     state, step, stopped = run_loop(s, placed, state, loop, preemption)
@@ -159,7 +162,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
               'signal': preemption.signal_name,
               'checkpoint': os.path.join(s.workdir, 'checkpoints', str(step + 1)),
               'wall_time_sec': time.time() - t_start}
-    return summarize(s, placed, state, loop)
+    return {**summarize(s, placed, state, loop), 'finished_before': finished_before}
 
 
 # ----------------------------------------------------------------------------
