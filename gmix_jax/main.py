@@ -8,7 +8,7 @@ on Ctrl-C (SIGINT) the same, exit code 130. A signal after the last step
 changes nothing (exit 0).
 
 Exit status: 0 done (or preempted by SIGTERM, or help); 2 a bad command line,
-config or dataset (one line ``error: ...`` on stderr, before anything
+config or dataset, or the ``train`` extra not installed (one line ``error: ...`` on stderr, before anything
 compiles); 1 a locked workdir, config drift, checkpoints that do not verify or
 a full disk (one line ``error: ...``); 130 stopped by SIGINT.
 """
@@ -21,6 +21,7 @@ import sys
 import warnings
 
 from gmix_jax import cli
+from gmix_jax import extras
 
 
 def _warning(message, category, filename, lineno, line=None):
@@ -67,6 +68,11 @@ def result_line(summary: dict, workdir: str) -> str:
 def main(argv: list[str] | None = None) -> int:
   argv = sys.argv[1:] if argv is None else argv
   warnings.formatwarning = _warning    # gmix_jax's warnings as one line each
+  try:                                 # a core-only install: say which extra, not a traceback
+    extras.require('train', 'python -m gmix_jax.main')
+  except extras.MissingExtraError as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 2
   parsed = _parse(argv)
   if isinstance(parsed, int):
     return parsed
