@@ -44,7 +44,9 @@ from gmix_jax import models
 from gmix_jax import objectives
 from gmix_jax import outputs
 from gmix_jax import parallel
+from gmix_jax import progress
 from gmix_jax import sensitivity
+from gmix_jax import tb_events
 from gmix_jax import workdir as workdir_lib
 from gmix_jax.checkpoints import restore_state  # noqa: F401  (public: train.restore_state)
 from gmix_jax.preemption import Preemption
@@ -155,6 +157,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     state, placed = place(s, state, objective, extra_update)
     state, step, stopped = run_loop(s, placed, state, loop, preemption)
     loop.ckpt.wait_until_finished()
+    loop.writer.close()
     if loop.bar is not None:
       loop.bar.close()
     if stopped and step + 1 < s.total_steps:
@@ -228,6 +231,8 @@ def restore_or_start(s: Setup, state, t_start: float) -> tuple[Any, Loop]:
                               fresh=restored is None)
   ckpt = checkpoints.manager(s.workdir, s.config.keep_checkpoints)
   writer = workdir_lib.MetricsWriter(s.workdir, s.lead)
+  if s.lead and configure.opt(s.config, 'tensorboard'):   # TensorBoard drops steps past the checkpoint
+    writer.events = tb_events.EventWriter(s.workdir, purge_step=int(state.step) + 1 if restored else None)
   # Records past the restored step were written by a run killed before its next
   # checkpoint: this run writes them again.
   kept = workdir_lib.truncate_metrics(writer.path, int(state.step), rewrite=s.lead)
@@ -346,10 +351,9 @@ def _steps(s: Setup, placed: Placed, state, loop: Loop, preemption: Preemption, 
 
 
 def _progress_bar(s: Setup, step: int):
-  """A tqdm bar started once the first step is done, so that its rate and
-  ETA leave out the step's compilation."""
-  from tqdm import tqdm
-  return tqdm(total=s.total_steps, initial=step + 1, unit='step', dynamic_ncols=True)
+  """A tqdm bar (plain lines when stderr is not a terminal) started once the
+  first step is done, so that its rate and ETA leave out the step's compilation."""
+  return progress.make_bar(s.total_steps, step + 1)
 
 
 def summarize(s: Setup, placed: Placed, state, loop: Loop) -> dict[str, Any]:
