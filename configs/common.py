@@ -18,7 +18,7 @@ def method(name: str) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict({
       'name': name,                 # the preset: gmix_jax.objectives.PRESETS, or samix / samix_p
       'mixing': {                   # docs/methods.md § 1
-          'policy': s(),            # none | mixup | cutmix | multimix | manifold | mixupe
+          'policy': s(),            # a registered policy (gmix_jax.mixing.POLICIES) or mixupe
           'alpha': f(),             # λ ~ Beta(α, α)
           'lam_mode': s(),          # mixup: 'batch' (one λ) | 'example' (one λ per example)
           'k': i(),                 # multimix: interpolations per pair
@@ -32,6 +32,7 @@ def method(name: str) -> ml_collections.ConfigDict:
           'rule': s(),              # none | sam | asam | gsam | esam
           'rho': f(),               # ρ, the perturbation radius
           'asam_eta': f(),          # asam: η_a in T = |w| + η_a
+          'asam_biases': s(),       # asam: 'unscaled' (T = 1 on biases, the authors' code) | 'scaled'
           'gsam_alpha': f(),        # gsam: α, weight of the removed orthogonal component
           'esam_beta': f(),         # esam: β, probability of keeping a tensor in the ascent
           'm': s(),                 # 'device' | 'global' | a group size such as '32'
