@@ -15,7 +15,7 @@ composes and records. Outputs in ``workdir``: ``config.json``,
 per log/eval event), ``checkpoints/`` (Orbax, with digests), ``curves.png``,
 ``summary.json`` and ``.lock``.
 
-Reliability (README "Running long jobs"): one run per workdir (``lock``); a
+Reliability (docs/long-runs.md): one run per workdir (``lock``); a
 relaunch that would change the trajectory is refused (``drift``); a rerun
 resumes exactly from the newest checkpoint that verifies (state, data plan
 position, the open metrics window; records written after that checkpoint are
