@@ -411,9 +411,21 @@ def rules_section(records: list[dict], bench: dict | None) -> list[str]:
     group = {key: [r for r in here if (r['method'], r.get('variant', '')) == key]
              for key in RULES_ROWS}
     gmix = group[('gmix', '')]
+    # The benchmark grid's own runs of the references (5 seeds, another machine
+    # and commit): a second estimate of G-Mix's accuracy with more seeds.
+    ref = {m: [r for r in records if r['grid'] == 'benchmark' and r['method'] == m
+               and (r['dataset'], r['size']) == (dataset, size)] for m in ('mixup', 'gmix')}
     lines += [f'### {dataset}, {size} per class', '',
-              '| method | seeds | test acc. (%) | Δ vs G-Mix (pts) | λ_max | CPU step cost / Mixup '
-              '| goal |', '| --- | --- | --- | --- | --- | --- | --- |']
+              '| method | seeds | test acc. (%) | Δ vs G-Mix (pts) | Δ vs benchmark G-Mix (pts) '
+              '| λ_max | CPU step cost / Mixup | goal |',
+              '| --- | --- | --- | --- | --- | --- | --- | --- |']
+    for m in ('mixup', 'gmix'):
+      if ref[m]:
+        mm, mse, mn = _mean_se(ref[m])
+        dev = sorted({str(r.get('device')).split(':')[0] for r in ref[m]})
+        lines.append(f'| {LABELS[m]} [benchmark grid, {", ".join(dev)}] | {mn} | '
+                     f'{100 * mm:.2f} ± {100 * mse:.2f} | | | '
+                     f'{stats(ref[m], "lambda_max")[0]:.3g} | | |')
     for key in RULES_ROWS:
       rs = group[key]
       if not rs:
@@ -445,8 +457,14 @@ def rules_section(records: list[dict], bench: dict | None) -> list[str]:
         delta = (f'{100 * (m - gm):+.2f} ± {200 * d_se:.2f}' if not math.isnan(d_se)
                  else f'{100 * (m - gm):+.2f}')
       acc = f'{100 * m:.2f} ± {100 * se:.2f}' if n > 1 else f'{100 * m:.2f}'
-      lines.append(f'| {RULE_LABELS[key]} | {n} | {acc} | {delta} | {lam:.3g} | {cost_cell} '
-                   f'| {goal} |')
+      delta_b = '—'
+      if ref['gmix'] and key != ('gmix', ''):
+        bm, bse, bn = _mean_se(ref['gmix'])
+        d_se = math.sqrt(se ** 2 + bse ** 2) if n > 1 and bn > 1 else math.nan
+        delta_b = (f'{100 * (m - bm):+.2f} ± {200 * d_se:.2f}' if not math.isnan(d_se)
+                   else f'{100 * (m - bm):+.2f}')
+      lines.append(f'| {RULE_LABELS[key]} | {n} | {acc} | {delta} | {delta_b} | {lam:.3g} | '
+                   f'{cost_cell} | {goal} |')
     lines.append('')
   lines.append(RULES_END)
   return lines
