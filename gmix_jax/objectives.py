@@ -240,7 +240,11 @@ class Method:
   def sensitivity_rho(self) -> float:
     if self.sensitivity.rho is not None:
       return self.sensitivity.rho
-    return self.sharpness.radius if self.sharpness.active else sharpness.DEFAULT_RHO['sam']
+    # MSAM's ρ is a step along the momentum, not a gradient-ascent radius: the
+    # split's per-example probe keeps SAM's radius.
+    if not self.sharpness.active or self.sharpness.name == 'msam':
+      return sharpness.DEFAULT_RHO['sam']
+    return self.sharpness.radius
 
   def part_rows(self, batch_size: int) -> tuple[int, ...]:
     """Rows of each part the objective builds from a device batch of B (static).

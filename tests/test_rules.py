@@ -364,3 +364,8 @@ def test_looksam_global_m_does_not_depend_on_the_device_count():
   s1 = run_sm(step_fn, fresh(opt, extra), bs, n_dev=1)
   close(s8.params, s1.params, rtol=1e-4, atol=1e-6)
   close(s8.extra, s1.extra, rtol=1e-4, atol=1e-6)
+
+
+def test_msam_split_probe_keeps_sams_radius():
+  m = objectives.get_method('bgmix', toy.C, sharpness=SharpnessRule('msam'))
+  assert m.sensitivity_rho == sharpness.DEFAULT_RHO['sam'] != m.sharpness.radius
