@@ -45,6 +45,7 @@ from gmix_jax import objectives
 from gmix_jax import outputs
 from gmix_jax import parallel
 from gmix_jax import sensitivity
+from gmix_jax import tasks
 from gmix_jax import workdir as workdir_lib
 from gmix_jax.checkpoints import restore_state  # noqa: F401  (public: train.restore_state)
 from gmix_jax.preemption import Preemption
@@ -361,7 +362,7 @@ def summarize(s: Setup, placed: Placed, state, loop: Loop) -> dict[str, Any]:
       'best_test_accuracy': max([h['accuracy'] for h in loop.history],
                                 default=last_eval['accuracy']),
       'steps': s.total_steps, 'epochs': config.num_epochs, 'num_train': s.ds.num_train,
-      'num_test': s.ds.num_test, 'method': config.method.name,
+      'num_test': s.ds.num_test, **tasks.get(config).summary_name(config),
       'model': config.model.name, 'dataset': config.dataset.name,
       'devices': s.n_dev * jax.process_count(), 'parallel': config.parallel,
       'nonfinite_skipped': int(jax.device_get(placed.local_state(state).skipped)),
