@@ -96,6 +96,7 @@ def base() -> ml_collections.ConfigDict:
   c.dataset.examples_per_class = placeholder(int)  # limited-data regime: int, or None for all
   c.dataset.train_fraction = placeholder(float)   # or a fraction of the training set
   c.dataset.augment = 'none'               # 'none' | 'cifar' (pad-4 crop + flip) | 'inception' (host)
+  #                                          | 'moco' (MoCo v2 views, self-supervised)
   c.dataset.image_size = placeholder(int)  # crop size (needed by 'inception'); None = the stored size
   c.dataset.workers = 0                    # Grain worker processes (0: read in this process)
 

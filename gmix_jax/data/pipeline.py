@@ -28,6 +28,12 @@ in the ``MapDataset``, before ``mp_prefetch`` (batching an ``IterDataset`` after
 it has lost data), and positioning is by the range (``set_next_index`` is not
 implemented under ``mp_prefetch``).
 
+Two views (``views=2``, contrastive learning): each record is augmented twice,
+independently, view v with ``np.random.default_rng([seed, record, e, v])``; the
+batch holds view 0 as ``x`` and view 1 as ``x2`` (labels still in ``y``, for
+evaluation only), still a pure function of (seed, s). One view keeps the
+three-part key above, so single-view batches are unchanged.
+
 Evaluation and the ``stale`` refresh (``ordered_batches``) read a list of records
 in order, in padded batches with a ``mask``, each process its rows: every record
 exactly once, none held beyond the batches in flight.
@@ -75,7 +81,8 @@ def record_transform(split: sources.Split, augment: str, image_size: int | None,
   if split.pixel_max is None:
     return None
   raw = isinstance(split.records, sources.ArrayRecords)
-  if raw and image_size is None and (augment == 'none' or not train and augment == 'cifar'):
+  if raw and image_size is None and (augment == 'none' or
+                                     not train and augment in ('cifar', 'moco')):
     return None
   from gmix_jax.data import image_ops  # pylint: disable=g-import-not-at-top
   return image_ops.make_record_transform(augment, image_size, train, channels=split.channels,
@@ -83,13 +90,14 @@ def record_transform(split: sources.Split, augment: str, image_size: int | None,
 
 
 def _apply(transform: Transform | None, images, labels: np.ndarray, records: np.ndarray,
-           seed: int, epoch: int) -> np.ndarray:
-  """Stacks the transformed images; record r's rng is ``[seed, r, epoch]``."""
+           seed: int, epoch: int, view: int | None = None) -> np.ndarray:
+  """Stacks the transformed images; record r's rng is ``[seed, r, epoch]``,
+  or ``[seed, r, epoch, view]`` for one of several views."""
   if transform is None:
     return np.asarray(images)
+  key = lambda r: [seed, int(r), epoch] + ([] if view is None else [view])
   return np.stack([
-      transform({'image': image, 'label': int(label)},
-                np.random.default_rng([seed, int(r), epoch]))['image']
+      transform({'image': image, 'label': int(label)}, np.random.default_rng(key(r)))['image']
       for image, label, r in zip(images, labels, records)])
 
 
@@ -104,14 +112,18 @@ class TrainBatch:
   """Global step -> this process's training batch ``{'x', 'y', 'index'}``.
 
   ``index`` is the examples' positions in ``ids`` (the training set, possibly a
-  subset), which the ``stale`` estimator's table is indexed by. A picklable
-  callable (workers receive a copy); each copy keeps its epoch's permutation.
+  subset), which the ``stale`` estimator's table is indexed by. With
+  ``views=2`` the batch also holds ``x2``, a second view of the same records
+  (module docstring). A picklable callable (workers receive a copy); each copy
+  keeps its epoch's permutation.
   """
 
   def __init__(self, split: sources.Split, ids: np.ndarray | None, global_batch: int,
                seed: int, transform: Transform | None, process_index: int = 0,
-               process_count: int = 1):
-    self.split, self.ids = split, _check_split(split, ids)
+               process_count: int = 1, views: int = 1):
+    if views not in (1, 2):
+      raise ValueError(f'views must be 1 or 2, got {views!r}')
+    self.split, self.ids, self.views = split, _check_split(split, ids), views
     self.global_batch, self.seed, self.transform = global_batch, seed, transform
     self.steps_per_epoch = batching.steps_per_epoch(len(self.ids), global_batch)
     self.process_index, self.process_count = process_index, process_count
@@ -133,9 +145,13 @@ class TrainBatch:
     local = self.positions(step)
     records = self.ids[local]
     images, labels = self.split.read(records)
-    x = _apply(self.transform, images, labels, records, self.seed,
-               int(step) // self.steps_per_epoch)
-    return {'x': x, 'y': labels, 'index': local.astype(np.int32)}
+    epoch = int(step) // self.steps_per_epoch
+    if self.views == 1:
+      return {'x': _apply(self.transform, images, labels, records, self.seed, epoch),
+              'y': labels, 'index': local.astype(np.int32)}
+    x, x2 = (_apply(self.transform, images, labels, records, self.seed, epoch, v)
+             for v in range(2))
+    return {'x': x, 'x2': x2, 'y': labels, 'index': local.astype(np.int32)}
 
 
 class OrderedBatch:
@@ -241,11 +257,12 @@ class Batches(Iterator[dict]):
 def train_batches(split: sources.Split, ids: np.ndarray | None, *, global_batch: int, seed: int,
                   num_steps: int, start_step: int = 0, augment: str = 'none',
                   image_size: int | None = None, workers: int = 0, process_index: int = 0,
-                  process_count: int = 1, fill=None) -> Batches:
-  """Host batches of global steps ``[start_step, num_steps)`` (module docstring)."""
+                  process_count: int = 1, fill=None, views: int = 1) -> Batches:
+  """Host batches of global steps ``[start_step, num_steps)`` (module docstring);
+  ``views=2``: two augmented views per record (``x``, ``x2``)."""
   fn = TrainBatch(split, ids, global_batch, seed,
                   record_transform(split, augment, image_size, train=True, fill=fill),
-                  process_index, process_count)
+                  process_index, process_count, views)
   return Batches(fn, start_step, num_steps, workers)
 
 
