@@ -314,9 +314,11 @@ def validate_data(config: ml_collections.ConfigDict, ds: data_lib.TrainData, mod
 
 def normalized(objective, normalizer: data_lib.Normalizer):
   """Wrap the objective so the batch's uint8 images (or float features) are
-  normalised on device, in the step (`gmix_jax.data.normalize`)."""
+  normalised on device, in the step (`gmix_jax.data.normalize`): ``x`` and,
+  for a two-view task, ``x2``."""
   def wrapped(params, model_state, batch, rng, *extra):
-    return objective(params, model_state, {**batch, 'x': normalizer(batch['x'])}, rng, *extra)
+    views = {k: normalizer(batch[k]) for k in ('x', 'x2') if k in batch}
+    return objective(params, model_state, {**batch, **views}, rng, *extra)
   return wrapped
 
 

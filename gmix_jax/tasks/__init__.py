@@ -12,6 +12,10 @@ without knowing which task it is. It says
                 init, carried in ``TrainState.extra`` (so checkpointed,
                 digested, restored and placed on the devices like the rest)
                 and updated inside the compiled step by ``extra_update``;
+  views         what a data record becomes (one view, or two augmented views);
+  build_model   the module it trains;
+  evaluate      its evaluation record, ``summary_metrics`` and ``progress``
+                what the summary and the progress bar show of it;
   summary_name  how the summary names what was trained.
 
 ``config.task.name`` selects the task (``common.task(NAME)`` builds the
@@ -67,10 +71,31 @@ class Task:
   def summary_name(self, config: ml_collections.ConfigDict) -> dict:
     return {'task': self.name, 'method': config.method.name}
 
+  # What a data record becomes: 1 view (``x``), or 2 (``x``, ``x2``).
+  views: int = 1
+
+  def build_model(self, config: ml_collections.ConfigDict, num_classes: int):
+    """``(module, apply_fn)``: the model the objective trains."""
+    from gmix_jax import configure
+    return configure.build_model(config, num_classes)
+
+  def evaluate(self, s, placed, state) -> dict:
+    """One evaluation record's fields (``s``: ``train.Setup``; ``placed``:
+    ``train.Placed``; ``state``: as ``placed.eval_fn`` takes it)."""
+    raise NotImplementedError
+
+  def summary_metrics(self, last_eval: dict, history: list[dict]) -> dict:
+    """The summary's result fields from the last and every evaluation."""
+    raise NotImplementedError
+
+  def progress(self, last_eval: dict) -> dict:
+    """The progress bar's fields from the last evaluation."""
+    return {}
+
 
 def _registry() -> dict[str, Task]:
-  from gmix_jax.tasks import supervised
-  return {supervised.TASK.name: supervised.TASK}
+  from gmix_jax.tasks import moco, supervised
+  return {t.name: t for t in (supervised.TASK, moco.TASK)}
 
 
 def names() -> list[str]:

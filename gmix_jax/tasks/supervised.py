@@ -20,6 +20,7 @@ import ml_collections
 from gmix_jax import accumulation
 from gmix_jax import checkpoints
 from gmix_jax import configure
+from gmix_jax import evaluation
 from gmix_jax import objectives
 from gmix_jax import samix
 from gmix_jax import tasks
@@ -104,6 +105,27 @@ class Supervised(tasks.Task):
         jax.random.fold_in(jax.random.PRNGKey(config.seed), 0x5A41),
         rule=method.sharpness, restore=checkpoints.restore_state)
     return tasks.StepParts(objective, extra, extra_update)
+
+
+  def evaluate(self, s, placed, state):
+    """Accuracy, loss and ECE over the whole test split, streamed (each
+    process its rows; the sums cover all of them)."""
+    with s.ds.ordered_batches('test', global_batch=s.eval_batch,
+                              process_index=jax.process_index(),
+                              process_count=jax.process_count()) as batches:
+      metrics = evaluation.evaluate(placed.eval_fn, state.params, state.model_state, batches,
+                                    placed.to_eval_device)
+    del metrics['num_examples']    # == num_test (tests check it); not a per-epoch record field
+    return metrics
+
+  def summary_metrics(self, last_eval, history):
+    return {'final_test_accuracy': last_eval['accuracy'], 'final_test_loss': last_eval['loss'],
+            'final_test_ece': last_eval['ece'],
+            'best_test_accuracy': max([h['accuracy'] for h in history],
+                                      default=last_eval['accuracy'])}
+
+  def progress(self, last_eval):
+    return {'test_acc': f"{last_eval['accuracy']:.4f}", 'ece': f"{last_eval['ece']:.3f}"}
 
 
 TASK = Supervised()
