@@ -62,6 +62,28 @@ def method(name: str) -> ml_collections.ConfigDict:
 SAMIX_METHODS = ('samix', 'samix_p')
 
 
+def task(name: str = 'supervised') -> ml_collections.ConfigDict:
+  """``config.task``: what is learned (gmix_jax/tasks; docs/methods.md § 8).
+
+  A config without this section is ``supervised``. None keeps the task's
+  default (gmix_jax.tasks.moco.DEFAULTS).
+  """
+  s, f, i = (lambda: placeholder(str)), (lambda: placeholder(float)), (lambda: placeholder(int))
+  if name != 'moco':
+    return ml_collections.ConfigDict({'name': name})
+  return ml_collections.ConfigDict({
+      'name': name,                 # supervised | moco
+      'queue_size': i(),            # K negatives (65536), capped below the training-set size
+      'temperature': f(),           # InfoNCE τ (0.2, MoCo v2)
+      'momentum': f(),              # key encoder momentum m (0.999)
+      'momentum_schedule': s(),     # 'constant' | 'cosine' (BYOL: m -> 1)
+      'proj_hidden': i(),           # projection MLP hidden width (2048)
+      'proj_dim': i(),              # embedding width (128)
+      'knn_k': i(),                 # kNN monitor neighbours (200)
+      'knn_temperature': f(),       # kNN monitor vote temperature (0.1)
+  })
+
+
 def splits_batch(name: str) -> bool:
   """Whether preset ``name`` splits the batch by sensitivity (BG-/DG-Mix):
   only then are the ``method.sensitivity`` knobs read."""
