@@ -69,10 +69,20 @@ def task(name: str = 'supervised') -> ml_collections.ConfigDict:
   default (gmix_jax.tasks.moco.DEFAULTS).
   """
   s, f, i = (lambda: placeholder(str)), (lambda: placeholder(float)), (lambda: placeholder(int))
-  if name != 'moco':
+  if name not in ('moco', 'samix_ssl'):
     return ml_collections.ConfigDict({'name': name})
+  samix_ssl = {} if name != 'samix_ssl' else {   # gmix_jax.samix_ssl.SAMixSSLConfig
+      'alpha': f(),                 # λ ~ Beta(α, α) (2)
+      'eta': f(),                   # η: the queue's weight in the mixblock's BCE (0.1)
+      'mask_weight': f(),           # β: mask-area regulariser (0.1)
+      'clean_weight': f(),          # κ: the clean MoCo loss in the backbone's loss (1)
+      'mixblock_loss': s(),         # 'eta_bce' | 'infonce'
+      'mixblock_lr': f(),           # the mixblock's Adam learning rate (1e-3)
+      'mixblock_dim': i(),          # the mixblock's attention width (32)
+      'feature_layer': s(),         # the momentum encoder's layer feeding the mixblock
+  }
   return ml_collections.ConfigDict({
-      'name': name,                 # supervised | moco
+      'name': name,                 # supervised | moco | samix_ssl
       'queue_size': i(),            # K negatives (65536), capped below the training-set size
       'temperature': f(),           # InfoNCE τ (0.2, MoCo v2)
       'momentum': f(),              # key encoder momentum m (0.999)
@@ -81,6 +91,7 @@ def task(name: str = 'supervised') -> ml_collections.ConfigDict:
       'proj_dim': i(),              # embedding width (128)
       'knn_k': i(),                 # kNN monitor neighbours (200)
       'knn_temperature': f(),       # kNN monitor vote temperature (0.1)
+      **samix_ssl,
   })
 
 

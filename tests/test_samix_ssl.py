@@ -114,3 +114,100 @@ def test_losses_equal_their_formulas(mixblock_loss):
 def test_bad_config_names_the_field(field, value):
   with pytest.raises(ValueError, match=f'method.samix.{field}'):
     samix_ssl.SAMixSSLConfig(**{field: value})
+
+
+# -- The task: validation, the data-parallel step, end to end ---------------------------
+def task_config(method='erm', **task_fields):
+  from configs import common
+  c = common.base()
+  c.model.name = 'cnn'
+  c.model.kwargs = {'width': 4}
+  c.method = common.method(method)
+  c.task = common.task('samix_ssl')
+  for k, v in dict(queue_size=16, proj_hidden=8, proj_dim=4, feature_layer='conv0',
+                   mixblock_dim=8, **task_fields).items():
+    c.task[k] = v
+  c.batch_size = 8
+  c.num_epochs = 1
+  return c
+
+
+@pytest.mark.parametrize('method,fields,message', [
+    ('mixup', {}, "method.name='mixup' mixes or splits"),
+    ('gmix', {}, "method.name='gmix' mixes or splits"),
+    ('erm', {'mixblock_loss': 'ce'}, 'task.mixblock_loss must be one of'),
+    ('erm', {'alpha': -1.0}, 'task.alpha must be > 0'),
+])
+def test_task_refuses_bad_configs(method, fields, message):
+  from gmix_jax import tasks
+  c = task_config(method, **fields)
+  with pytest.raises(ValueError, match=message):
+    tasks.get(c).check_config(c)
+
+
+def test_task_refuses_an_unknown_field():
+  from gmix_jax import tasks
+  c = task_config()
+  c.task.unlock()
+  c.task.colour = 3
+  with pytest.raises(ValueError, match='task.colour is not a field'):
+    tasks.get(c).check_config(c)
+
+
+def test_task_step_pmap_equals_shard_map_and_fills_the_queue():
+  import types
+  import optax
+  from gmix_jax import parallel, tasks
+  c = task_config('sam')
+  task = tasks.get(c)
+  method = task.check_config(c)
+  module, apply_fn = task.build_model(c, 10)
+  params, state = models.init_model(module, jax.random.PRNGKey(0), (8, 8, 1))
+  ds = types.SimpleNamespace(num_train=64, input_shape=(8, 8, 1), num_classes=10)
+  parts = task.step_parts(c, method, module, apply_fn, ds, 4, params, state)
+  optimizer = optax.sgd(0.1)
+  ts = parallel.create_train_state(params, state, optimizer, 0, extra=parts.extra)
+  step = parallel.make_per_device_step(parts.objective, optimizer,
+                                       extra_update=parts.extra_update)
+  kx, kx2 = jax.random.split(jax.random.PRNGKey(1))
+  data = {'x': np.asarray(jax.random.normal(kx, (8, 8, 8, 1))),
+          'x2': np.asarray(jax.random.normal(kx2, (8, 8, 8, 1)))}
+  mesh = parallel.make_mesh(2)
+  a, b = parallel.replicate_on_mesh(ts, mesh), parallel.replicate(ts, 2)
+  sm, pm = parallel.shard_map_step(step, mesh), parallel.pmap_step(step, devices=jax.devices()[:2])
+  before = jax.device_get(ts.extra)
+  a, metrics = sm(a, data)
+  assert int(a.extra['ptr']) == 8                       # one global batch of keys enqueued
+  queue = np.asarray(a.extra['queue'])
+  np.testing.assert_array_equal(queue[8:], before['queue'][8:])
+  np.testing.assert_allclose(np.linalg.norm(queue[:8], axis=1), 1.0, rtol=1e-5)
+  assert int(a.extra['mixblock_opt'][0].count) == 1
+  for name in ('loss', 'clean_loss', 'mix_loss', 'mixblock_loss', 'perturbed_loss'):
+    assert np.isfinite(float(metrics[name])), name
+  b, _ = pm(b, parallel.shard_batch(data, 2))
+  a, _ = sm(a, data)
+  b, _ = pm(b, parallel.shard_batch(data, 2))
+  for x, y in zip(jax.tree.leaves(jax.device_get(a)), jax.tree.leaves(parallel.unreplicate(b))):
+    np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
+
+
+def test_task_end_to_end_on_digits(tmp_path):
+  import json
+  import os
+  from gmix_jax import train
+  c = task_config('erm', knn_k=5)
+  c.dataset.name = 'digits'
+  c.dataset.data_dir = str(tmp_path / 'data')
+  c.dataset.examples_per_class = 4       # 40 examples: 5 steps of 8, queue 16 < 40 − 8
+  c.dataset.augment = 'moco'
+  c.num_devices = 2
+  c.eval_batch_size = 64
+  c.log_every_steps = 1
+  c.progress = False
+  summary = train.train_and_evaluate(c, str(tmp_path / 'wd'))
+  assert summary['task'] == 'samix_ssl' and summary['steps'] == 5
+  assert 0.0 <= summary['final_knn_accuracy'] <= 1.0
+  with open(os.path.join(str(tmp_path / 'wd'), 'metrics.jsonl')) as f:
+    records = [json.loads(line) for line in f]
+  train_records = [r for r in records if r.get('split') == 'train']
+  assert train_records and all(np.isfinite(r['mixblock_loss']) for r in train_records)
