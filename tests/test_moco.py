@@ -237,7 +237,7 @@ def test_moco_end_to_end_reports_knn_and_names_the_task(tmp_path):
     (lambda c: setattr(c.method.mixing, 'policy', 'mixupe'), "mixing.policy='mixupe'"),
     (lambda c: setattr(c.task, 'temperature', 0.0), 'task.temperature must be a finite number > 0'),
     (lambda c: setattr(c.task, 'momentum_schedule', 'linear'), 'task.momentum_schedule must be'),
-    (lambda c: setattr(c.task, 'name', 'simclr'), r"task.name must be one of \['moco', 'supervised'\]"),
+    (lambda c: setattr(c.task, 'name', 'simclr'), r"task.name must be one of \['moco', 'samix_ssl', 'supervised'\]"),
     (lambda c: setattr(c.task, 'queue_size', 4), 'must hold at least one global batch'),
     (lambda c: (setattr(c.model, 'name', 'vit_ti16'), setattr(c.model, 'kwargs', {})),
      'needs a convolutional or MLP backbone'),
