@@ -18,7 +18,7 @@ def method(name: str) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict({
       'name': name,                 # the preset: gmix_jax.objectives.PRESETS, or samix / samix_p
       'mixing': {                   # docs/methods.md § 1
-          'policy': s(),            # none | mixup | cutmix | multimix | manifold | mixupe
+          'policy': s(),            # a registered policy (gmix_jax.mixing.POLICIES) or mixupe
           'alpha': f(),             # λ ~ Beta(α, α)
           'lam_mode': s(),          # mixup: 'batch' (one λ) | 'example' (one λ per example)
           'k': i(),                 # multimix: interpolations per pair
@@ -32,6 +32,7 @@ def method(name: str) -> ml_collections.ConfigDict:
           'rule': s(),              # none | sam | asam | gsam | esam
           'rho': f(),               # ρ, the perturbation radius
           'asam_eta': f(),          # asam: η_a in T = |w| + η_a
+          'asam_biases': s(),       # asam: 'unscaled' (T = 1 on biases, the authors' code) | 'scaled'
           'gsam_alpha': f(),        # gsam: α, weight of the removed orthogonal component
           'esam_beta': f(),         # esam: β, probability of keeping a tensor in the ascent
           'm': s(),                 # 'device' | 'global' | a group size such as '32'
@@ -87,10 +88,20 @@ def task(name: str = 'supervised') -> ml_collections.ConfigDict:
   default (gmix_jax.tasks.moco.DEFAULTS).
   """
   s, f, i = (lambda: placeholder(str)), (lambda: placeholder(float)), (lambda: placeholder(int))
-  if name != 'moco':
+  if name not in ('moco', 'samix_ssl'):
     return ml_collections.ConfigDict({'name': name})
+  samix_ssl = {} if name != 'samix_ssl' else {   # gmix_jax.samix_ssl.SAMixSSLConfig
+      'alpha': f(),                 # λ ~ Beta(α, α) (2)
+      'eta': f(),                   # η: the queue's weight in the mixblock's BCE (0.1)
+      'mask_weight': f(),           # β: mask-area regulariser (0.1)
+      'clean_weight': f(),          # κ: the clean MoCo loss in the backbone's loss (1)
+      'mixblock_loss': s(),         # 'eta_bce' | 'infonce'
+      'mixblock_lr': f(),           # the mixblock's Adam learning rate (1e-3)
+      'mixblock_dim': i(),          # the mixblock's attention width (32)
+      'feature_layer': s(),         # the momentum encoder's layer feeding the mixblock
+  }
   return ml_collections.ConfigDict({
-      'name': name,                 # supervised | moco
+      'name': name,                 # supervised | moco | samix_ssl
       'queue_size': i(),            # K negatives (65536), capped below the training-set size
       'temperature': f(),           # InfoNCE τ (0.2, MoCo v2)
       'momentum': f(),              # key encoder momentum m (0.999)
@@ -99,6 +110,7 @@ def task(name: str = 'supervised') -> ml_collections.ConfigDict:
       'proj_dim': i(),              # embedding width (128)
       'knn_k': i(),                 # kNN monitor neighbours (200)
       'knn_temperature': f(),       # kNN monitor vote temperature (0.1)
+      **samix_ssl,
   })
 
 
@@ -181,7 +193,7 @@ def cifar(method_name: str, dataset: str = 'cifar10', model: str = 'preact_resne
   200 epochs of SGD (momentum 0.9, nesterov, lr 0.1 for batch 128 scaled
   linearly with the batch, cosine decay, weight decay 5e-4), random crop +
   flip (``augment='cifar'``, per record in 4 Grain workers). Data: tfds ``cifar10``/``cifar100`` prepared as array_record in
-  ``dataset.data_dir`` (see README, "Data").
+  ``dataset.data_dir`` (see docs/data.md).
   """
   c = base()
   c.dataset.name = dataset
@@ -204,7 +216,7 @@ def cifar(method_name: str, dataset: str = 'cifar10', model: str = 'preact_resne
 
 def imagenet_data(c: ml_collections.ConfigDict) -> None:
   """The ImageNet input of configs/imagenet*.py: tfds ``imagenet2012`` prepared
-  as array_record (README, "Data"), JPEG bytes decoded by the input workers with
+  as array_record (docs/data.md), JPEG bytes decoded by the input workers with
   the Inception crop at 224 px (resize 256 + centre crop in evaluation)."""
   c.dataset.name = 'imagenet2012'
   c.dataset.data_dir = '~/tensorflow_datasets'

@@ -45,28 +45,31 @@ def luma(x: np.ndarray) -> np.ndarray:
   return (x @ LUMA)[..., None]
 
 
-def rgb_to_hsv(x: np.ndarray) -> np.ndarray:
-  """``[..., 3]`` RGB in [0, 1] -> HSV in [0, 1] (``colorsys``'s convention)."""
+_SEXTANT = np.array([5.0, 3.0, 1.0], np.float32)   # R, G, B in the HSV -> RGB formula
+
+
+def shift_hue(x: np.ndarray, turns: float) -> np.ndarray:
+  """Rotates the HSV hue of a float ``[H, W, 3]`` image (any scale) by
+  ``turns``, keeping saturation and value: x -> HSV, h += turns, -> RGB
+  (``colorsys``'s convention), in float32 without an HSV array.
+
+  With v = max, c = max − min and h in sextants (0..6), channel n of the
+  result is v − c · clip(min(k, 4 − k), 0, 1), k = (n + h) mod 6, n = 5, 3, 1
+  for R, G, B.
+  """
+  x = x.astype(np.float32, copy=False)
   r, g, b = x[..., 0], x[..., 1], x[..., 2]
-  v = x.max(-1)
-  delta = v - x.min(-1)
-  safe = np.where(delta > 0, delta, 1.0)
-  s = np.where(v > 0, delta / np.where(v > 0, v, 1.0), 0.0)
-  h = np.where(v == r, (g - b) / safe, np.where(v == g, 2.0 + (b - r) / safe, 4.0 + (r - g) / safe))
-  h = np.where(delta > 0, (h / 6.0) % 1.0, 0.0)
-  return np.stack([h, s, v], -1)
-
-
-def hsv_to_rgb(x: np.ndarray) -> np.ndarray:
-  """The inverse of `rgb_to_hsv`."""
-  h, s, v = x[..., 0], x[..., 1], x[..., 2]
-  i = np.floor(h * 6.0)
-  f = h * 6.0 - i
-  p, q, t = v * (1 - s), v * (1 - s * f), v * (1 - s * (1 - f))
-  i = i.astype(np.int32) % 6
-  choices = [np.stack(c, -1) for c in
-             ((v, t, p), (q, v, p), (p, v, t), (p, q, v), (t, p, v), (v, p, q))]
-  return np.choose(i[..., None], choices)
+  v = np.maximum(np.maximum(r, g), b)      # not x.max(-1): a reduction over 3 is slow
+  c = v - np.minimum(np.minimum(r, g), b)
+  inv = 1.0 / np.maximum(c, np.float32(1e-12))   # c = 0: gray, any hue gives v
+  h = np.where(v == r, (g - b) * inv, np.where(v == g, (b - r) * inv + 2.0, (r - g) * inv + 4.0))
+  h += np.float32(6.0 * (turns % 1.0) + 6.0)       # positive, so floor is mod
+  k = _SEXTANT + h[..., None]
+  k -= 6.0 * np.floor(k * np.float32(1 / 6))
+  t = np.minimum(k, 4.0 - k)
+  np.clip(t, 0.0, 1.0, out=t)
+  t *= c[..., None]
+  return v[..., None] - t
 
 
 def adjust(x: np.ndarray, op: int, factor: float) -> np.ndarray:
@@ -82,9 +85,7 @@ def adjust(x: np.ndarray, op: int, factor: float) -> np.ndarray:
   elif op == 2:
     out = factor * x + (1 - factor) * luma(x)
   else:
-    hsv = rgb_to_hsv(x / 255.0)
-    hsv[..., 0] = (hsv[..., 0] + factor) % 1.0
-    out = hsv_to_rgb(hsv) * 255.0
+    out = shift_hue(x, factor)
   return np.clip(out, 0.0, 255.0)
 
 

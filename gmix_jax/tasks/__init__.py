@@ -94,8 +94,8 @@ class Task:
 
 
 def _registry() -> dict[str, Task]:
-  from gmix_jax.tasks import moco, supervised
-  return {t.name: t for t in (supervised.TASK, moco.TASK)}
+  from gmix_jax.tasks import moco, samix_ssl, supervised
+  return {t.name: t for t in (supervised.TASK, moco.TASK, samix_ssl.TASK)}
 
 
 def names() -> list[str]:
