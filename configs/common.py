@@ -88,6 +88,11 @@ def task(name: str = 'supervised') -> ml_collections.ConfigDict:
   default (gmix_jax.tasks.moco.DEFAULTS).
   """
   s, f, i = (lambda: placeholder(str)), (lambda: placeholder(float)), (lambda: placeholder(int))
+  if name == 'linear_probe':
+    return ml_collections.ConfigDict({
+        'name': name,
+        'pretrained': s(),          # linear_probe: workdir of a finished moco / samix_ssl run
+    })
   if name not in ('moco', 'samix_ssl'):
     return ml_collections.ConfigDict({'name': name})
   samix_ssl = {} if name != 'samix_ssl' else {   # gmix_jax.samix_ssl.SAMixSSLConfig

@@ -17,7 +17,7 @@ def get_config():
   c.dataset.examples_per_class = 20        # 200 examples -> 10 steps of 20
   c.dataset.augment = 'moco'
   c.model.name = 'cnn'
-  c.model.kwargs = {'width': 4}
+  c.model.kwargs = {'width': 4, 'norm': 'batch'}
   c.method = common.method('mixup')
   c.task = common.task('moco')
   c.task.queue_size = 60
