@@ -63,6 +63,24 @@ def method(name: str) -> ml_collections.ConfigDict:
 SAMIX_METHODS = ('samix', 'samix_p')
 
 
+# Self-supervised methods (configs/ssl*.py): name -> the composed method that
+# trains the MoCo query view (docs/methods.md § 8).
+SSL_METHODS = {'moco': 'erm', 'moco_mixup': 'mixup', 'moco_cutmix': 'cutmix', 'moco_gmix': 'gmix'}
+
+
+def ssl(method_name: str) -> ml_collections.ConfigDict:
+  """``base()`` for MoCo v2 pretraining with ``method_name`` (``SSL_METHODS``):
+  the ``moco`` task, two MoCo v2 views per record, the composed method."""
+  if method_name not in SSL_METHODS:
+    raise ValueError(f'SSL method must be one of {sorted(SSL_METHODS)}, got {method_name!r}')
+  c = base()
+  c.task = task('moco')
+  c.method = method(SSL_METHODS[method_name])
+  c.dataset.augment = 'moco'
+  c.optimizer.nesterov = False             # MoCo: plain SGD momentum 0.9
+  return c
+
+
 def task(name: str = 'supervised') -> ml_collections.ConfigDict:
   """``config.task``: what is learned (gmix_jax/tasks; docs/methods.md § 8).
 
@@ -70,6 +88,11 @@ def task(name: str = 'supervised') -> ml_collections.ConfigDict:
   default (gmix_jax.tasks.moco.DEFAULTS).
   """
   s, f, i = (lambda: placeholder(str)), (lambda: placeholder(float)), (lambda: placeholder(int))
+  if name == 'linear_probe':
+    return ml_collections.ConfigDict({
+        'name': name,
+        'pretrained': s(),          # linear_probe: workdir of a finished moco / samix_ssl run
+    })
   if name not in ('moco', 'samix_ssl'):
     return ml_collections.ConfigDict({'name': name})
   samix_ssl = {} if name != 'samix_ssl' else {   # gmix_jax.samix_ssl.SAMixSSLConfig

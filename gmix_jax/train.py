@@ -182,7 +182,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Setup:
   configure.validate_data(config, ds, module, method)
   return Setup(
       config=config, workdir=workdir, task=task, method=method, ds=ds, module=module, apply_fn=apply_fn,
-      optimizer=configure.build_optimizer(config, steps_per_epoch),
+      optimizer=task.build_optimizer(config, steps_per_epoch),
       steps_per_epoch=steps_per_epoch, total_steps=config.num_epochs * steps_per_epoch,
       n_dev=n_dev, relaunch_changes=relaunch_changes,
       use_stale=method.partition.rule != 'none' and method.sensitivity.estimator == 'stale',
@@ -206,6 +206,8 @@ def fresh_state(s: Setup):
   parts = s.task.step_parts(config, s.method, s.module, s.apply_fn, s.ds, s.total_steps, params,
                             model_state)
   objective, extra, extra_update = parts.objective, parts.extra, parts.extra_update
+  if parts.params is not None:          # the task's own initial model (e.g. pretrained)
+    params, model_state = parts.params, parts.model_state
   objective = configure.normalized(objective, s.ds.normalizer)
   state = parallel.create_train_state(params, model_state, s.optimizer, config.seed,
                                       num_train=s.ds.num_train if s.use_stale else 0,

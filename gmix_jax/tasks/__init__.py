@@ -45,6 +45,10 @@ class StepParts:
   objective: Callable
   extra: Optional[PyTree] = None
   extra_update: Optional[Callable] = None
+  # The initial model (None: the fresh initialisation passed to step_parts);
+  # e.g. a linear probe's frozen, pretrained encoder.
+  params: Optional[PyTree] = None
+  model_state: Optional[PyTree] = None
 
 
 class Task:
@@ -74,6 +78,11 @@ class Task:
   # What a data record becomes: 1 view (``x``), or 2 (``x``, ``x2``).
   views: int = 1
 
+  def build_optimizer(self, config: ml_collections.ConfigDict, steps_per_epoch: int):
+    """The optax transformation of the parameters (a task may freeze some)."""
+    from gmix_jax import configure
+    return configure.build_optimizer(config, steps_per_epoch)
+
   def build_model(self, config: ml_collections.ConfigDict, num_classes: int):
     """``(module, apply_fn)``: the model the objective trains."""
     from gmix_jax import configure
@@ -94,8 +103,8 @@ class Task:
 
 
 def _registry() -> dict[str, Task]:
-  from gmix_jax.tasks import moco, samix_ssl, supervised
-  return {t.name: t for t in (supervised.TASK, moco.TASK, samix_ssl.TASK)}
+  from gmix_jax.tasks import linear_probe, moco, samix_ssl, supervised
+  return {t.name: t for t in (supervised.TASK, moco.TASK, samix_ssl.TASK, linear_probe.TASK)}
 
 
 def names() -> list[str]:
