@@ -372,7 +372,7 @@ def method_defaults(config) -> dict[str, tuple[Any, bool]]:
 
 def help_text(config=None) -> str:
   """The ``--help`` page; with ``config``, that config's values beside the field docs."""
-  from gmix_jax import models, objectives, samix
+  from gmix_jax import models, objectives, samix, tasks
   docs = field_docs()
   lines = [USAGE, '',
            'Trains one config; rerunning the same command resumes from the workdir\'s latest',
@@ -385,7 +385,9 @@ def help_text(config=None) -> str:
            '  --help                this page; with --config, that config\'s values', '',
            'configs:']
   lines += [f'  {name:28s}{doc}' for name, doc in _config_files()]
-  lines += ['', 'method presets (method.name, or FILE:NAME):',
+  lines += ['', 'tasks (task.name; a config without a task section is supervised):',
+            '  ' + ', '.join(tasks.names()), '',
+            'method presets (method.name, or FILE:NAME):',
             '  ' + ', '.join([*objectives.PRESETS, *samix.METHODS]), '',
             'models (model.name) and their model.kwargs (constructor defaults):']
   lines += [f'  {name:16s}{_model_kwargs(ctor)}' for name, ctor in models.MODELS.items()]

@@ -546,7 +546,8 @@ def _part_rows(part: _Part, mix_cfg: MixingConfig) -> dict:
 
 def _part_gradient(apply_fn, params, model_state, part: _Part, rng, axis_name,
                    mix_cfg: MixingConfig, rho, accumulation_steps: int = 1,
-                   rule_state: Optional[dict] = None):
+                   rule_state: Optional[dict] = None,
+                   loss_fn: Callable = losses.weighted_loss):
   """Gradient of Σ_r w_r ℓ_r for one part, at its own perturbed point of radius ``rho``.
 
   Returns ``(direction, clean gradient, new model state, loss, perturbed loss)``.
@@ -566,7 +567,7 @@ def _part_gradient(apply_fn, params, model_state, part: _Part, rng, axis_name,
   def micro_loss(p, rows):
     """(the additive objective of these rows, (their mixup loss, new model state))."""
     logits, new_state = apply_fn(p, model_state, rows['x'], True, **mix_kw)
-    loss = losses.weighted_loss(logits, rows['y'], rows['w'])
+    loss = loss_fn(logits, rows['y'], rows['w'])
     if not mixupe:
       return loss, (loss, new_state)
     term = _mixupe_term(apply_fn, p, model_state, rows, mix_cfg,
@@ -633,7 +634,8 @@ def make_objective(method: Method, apply_fn: ApplyFn, *,
                    axis_name: Optional[str] = None, lr_schedule=None,
                    num_steps: Optional[int] = None,
                    accumulation_steps: int = 1,
-                   looksam_phase: Optional[str] = None) -> Objective:
+                   looksam_phase: Optional[str] = None,
+                   loss_fn: Callable = losses.weighted_loss) -> Objective:
   """The per-device objective of ``method``.
 
   Args:
@@ -669,6 +671,12 @@ def make_objective(method: Method, apply_fn: ApplyFn, *,
       gradient inside a conditional an order of magnitude slower than
       outside one, so the trainer compiles the two phases and picks one on
       the host by the step number (``train.place``).
+    loss_fn: ``loss_fn(outputs, targets, weights) -> Σ_r w_r ℓ_r`` of a part's
+      rows, linear in the (mixed) targets; the default is the soft
+      cross-entropy. A task with another loss passes its own: the
+      contrastive one (``tasks.moco``) scores the rows' embeddings against
+      keys, with instance targets in place of class labels, so every mixing
+      policy and sharpness rule applies to it unchanged.
 
   Returns:
     ``objective(params, model_state, batch, rng) -> (grads, new_state, metrics)``;
@@ -759,7 +767,8 @@ def make_objective(method: Method, apply_fn: ApplyFn, *,
         rho = part.rho if u is None else sharpness.scheduled_rho(part.rho, rule.rho_min, u)
         d, g, state, l, lp = _part_gradient(apply_fn, params, model_state, part,
                                             jax.random.fold_in(k_sharp, i), axis_name,
-                                            method.mixing, rho, k_acc, rule_state)
+                                            method.mixing, rho, k_acc, rule_state,
+                                            loss_fn)
         d_sum = d if d_sum is None else sharpness.add(d_sum, d)
         g_sum = g if g_sum is None else sharpness.add(g_sum, g)
         states.append(state)
