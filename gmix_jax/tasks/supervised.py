@@ -82,6 +82,10 @@ class Supervised(tasks.Task):
     if sharp.get('rho_schedule', 'constant') != 'constant':
       raise ValueError(f"sharpness.rho_schedule={sharp['rho_schedule']!r} is not implemented for "
                        f"method.name={mc.name!r}; use 'constant'")
+    if sharp.get('name') in ('looksam', 'fsam', 'msam'):
+      raise ValueError(f"sharpness.rule={sharp['name']!r} is implemented for the composed "
+                       f'methods, not for method.name={mc.name!r} (its step keeps its own '
+                       'state); use sam, asam, gsam or esam')
     return objectives.get_method('erm', num_classes, sharpness=sharp)
 
   def ignored_knobs(self, config, method):
