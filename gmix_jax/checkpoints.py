@@ -35,7 +35,9 @@ def manager(workdir: str, keep: int = 2):
   import orbax.checkpoint as ocp
   return ocp.CheckpointManager(
       os.path.join(workdir, 'checkpoints'),
-      options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
+      # A checkpoint half-written by a killed or aborted run is removed at start.
+      options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                           cleanup_tmp_directories=True))
 
 
 def loop_item(pending: list[dict], wall_time_sec: float) -> dict:
