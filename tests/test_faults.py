@@ -262,3 +262,37 @@ def test_two_ctrl_c_during_start_up_abort_at_once(tmp_path):
   assert err.strip().splitlines() == [
       'aborted (second Ctrl-C) during start-up; nothing was written'], err
   assert not wd.exists()
+
+
+# -- A mistyped model kwarg: one line naming the field and the type -----------------
+@pytest.mark.parametrize('config,override,message', [
+    ('configs/digits.py', 'hidden_sizes=abc',
+     "error: --config.model.kwargs.hidden_sizes=abc: expected a tuple like the config file's "
+     '(256, 256)'),
+    ('configs/mnist_subset.py', 'width=abc',
+     "error: --config.model.kwargs.width=abc: expected an int like the config file's 32"),
+    ('configs/mnist_subset.py', 'width=1.5',
+     "error: --config.model.kwargs.width=1.5: expected an int like the config file's 32"),
+    # Keys the config file does not set: checked against the model's own fields.
+    ('configs/mnist_subset.py', 'bn_momentum=fast',
+     "error: model.kwargs.bn_momentum='fast': expected a number (model.name='cnn')"),
+    ('configs/digits.py', 'norm=3 --config.model.name=cnn',
+     "error: model.kwargs.norm=3: expected a string (model.name='cnn')"),
+])
+def test_a_mistyped_model_kwarg_is_one_error_line(config, override, message, tmp_path, capsys):
+  wd = tmp_path / 'wd'
+  rc, out, err = run_main_in_process(
+      [f'--config={config}', f'--workdir={wd}', f'--config.dataset.data_dir={tmp_path}',
+       *f'--config.model.kwargs.{override}'.split()], capsys)
+  assert rc == 2 and err.strip().splitlines() == [message], err
+  assert not wd.exists()
+
+
+def test_model_kwargs_of_the_right_type_pass():
+  from configs import digits
+  from gmix_jax import configure
+  c = digits.get_config()
+  c.model.kwargs = {'hidden_sizes': [32, 16]}
+  configure.check_model_kwargs(c)
+  c.model.name, c.model.kwargs = 'cnn', {'width': 8, 'norm': 'batch', 'bn_momentum': 1}
+  configure.check_model_kwargs(c)
