@@ -261,3 +261,29 @@ def job_lock(workdir: str):
     yield lock
   finally:
     lock.release()
+
+
+@contextlib.contextmanager
+def preparing(data_dir: str, name: str):
+  """Held while one process prepares dataset ``name`` in ``data_dir``: a
+  sweep's first launches start together on an empty ``data_dir``, and tfds's
+  builder, run twice at once, fails renaming its ``incomplete.*`` folder onto
+  the other's finished one. The first to take it builds; the others
+  wait (blocking ``flock`` on ``data_dir/.<name>.prepare.lock``), then find
+  it prepared. Where the folder cannot be written or locked, nothing is held
+  (preparing there fails, or is not shared, anyway)."""
+  try:
+    os.makedirs(data_dir, exist_ok=True)
+    fd = os.open(os.path.join(data_dir, f".{name.replace(os.sep, '_')}.prepare.lock"),
+                 os.O_RDWR | os.O_CREAT, 0o644)
+  except OSError:
+    yield
+    return
+  try:
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX)
+    except OSError:
+      pass
+    yield
+  finally:
+    os.close(fd)

@@ -296,3 +296,36 @@ def test_model_kwargs_of_the_right_type_pass():
   configure.check_model_kwargs(c)
   c.model.name, c.model.kwargs = 'cnn', {'width': 8, 'norm': 'batch', 'bn_momentum': 1}
   configure.check_model_kwargs(c)
+
+
+# -- Concurrent first use of an offline dataset -----------------------------------------
+PREPARE = '''
+import os, sys, time
+from gmix_jax.data import builders, jpeg_sources, sources   # imported before the start
+name, data_dir, ready, go = sys.argv[1:]
+open(ready, 'w').close()
+while not os.path.exists(go):
+  time.sleep(0.001)
+train, test = sources.open_splits(name, data_dir)
+print(len(train), len(test), flush=True)
+'''
+
+
+@pytest.mark.parametrize('name', ['digits', 'mnist_jpeg'])
+def test_concurrent_first_use_of_an_offline_dataset(name, tmp_path):
+  """Four launches of a sweep prepare the same empty data_dir at once: each
+  gets the same dataset, none fails (one builds, the others wait and read)."""
+  data, n = tmp_path / 'data', 4
+  go = tmp_path / 'go'
+  procs = [subprocess.Popen([sys.executable, '-c', PREPARE, name, str(data),
+                             str(tmp_path / f'ready{i}'), str(go)], env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+           for i in range(n)]
+  wait_until(lambda: all((tmp_path / f'ready{i}').exists() for i in range(n)), 'the imports')
+  go.write_text('')                       # all start preparing together
+  results = [p.communicate(timeout=600) for p in procs]
+  for p, (out, err) in zip(procs, results):
+    assert p.returncode == 0 and 'Traceback' not in err, err[-3000:]
+  assert len({out for out, _ in results}) == 1, results
+  leftovers = [str(p) for p in data.rglob('*') if 'incomplete' in p.name or 'tmp' in p.name]
+  assert not leftovers, leftovers
