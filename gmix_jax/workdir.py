@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import logging
 import os
 import socket
 import time
@@ -181,26 +182,60 @@ def kept_after_failure(workdir: str) -> str:
   return f'{ckpt} and {metrics}'
 
 
+class _QuietFullDisk(logging.Filter):
+  """Drops log records of a full disk: Orbax's background save threads log
+  each failure with its traceback through absl (~100 lines), and asyncio
+  logs the futures they left at exit; the run reports it itself, in one
+  line."""
+
+  reported = False        # once the run has reported it: Orbax's follow-up failures too
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    if self.reported and f'{os.sep}orbax{os.sep}' in (record.pathname or ''):
+      return False          # e.g. its metadata thread, at exit: "cannot schedule new futures"
+    exc = record.exc_info[1] if record.exc_info else None
+    if exc is not None and _full_disk_cause(exc) is not None:
+      return False
+    text = str(record.msg)
+    return not ('No space left on device' in text or 'Disk quota exceeded' in text)
+
+
 @contextlib.contextmanager
 def disk_full_report(workdir: str):
   """Turns a full disk, anywhere in the body, into one ``DiskFullError``
   naming the path that failed and what was kept. Yields a report whose
   ``ckpt`` (a CheckpointManager, once there is one) gets to finish its
-  pending writes first, so no background thread fails during shutdown."""
+  pending writes first, so no background thread fails during shutdown; the
+  checkpoint that could not be written is removed (it frees space) and its
+  logged tracebacks are dropped."""
   report = types.SimpleNamespace(ckpt=None)
+  quiet = _QuietFullDisk()
+  loggers = [logging.getLogger(name) for name in ('absl', 'asyncio')]
+  for logger in loggers:
+    logger.addFilter(quiet)
+  full = False
   try:
     yield report
   except Exception as e:  # pylint: disable=broad-except
     cause = _full_disk_cause(e)
     if cause is None:
       raise
-    try:
-      if report.ckpt is not None:
-        report.ckpt.wait_until_finished()
-    except Exception:  # pylint: disable=broad-except  (the same full disk)
-      pass
+    full = quiet.reported = True
+    for finish in ('wait_until_finished', 'close'):   # no Orbax thread outlives the run
+      try:
+        if report.ckpt is not None:
+          getattr(report.ckpt, finish)()
+      except Exception:  # pylint: disable=broad-except  (the same full disk)
+        pass
+    from gmix_jax import preemption  # pylint: disable=g-import-not-at-top
+    preemption.discard_partial_checkpoints(workdir)
     path = getattr(cause, 'filename', None) or workdir
+    where = path if path == workdir else f'{path} ({workdir})'
     raise DiskFullError(
-        errno.ENOSPC, f'no space left on the device of {path} ({workdir}). Kept: '
+        errno.ENOSPC, f'no space left on the device of {where}. Kept: '
         f'{kept_after_failure(workdir)}. Free space (or raise the quota) and rerun the same '
         'command to resume from there.') from None
+  finally:
+    if not full:              # after a full disk, Orbax's threads may still log it at exit
+      for logger in loggers:
+        logger.removeFilter(quiet)

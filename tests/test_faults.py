@@ -329,3 +329,73 @@ def test_concurrent_first_use_of_an_offline_dataset(name, tmp_path):
   assert len({out for out, _ in results}) == 1, results
   leftovers = [str(p) for p in data.rglob('*') if 'incomplete' in p.name or 'tmp' in p.name]
   assert not leftovers, leftovers
+
+
+# -- A full disk: the one line, and only it ------------------------------------------
+@contextlib.contextmanager
+def tiny_tmpfs(path, size='4m'):
+  path.mkdir()
+  if subprocess.run(['mount', '-t', 'tmpfs', '-o', f'size={size}', 'tmpfs', str(path)],
+                    capture_output=True).returncode:
+    pytest.skip('cannot mount a tmpfs here (needs root with CAP_SYS_ADMIN, as on CI)')
+  try:
+    yield path
+  finally:
+    subprocess.run(['umount', '-l', str(path)])
+
+
+def fill(folder):
+  """Writes ``folder/filler`` until the device is full."""
+  with open(folder / 'filler', 'wb', buffering=0) as f:
+    with contextlib.suppress(OSError):
+      while True:
+        f.write(b'\0' * 65536)
+    with contextlib.suppress(OSError):
+      while True:
+        f.write(b'\0')
+
+
+def test_a_full_disk_during_checkpoints_is_one_line_and_keeps_the_last_one(tmp_path):
+  from gmix_jax import train
+  data = tmp_path / 'data'
+  with tiny_tmpfs(tmp_path / 'disk') as disk:
+    wd = disk / 'wd'
+    proc = subprocess.Popen(main_cmd(wd, data, '--config.num_epochs=1000',
+                                     '--config.checkpoint_every_steps=1'),
+                            cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    wait_until(lambda: len(finalized_steps(wd)) >= 2, 'two checkpoints', proc)
+    fill(disk)
+    out, err = proc.communicate(timeout=300)
+    lines = [l for l in err.strip().splitlines()
+             if not l.startswith('preparing the offline dataset')]
+    assert proc.returncode == 1 and len(lines) == 1, err[-5000:]
+    assert lines[0].startswith('error: [Errno 28] no space left on the device of ')
+    assert f'Kept: checkpoint step {finalized_steps(wd)[-1]} in {wd}/checkpoints' in lines[0]
+    assert not [n for n in os.listdir(wd / 'checkpoints') if 'tmp' in n]
+    os.unlink(disk / 'filler')
+    step, _ = train.restore_state(str(wd))           # the kept checkpoint verifies
+    assert step == finalized_steps(wd)[-1]
+
+
+def test_full_disk_log_records_are_dropped_and_others_kept(tmp_path):
+  import logging
+  from gmix_jax import workdir as workdir_lib
+  absl = logging.getLogger('absl')
+  seen = []
+  handler = logging.Handler()
+  handler.emit = seen.append
+  absl.addHandler(handler)
+  try:
+    full = ValueError("RESOURCE_EXHAUSTED: Failed writing: No space left on device [os_error_code='28']")
+    with pytest.raises(workdir_lib.DiskFullError):
+      with workdir_lib.disk_full_report(str(tmp_path)):
+        try:
+          raise RuntimeError('background save failed') from full
+        except RuntimeError:
+          absl.exception('Save Finalize thread failed.')   # as Orbax logs it
+        absl.error('an unrelated error')
+        raise OSError(errno.ENOSPC, 'No space left on device', str(tmp_path / 'metrics.jsonl'))
+  finally:
+    absl.removeHandler(handler)
+  assert [r.getMessage() for r in seen] == ['an unrelated error']
