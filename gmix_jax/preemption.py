@@ -8,8 +8,9 @@ retry on failure need not) and 130 after SIGINT (128 + 2, the shell's
 convention for an interrupted command, so a script running several commands
 stops too); see ``main.py``.
 
-A second Ctrl-C aborts at once, for a run that hangs: one line on stderr
-naming what is kept, the checkpoint being written (if any) removed, exit 130.
+A second Ctrl-C aborts at once, for a run that hangs: no new checkpoint
+starts, one being written may finish (``ABORT_WAIT_S``) or is removed, one
+line on stderr names what is kept, exit 130.
 Python runs signal handlers only when the main thread is back in Python (not
 during an XLA compile or a blocked collective), and two signals that arrive
 meanwhile run the handler once; so each delivery is counted from the
@@ -33,6 +34,7 @@ import threading
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 ABORT_EXIT = 128 + signal.SIGINT
+ABORT_WAIT_S = 30.0                       # a checkpoint being written may finish first
 TMP_SUFFIX = '.orbax-checkpoint-tmp'      # Orbax's folder of a checkpoint being written
 
 _early = {'signal': None}                 # a request before any Preemption (start-up)
@@ -141,13 +143,17 @@ class Preemption:
             self.on_abort()
 
   def abort(self) -> None:
-    """The second Ctrl-C: one line, no half-written checkpoint, exit 130 at
-    once (no interpreter shutdown: Orbax's threads would fail noisily)."""
-    line = 'aborted (second Ctrl-C) without a new checkpoint'
+    """The second Ctrl-C: exit 130 at once (no interpreter shutdown: Orbax's
+    threads would fail noisily), after one line. No checkpoint starts any
+    more; one being written gets ``ABORT_WAIT_S`` to finish, else it is
+    removed."""
+    line = 'aborted (second Ctrl-C)'
     if self.workdir is not None:
       try:
-        discard_partial_checkpoints(self.workdir)
+        from gmix_jax import checkpoints  # pylint: disable=g-import-not-at-top
         from gmix_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+        checkpoints.quiesce(ABORT_WAIT_S)
+        discard_partial_checkpoints(self.workdir)
         line += (f'. Kept: {workdir_lib.kept_after_failure(self.workdir)}; rerun the same '
                  'command to resume from there')
       except Exception:  # pylint: disable=broad-except  (never block the abort)

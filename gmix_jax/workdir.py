@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import socket
+import sys
 import time
 import types
 
@@ -200,6 +201,36 @@ class _QuietFullDisk(logging.Filter):
     return not ('No space left on device' in text or 'Disk quota exceeded' in text)
 
 
+def _orbax_aftermath(exc: BaseException | None) -> bool:
+  """An error printed straight to stderr (``sys.excepthook``) by a write that
+  completed after Orbax closed the event loop of a failed save: TensorStore's
+  callback finds ``Event loop is closed``; or the full disk itself."""
+  if exc is None:
+    return False
+  return ((isinstance(exc, RuntimeError) and str(exc) == 'Event loop is closed')
+          or _full_disk_cause(exc) is not None)
+
+
+def _quiet_hooks():
+  """Installs ``sys.excepthook`` / ``sys.unraisablehook`` that drop
+  `_orbax_aftermath`; returns a function that puts the previous ones back."""
+  excepthook, unraisablehook = sys.excepthook, sys.unraisablehook
+
+  def quiet_excepthook(kind, exc, tb):
+    if not _orbax_aftermath(exc):
+      excepthook(kind, exc, tb)
+
+  def quiet_unraisablehook(unraisable):
+    if not _orbax_aftermath(unraisable.exc_value):
+      unraisablehook(unraisable)
+
+  sys.excepthook, sys.unraisablehook = quiet_excepthook, quiet_unraisablehook
+
+  def restore():
+    sys.excepthook, sys.unraisablehook = excepthook, unraisablehook
+  return restore
+
+
 @contextlib.contextmanager
 def disk_full_report(workdir: str):
   """Turns a full disk, anywhere in the body, into one ``DiskFullError``
@@ -214,6 +245,7 @@ def disk_full_report(workdir: str):
   for logger in loggers:
     logger.addFilter(quiet)
   full = False
+  restore_hooks = _quiet_hooks()
   try:
     yield report
   except Exception as e:  # pylint: disable=broad-except
@@ -239,3 +271,4 @@ def disk_full_report(workdir: str):
     if not full:              # after a full disk, Orbax's threads may still log it at exit
       for logger in loggers:
         logger.removeFilter(quiet)
+      restore_hooks()

@@ -201,24 +201,30 @@ def test_two_ctrl_c_while_the_main_thread_is_in_c_code_abort(tmp_path):
     out, err = proc.communicate(timeout=60)
   assert proc.returncode == 130, (out, err)
   assert 'survived' not in out and err.strip().splitlines()[-1] == (
-      'aborted (second Ctrl-C) without a new checkpoint'), err
+      'aborted (second Ctrl-C)'), err
 
 
 def test_a_second_ctrl_c_aborts_in_one_line_keeping_the_last_checkpoint(tmp_path):
+  """Two Ctrl-C in a row while a run checkpoints every step. If the first one's
+  stop ends the run before the second arrives (a loaded machine), try again:
+  the abort itself is what is tested."""
   from gmix_jax import train
-  wd = tmp_path / 'wd'
-  proc = subprocess.Popen(main_cmd(wd, tmp_path / 'data', '--config.num_epochs=1000',
-                                   '--config.checkpoint_every_steps=1'),
-                          cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          text=True)
-  wait_until(lambda: len(finalized_steps(wd)) >= 2, 'two checkpoints', proc)
-  send(proc, signal.SIGINT)
-  send(proc, signal.SIGINT)
-  out, err = proc.communicate(timeout=300)
+  for attempt in range(3):
+    wd = tmp_path / f'wd{attempt}'
+    proc = subprocess.Popen(main_cmd(wd, tmp_path / 'data', '--config.num_epochs=1000',
+                                     '--config.checkpoint_every_steps=1',
+                                     '--config.model.kwargs.hidden_sizes=(512, 512)'),
+                            cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    wait_until(lambda: len(finalized_steps(wd)) >= 2, 'two checkpoints', proc)
+    send(proc, signal.SIGINT)
+    send(proc, signal.SIGINT)
+    out, err = proc.communicate(timeout=300)
+    if 'preempted at step' not in out:
+      break
   assert proc.returncode == 130, err[-3000:]
   lines = err.strip().splitlines()
-  assert lines[-1].startswith('aborted (second Ctrl-C) without a new checkpoint. Kept: '
-                              'checkpoint step '), err[-3000:]
+  assert lines[-1].startswith('aborted (second Ctrl-C). Kept: checkpoint step '), err[-3000:]
   assert 'Traceback' not in err and 'cannot schedule new futures' not in err, err[-3000:]
   assert [l for l in lines if l.strip()][-2:-1] == [
       'interrupted: stopping after this step with a checkpoint (Ctrl-C again to abort '
@@ -369,7 +375,7 @@ def test_a_full_disk_during_checkpoints_is_one_line_and_keeps_the_last_one(tmp_p
     out, err = proc.communicate(timeout=300)
     lines = [l for l in err.strip().splitlines()
              if not l.startswith('preparing the offline dataset')]
-    assert proc.returncode == 1 and len(lines) == 1, err[-5000:]
+    assert proc.returncode == 1 and len(lines) == 1, err[:3000]
     assert lines[0].startswith('error: [Errno 28] no space left on the device of ')
     assert f'Kept: checkpoint step {finalized_steps(wd)[-1]} in {wd}/checkpoints' in lines[0]
     assert not [n for n in os.listdir(wd / 'checkpoints') if 'tmp' in n]
@@ -378,7 +384,7 @@ def test_a_full_disk_during_checkpoints_is_one_line_and_keeps_the_last_one(tmp_p
     assert step == finalized_steps(wd)[-1]
 
 
-def test_full_disk_log_records_are_dropped_and_others_kept(tmp_path):
+def test_full_disk_log_records_are_dropped_and_others_kept(tmp_path, capsys):
   import logging
   from gmix_jax import workdir as workdir_lib
   absl = logging.getLogger('absl')
@@ -386,6 +392,8 @@ def test_full_disk_log_records_are_dropped_and_others_kept(tmp_path):
   handler = logging.Handler()
   handler.emit = seen.append
   absl.addHandler(handler)
+  hooks, asyncio_log = (sys.excepthook, sys.unraisablehook), logging.getLogger('asyncio')
+  filters = list(absl.filters), list(asyncio_log.filters)
   try:
     full = ValueError("RESOURCE_EXHAUSTED: Failed writing: No space left on device [os_error_code='28']")
     with pytest.raises(workdir_lib.DiskFullError):
@@ -395,7 +403,14 @@ def test_full_disk_log_records_are_dropped_and_others_kept(tmp_path):
         except RuntimeError:
           absl.exception('Save Finalize thread failed.')   # as Orbax logs it
         absl.error('an unrelated error')
+        # TensorStore's callbacks of the failed save, printed through sys.excepthook.
+        sys.excepthook(RuntimeError, RuntimeError('Event loop is closed'), None)
+        sys.excepthook(KeyError, KeyError('unrelated'), None)
         raise OSError(errno.ENOSPC, 'No space left on device', str(tmp_path / 'metrics.jsonl'))
-  finally:
+  finally:                 # a full disk leaves them installed: the process is ending
     absl.removeHandler(handler)
+    sys.excepthook, sys.unraisablehook = hooks
+    absl.filters[:], asyncio_log.filters[:] = filters
   assert [r.getMessage() for r in seen] == ['an unrelated error']
+  err = capsys.readouterr().err
+  assert 'unrelated' in err and 'Event loop is closed' not in err, err
