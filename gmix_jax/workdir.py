@@ -244,7 +244,8 @@ def disk_full_report(workdir: str):
   naming the path that failed and what was kept. Yields a report whose
   ``ckpt`` (a CheckpointManager, once there is one) gets to finish its
   pending writes first, so no background thread fails during shutdown; the
-  checkpoint that could not be written is removed (it frees space) and its
+  checkpoint that could not be written is removed (it frees space; one whose
+  folder Orbax creates later is removed when the next launch starts) and its
   logged tracebacks are dropped."""
   report = types.SimpleNamespace(ckpt=None)
   quiet = _QuietFullDisk()
