@@ -184,7 +184,8 @@ def base() -> ml_collections.ConfigDict:
   c.log_every_steps = 20                   # a train record in metrics.jsonl every k steps
   c.checkpoint_every_steps = 500           # also at every evaluated epoch end and at the end
   c.keep_checkpoints = 2                   # checkpoints kept in workdir/checkpoints
-  c.progress = True                        # tqdm bar with throughput and ETA
+  c.progress = True                        # tqdm bar with throughput and ETA (plain lines when not a terminal)
+  c.tensorboard = False                    # also write the records' scalars as TensorBoard events in workdir/tensorboard (the [tensorboard] extra)
   c.eval_every_epochs = 1                  # test-set evaluation every k epochs (and at the end)
   c.plots = True                           # write curves.png at the end
   c.nan_policy = 'stop'                    # non-finite loss/grad: 'stop' (keep last good ckpt) | 'skip'

@@ -20,6 +20,7 @@ import optax
 
 from gmix_jax import accumulation
 from gmix_jax import data as data_lib
+from gmix_jax import extras
 from gmix_jax import mixing
 from gmix_jax import models
 from gmix_jax import objectives
@@ -37,6 +38,7 @@ OPTIONAL_FIELDS = {
     'eval_every_epochs': 1,     # test-set evaluation every k epochs (and at the end)
     'plots': True,              # write curves.png at the end (sweeps turn it off)
     'accumulation_steps': 1,    # micro-batches per device batch (objectives.make_objective)
+    'tensorboard': False,       # TensorBoard events beside metrics.jsonl (gmix_jax.tb_events)
 }
 # Models that read their inputs as images [H, W] or [H, W, C].
 IMAGE_MODELS = ('cnn', 'resnet18', 'preact_resnet18', 'wrn28', 'wrn28_2', 'wrn28_10',
@@ -156,6 +158,8 @@ def validate_config(config: ml_collections.ConfigDict) -> objectives.Method:
     raise ValueError(f"model.param_rounding='dither' needs model.dtype='bfloat16', got {dtype!r}")
   task = tasks.get(config)                           # task.name
   one_of('nan_policy', opt(config, 'nan_policy'), NAN_POLICIES)
+  if opt(config, 'tensorboard'):
+    extras.require('tensorboard', '--config.tensorboard=True')
   data_lib.inputs.check_fields(config)               # name, augment, image_size, workers
   for field in ('batch_size', 'num_epochs', 'eval_batch_size', 'log_every_steps',
                 'checkpoint_every_steps', 'keep_checkpoints'):

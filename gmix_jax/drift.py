@@ -23,6 +23,7 @@ from typing import Any
 # Fields a resume may change; with the reason each leaves the trajectory as is.
 NON_TRAJECTORY = (
     'progress',                 # the progress bar
+    'tensorboard',              # a copy of the records as TensorBoard events
     'log_every_steps',          # how often train records are written
     'plots',                    # curves.png at the end
     'eval_every_epochs',        # evaluation (and its epoch-end checkpoint) reads the state only

@@ -312,7 +312,7 @@ PRESETS: dict[str, dict] = {
     'gmix': dict(mixing=MixingConfig('mixup'), sharpness=sharpness.SharpnessRule('sam')),
     # BG-Mix ranks by the `shared` estimator: in the ablation (experiments/RESULTS.md)
     # it was more accurate than `per_example` beyond 2 s.e., at 1.5x SAM's step
-    # cost instead of 6x (README, "Cost per step"). DG-Mix showed no such gain.
+    # cost instead of 6x (docs/cost.md, "Cost per step"). DG-Mix showed no such gain.
     'bgmix': dict(mixing=MixingConfig('mixup'), sharpness=sharpness.SharpnessRule('sam'),
                   partition=PartitionConfig('binary'),
                   sensitivity=sensitivity.SensitivityConfig('shared')),

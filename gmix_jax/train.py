@@ -15,7 +15,7 @@ composes and records. Outputs in ``workdir``: ``config.json``,
 per log/eval event), ``checkpoints/`` (Orbax, with digests), ``curves.png``,
 ``summary.json`` and ``.lock``.
 
-Reliability (README "Running long jobs"): one run per workdir (``lock``); a
+Reliability (docs/long-runs.md): one run per workdir (``lock``); a
 relaunch that would change the trajectory is refused (``drift``); a rerun
 resumes exactly from the newest checkpoint that verifies (state, data plan
 position, the open metrics window; records written after that checkpoint are
@@ -44,8 +44,10 @@ from gmix_jax import models
 from gmix_jax import objectives
 from gmix_jax import outputs
 from gmix_jax import parallel
+from gmix_jax import progress
 from gmix_jax import sensitivity
 from gmix_jax import tasks
+from gmix_jax import tb_events
 from gmix_jax import workdir as workdir_lib
 from gmix_jax.checkpoints import restore_state  # noqa: F401  (public: train.restore_state)
 from gmix_jax.preemption import Preemption
@@ -125,7 +127,9 @@ class Loop:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains ``config`` in ``workdir`` (resuming if it holds a checkpoint).
 
-  Returns the summary (also written to ``summary.json``); after a SIGTERM,
+  Returns the summary (also written to ``summary.json``), with
+  ``finished_before`` (not written) True when the workdir held a finished run
+  and nothing was trained; after a SIGTERM,
   ``{'preempted': True, 'step': s, ...}`` instead, with a checkpoint at
   ``s`` (nothing else written): the next call with the same arguments
   resumes from it.
@@ -150,10 +154,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     s = setup(config, workdir)
     state, objective, extra_update = fresh_state(s)
     state, loop = restore_or_start(s, state, t_start)
+    finished_before = int(jax.device_get(state.step)) >= s.total_steps   # nothing to train
     report.ckpt = loop.ckpt          # its pending writes end before a full disk is reported
     state, placed = place(s, state, objective, extra_update)
     state, step, stopped = run_loop(s, placed, state, loop, preemption)
     loop.ckpt.wait_until_finished()
+    loop.writer.close()
     if loop.bar is not None:
       loop.bar.close()
     if stopped and step + 1 < s.total_steps:
@@ -161,7 +167,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
               'signal': preemption.signal_name,
               'checkpoint': os.path.join(s.workdir, 'checkpoints', str(step + 1)),
               'wall_time_sec': time.time() - t_start}
-    return summarize(s, placed, state, loop)
+    return {**summarize(s, placed, state, loop), 'finished_before': finished_before}
 
 
 # ----------------------------------------------------------------------------
@@ -231,6 +237,8 @@ def restore_or_start(s: Setup, state, t_start: float) -> tuple[Any, Loop]:
                               fresh=restored is None)
   ckpt = checkpoints.manager(s.workdir, s.config.keep_checkpoints)
   writer = workdir_lib.MetricsWriter(s.workdir, s.lead)
+  if s.lead and configure.opt(s.config, 'tensorboard'):   # TensorBoard drops steps past the checkpoint
+    writer.events = tb_events.EventWriter(s.workdir, purge_step=int(state.step) + 1 if restored else None)
   # Records past the restored step were written by a run killed before its next
   # checkpoint: this run writes them again.
   kept = workdir_lib.truncate_metrics(writer.path, int(state.step), rewrite=s.lead)
@@ -349,10 +357,9 @@ def _steps(s: Setup, placed: Placed, state, loop: Loop, preemption: Preemption, 
 
 
 def _progress_bar(s: Setup, step: int):
-  """A tqdm bar started once the first step is done, so that its rate and
-  ETA leave out the step's compilation."""
-  from tqdm import tqdm
-  return tqdm(total=s.total_steps, initial=step + 1, unit='step', dynamic_ncols=True)
+  """A tqdm bar (plain lines when stderr is not a terminal) started once the
+  first step is done, so that its rate and ETA leave out the step's compilation."""
+  return progress.make_bar(s.total_steps, step + 1)
 
 
 def summarize(s: Setup, placed: Placed, state, loop: Loop) -> dict[str, Any]:

@@ -45,9 +45,9 @@ def norm(tree):
   return float(sum(jnp.sum(jnp.abs(l)) for l in jax.tree.leaves(tree)))
 
 
-@pytest.mark.parametrize('mixblock_loss', samix_ssl.MIXBLOCK_LOSSES)
-def test_each_loss_reaches_only_its_own_parameters(mixblock_loss):
-  cfg, params, state, phi, key_vars, fns, data, lam, perm = setup(mixblock_loss)
+def test_each_loss_reaches_only_its_own_parameters():
+  # The stop-gradients sit in code both mixblock losses share; eta_bce suffices.
+  cfg, params, state, phi, key_vars, fns, data, lam, perm = setup()
 
   @jax.jit
   def losses(p, f, kv):

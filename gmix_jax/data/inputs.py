@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 
 import ml_collections
 import numpy as np
@@ -37,6 +38,13 @@ def check_fields(config: ml_collections.ConfigDict) -> None:
   name = config.dataset.name
   if not (isinstance(name, str) and sources.is_known(name)):
     raise sources.unknown_name_error(name)
+  data_dir = str(config.dataset.data_dir)
+  # The array_record reader and the stats/labels cache beside the files read
+  # local paths only; a URL would fail later, deep inside a reader.
+  if re.match(r'[A-Za-z][A-Za-z0-9+.-]*://', data_dir):
+    raise ValueError(f'dataset.data_dir={data_dir!r}: URLs are not supported, only paths of the '
+                     'local file system; mount the bucket (e.g. gcsfuse for gs://) and give the '
+                     'mount path')
   augment = pipeline.augment_name(dataset_field(config, 'augment'))
   size = dataset_field(config, 'image_size')
   if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):

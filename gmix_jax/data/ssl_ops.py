@@ -127,8 +127,8 @@ def moco_train(image, rng: np.random.Generator, size: int | None,
   if size is None:
     mode = image_ops._target_mode(im.mode, channels)  # pylint: disable=protected-access
     top, left, h, w = box
-    out = im.convert(mode).resize((width, height), image_ops._RESAMPLE,  # pylint: disable=protected-access
-                                  box=(left, top, left + w, top + h))
+    resample = image_ops._RESAMPLE  # pylint: disable=protected-access
+    out = im.convert(mode).resize((width, height), resample, box=(left, top, left + w, top + h))
     x = image_ops._to_array(out, mode)  # pylint: disable=protected-access
   else:
     x = image_ops.crop_resize(im, box, size, channels)
