@@ -156,6 +156,7 @@ def base() -> ml_collections.ConfigDict:
   #                                          | 'moco' (MoCo v2 views, self-supervised)
   c.dataset.image_size = placeholder(int)  # crop size (needed by 'inception'); None = the stored size
   c.dataset.workers = 0                    # Grain worker processes (0: read in this process)
+  c.dataset.bad_records = 'error'          # unreadable record: 'error' (stop, name it) | 'skip' (replace, count)
 
   c.model = ml_collections.ConfigDict()
   c.model.name = 'cnn'                     # see gmix_jax.models.MODELS

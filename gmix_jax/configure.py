@@ -19,6 +19,7 @@ import numpy as np
 import optax
 
 from gmix_jax import accumulation
+from gmix_jax import cli
 from gmix_jax import data as data_lib
 from gmix_jax import extras
 from gmix_jax import mixing
@@ -134,7 +135,8 @@ def opt(config: ml_collections.ConfigDict, field: str):
 
 def num_devices(config: ml_collections.ConfigDict) -> int:
   """Devices used on each process."""
-  return config.num_devices or jax.local_device_count()
+  n = config.num_devices
+  return jax.local_device_count() if n is None else n
 
 
 def validate_config(config: ml_collections.ConfigDict) -> objectives.Method:
@@ -146,7 +148,8 @@ def validate_config(config: ml_collections.ConfigDict) -> objectives.Method:
   """
   def one_of(field, value, allowed):
     if value not in allowed:
-      raise ValueError(f'{field} must be one of {list(allowed)}, got {value!r}')
+      raise ValueError(f'{field} must be one of {list(allowed)}, got {value!r}'
+                       f'{cli.did_you_mean(value, allowed)}')
   one_of('parallel', config.parallel, PARALLEL_MODES)
   one_of('optimizer.name', config.optimizer.name, OPTIMIZERS)
   one_of('optimizer.schedule', config.optimizer.schedule, SCHEDULES)
@@ -179,8 +182,9 @@ def validate_config(config: ml_collections.ConfigDict) -> objectives.Method:
   method = task.check_config(config)                 # method.name and every method knob
   local = jax.local_device_count()
   n_dev = num_devices(config)
-  if not 1 <= n_dev <= local:
-    raise ValueError(f'num_devices must be in [1, {local}] (the local devices), got {n_dev}')
+  if isinstance(n_dev, bool) or not isinstance(n_dev, int) or not 1 <= n_dev <= local:
+    raise ValueError(f'num_devices must be None (all) or an int in [1, {local}] (the local '
+                     f'devices), got {n_dev!r}')
   if config.parallel == 'pmap' and jax.process_count() > 1:
     raise ValueError("parallel='pmap' runs on one process only; use 'shard_map' on several hosts")
   if config.batch_size % (n_dev * jax.process_count()):

@@ -37,6 +37,8 @@ NON_TRAJECTORY = (
     'dataset.data_dir',         # where the same data lives
     'dataset.download',
     'dataset.workers',          # host-side loading parallelism; batches depend on (seed, step)
+    'dataset.bad_records',      # 'error' stops at the first bad record: the steps before it
+                                # saw good records only, which 'skip' reads alike
 )
 MISSING = '(absent)'
 

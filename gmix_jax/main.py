@@ -8,8 +8,10 @@ on Ctrl-C (SIGINT) the same, exit code 130. A signal after the last step
 changes nothing (exit 0).
 
 Exit status: 0 done (or preempted by SIGTERM, or help); 2 a bad command line,
-config or dataset, or the ``train`` extra not installed (one line ``error: ...`` on stderr, before anything
-compiles); 1 a locked workdir, config drift, checkpoints that do not verify or
+config or dataset, or the ``train`` extra not installed (one line ``error: ...``
+on stderr, before anything compiles; or a dataset record that cannot be read,
+when the run reaches it under ``dataset.bad_records='error'``, its last
+checkpoint kept); 1 a locked workdir, config drift, checkpoints that do not verify or
 a full disk (one line ``error: ...``); 130 stopped by SIGINT.
 """
 from __future__ import annotations
@@ -47,6 +49,8 @@ def _parse(argv: list[str]):
       return 0
     if config is None or args.workdir is None:
       raise cli.UsageError(f'--config and --workdir are required; {cli.USAGE} (see --help)')
+    if not args.workdir.strip():       # '' would write the run into the current directory
+      raise cli.UsageError(f'--workdir is empty; name a directory for the run: {cli.USAGE}')
   except cli.UsageError as e:
     print(f'error: {e}', file=sys.stderr)
     return 2

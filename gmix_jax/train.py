@@ -315,14 +315,15 @@ def _steps(s: Setup, placed: Placed, state, loop: Loop, preemption: Preemption, 
   stop, step = False, start_step - 1
   for step in range(start_step, s.total_steps):
     state = maybe_refresh_scores(s, placed, state, step)
-    batch = next(batches)
+    batch = _next_batch(s, loop, batches)
+    bad = batch.pop('bad_records', None)       # dataset.bad_records='skip': records replaced
     if step == debug_nan_step:                 # test hook: a batch that makes the loss NaN
       batch['x'] = np.full(batch['x'].shape, np.nan, np.float32)
     # This process's stop request travels with its batch; the step returns the
     # max over all devices, so every process stops after the same step.
     batch['stop'] = np.full(batch['y'].shape, preemption.requested, np.int32)
     state, metrics = placed.step_fn(state, placed.to_device(batch))
-    loop.in_flight.append((step, metrics))
+    loop.in_flight.append((step, metrics if bad is None else {**metrics, 'bad_records': bad}))
     loop.window_steps += 1
     if step == start_step:     # compilation is not throughput: start the clocks after it
       jax.block_until_ready(metrics)
@@ -354,6 +355,19 @@ def _steps(s: Setup, placed: Placed, state, loop: Loop, preemption: Preemption, 
     if stop:
       break
   return state, step, stop
+
+
+def _next_batch(s: Setup, loop: Loop, batches) -> dict:
+  """The next host batch; a record that cannot be read (``bad_records='error'``)
+  stops the run with the last checkpoint finished and named."""
+  try:
+    return next(batches)
+  except data_lib.BadRecordError as e:
+    loop.ckpt.wait_until_finished()
+    last = loop.ckpt.latest_step()
+    kept = (f'the last checkpoint (step {last}) in {s.workdir}/checkpoints was kept'
+            if last is not None else 'no checkpoint was written yet')
+    raise data_lib.BadRecordError(f'{e}; {kept}') from None
 
 
 def _progress_bar(s: Setup, step: int):
@@ -432,7 +446,10 @@ def drain(s: Setup, loop: Loop, keep: int) -> bool:
 
 def log_train(s: Setup, loop: Loop, step: int) -> None:
   """One train record: the window's mean metrics and its throughput."""
+  bad = sum(m.pop('bad_records', 0) for m in loop.pending)  # a count, not a mean
   rec = outputs.train_record(loop.pending)
+  if data_lib.inputs.dataset_field(s.config, 'bad_records') == 'skip':
+    rec['bad_records'] = int(bad)          # records of this process replaced in the window
   dt = time.time() - loop.t_window
   rec.update(split='train', step=step + 1, epoch=(step + 1) / s.steps_per_epoch,
              # None for a window holding only the first (compiling) step.

@@ -20,6 +20,7 @@ import ml_collections
 from gmix_jax import accumulation
 from gmix_jax import checkpoints
 from gmix_jax import configure
+from gmix_jax import data as data_lib
 from gmix_jax import evaluation
 from gmix_jax import objectives
 from gmix_jax import samix
@@ -115,6 +116,8 @@ class Supervised(tasks.Task):
                               process_count=jax.process_count()) as batches:
       metrics = evaluation.evaluate(placed.eval_fn, state.params, state.model_state, batches,
                                     placed.to_eval_device)
+    if data_lib.inputs.dataset_field(s.config, 'bad_records') == 'skip':   # masked out
+      metrics['bad_records'] = s.ds.num_test - int(metrics['num_examples'])
     del metrics['num_examples']    # == num_test (tests check it); not a per-epoch record field
     return metrics
 
