@@ -338,10 +338,11 @@ def method_defaults(config) -> dict[str, tuple[Any, bool]]:
   """``{'method.SECTION.KNOB': (value, read)}`` for the knobs ``config`` leaves
   at None: the value the preset runs with, and whether the method reads the
   knob at all (`configure.ignored_knobs`). Empty when the method is not valid."""
-  from gmix_jax import configure, samix
+  from gmix_jax import configure
+  from gmix_jax.tasks import supervised
   try:
     method = configure.build_method(config, num_classes=10)
-    samix_cfg = configure.build_samix(config) if config.method.name in samix.METHODS else None
+    samix_cfg = supervised.build_samix(config) if supervised.own_step(config) else None
   except Exception:  # pylint: disable=broad-except   (the run reports it)
     return {}
   parts = {'mixing': method.mixing, 'sharpness': method.sharpness,

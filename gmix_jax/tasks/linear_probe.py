@@ -120,20 +120,25 @@ class LinearProbe(supervised.Supervised):
   name = 'linear_probe'
 
   def check_config(self, config):
-    old = pretrained_config(config)
+    """The fields; the pretraining workdir itself is checked when the model
+    is built (``build_model``: after the data are opened, before anything
+    compiles), so a config can be validated before that run exists."""
+    if not config.task.get('pretrained'):
+      pretrained_config(config)                          # its error: task.pretrained unset
     if config.method.name != 'erm':
       raise ValueError(f"method.name must be 'erm' for task.name='linear_probe' (the protocol "
                        f'is plain cross-entropy), got {config.method.name!r}')
-    if old.get('model', {}).get('name') != config.model.name:
-      raise ValueError(f"{_where(config)}: that run's model.name is "
-                       f"{old.get('model', {}).get('name')!r}, this config's {config.model.name!r}")
     return self.build_method(config, num_classes=10)
 
   def build_method(self, config, num_classes):
     return configure.composed_method(config, num_classes)
 
   def build_model(self, config, num_classes):
-    old = ml_collections.ConfigDict(pretrained_config(config))
+    old = pretrained_config(config)
+    if old.get('model', {}).get('name') != config.model.name:
+      raise ValueError(f"{_where(config)}: that run's model.name is "
+                       f"{old.get('model', {}).get('name')!r}, this config's {config.model.name!r}")
+    old = ml_collections.ConfigDict(old)
     mcfg = moco.MocoConfig(**{k: v for k, v in old.task.items()
                               if k in moco.DEFAULTS and v is not None})
     dtype, rounding = configure.model_precision(config)
