@@ -23,7 +23,9 @@ Flax linen model needs no change. Rules (``_RULES``):
     input (``lax.conv_general_dilated_patches``), one term per group.
   * BatchNorm (running statistics), LayerNorm, GroupNorm, RMSNorm,
     InstanceNorm: ∇scale_i = Σ_p x̂_ip ⊙ δ_ip, ∇bias_i = Σ_p δ_ip, with x̂ the
-    layer's own normalised input (the layer applied without scale and bias).
+    layer's own normalised input (the layer applied without scale and bias;
+    for BatchNorm r (Σ_p x_ip δ_ip − μ Σ_p δ_ip), r = 1/√(var + ε), from the
+    running mean μ and variance, without forming x̂).
   * Embed: ‖Σ_t e_{id_t} δ_tᵀ‖² = Σ_{t,s} [id_t = id_s] δ_t·δ_s.
 
 A module called several times (shared weights) has its tokens concatenated
@@ -37,6 +39,7 @@ Norms are accumulated in float32 (or float64 under x64), docs/methods.md § 7.
 from __future__ import annotations
 
 from collections.abc import Mapping
+import itertools
 import math
 import warnings
 from typing import Any, Callable, NamedTuple, Optional
@@ -83,15 +86,20 @@ class Lookup(NamedTuple):
 def _outer_sq(a, d):
   """Σ_g ‖a_gᵀ d_g‖²_F per example, by the cheaper of the direct and ghost forms."""
   a, d = _f32(a), _f32(d)
-  t, dim, c = a.shape[1], a.shape[3], d.shape[3]
+  b, t, g, dim = a.shape
+  c = d.shape[3]
   if t == 1:
     return jnp.sum(jnp.sum(a[:, 0] ** 2, -1) * jnp.sum(d[:, 0] ** 2, -1), -1)
+  # groups join the example axis: 3-d einsums are plain batched matmuls (4-d
+  # ones with a group axis ran ~10x slower on XLA:CPU)
+  a = jnp.moveaxis(a, 2, 1).reshape(b * g, t, dim)
+  d = jnp.moveaxis(d, 2, 1).reshape(b * g, t, c)
   if t * (dim + c) < dim * c:                     # ghost: T²(D + C) < T·D·C
-    ga = jnp.einsum('btgd,bsgd->bgts', a, a, precision=_HIGH)
-    gd = jnp.einsum('btgc,bsgc->bgts', d, d, precision=_HIGH)
-    return jnp.sum(ga * gd, (1, 2, 3))
-  g = jnp.einsum('btgd,btgc->bgdc', a, d, precision=_HIGH)    # direct per-example product
-  return jnp.sum(g ** 2, (1, 2, 3))
+    ga = jnp.einsum('btd,bsd->bts', a, a, precision=_HIGH)
+    sq = jnp.sum(ga * jnp.einsum('btc,bsc->bts', d, d, precision=_HIGH), (1, 2))
+  else:                                           # direct per-example product
+    sq = jnp.sum(jnp.einsum('btd,btc->bdc', a, d, precision=_HIGH) ** 2, (1, 2))
+  return jnp.sum(sq.reshape(b, g), 1)
 
 
 def _lookup_sq(ids, d, vocab):
@@ -168,6 +176,29 @@ class _Dense:
     return out
 
 
+def _unfold(a, ks, strides, pad, lhs_dil, rhs_dil):
+  """[B, *S, C] -> [B, T, K, C]: the input window of each of the T output
+  positions (K = window size), by padding (interior padding = input dilation)
+  and strided slices, as the convolution sees it."""
+  spatial = a.shape[1:-1]
+  if isinstance(pad, str):
+    dilated = [(n - 1) * d + 1 for n, d in zip(spatial, lhs_dil)]
+    window = [(k - 1) * r + 1 for k, r in zip(ks, rhs_dil)]
+    pad = jax.lax.padtype_to_pads(dilated, window, strides, pad)
+  zero = jnp.zeros((), a.dtype)
+  a = jax.lax.pad(a, zero, [(0, 0, 0)] + [(lo, hi, d - 1) for (lo, hi), d in zip(pad, lhs_dil)]
+                  + [(0, 0, 0)])
+  outs = [(n - (k - 1) * r - 1) // s + 1 for n, k, r, s in zip(a.shape[1:-1], ks, rhs_dil, strides)]
+  cols = []
+  for offset in itertools.product(*[range(k) for k in ks]):
+    start = [o * r for o, r in zip(offset, rhs_dil)]
+    stop = [st + (n - 1) * s + 1 for st, n, s in zip(start, outs, strides)]
+    cols.append(jax.lax.slice(a, [0, *start, 0], [a.shape[0], *stop, a.shape[-1]],
+                              [1, *strides, 1]))
+  u = jnp.stack(cols, -2)                               # [B, *outs, K, C]
+  return u.reshape(a.shape[0], math.prod(outs), len(cols), a.shape[-1])
+
+
 class _Conv:
   owned = ('kernel', 'bias')
 
@@ -196,12 +227,10 @@ class _Conv:
     elif pad == 'CAUSAL':
       a = jnp.pad(a, [(0, 0), (kdil[0] * (ks[0] - 1), 0), (0, 0)])
       pad = 'VALID'
-    u = jax.lax.conv_general_dilated_patches(
-        _f32(a), ks, bc(m.strides), pad, lhs_dilation=bc(m.input_dilation), rhs_dilation=kdil,
-        dimension_numbers=flax_linear._conv_dimension_numbers(a.shape), precision=_HIGH)
     b, g = a.shape[0], m.feature_group_count
-    # patches are channel-major (C, then the window): group g's inputs are contiguous
-    u = u.reshape(b, -1, g, u.shape[-1] // g)
+    u = _unfold(_f32(a), ks, bc(m.strides), pad, bc(m.input_dilation), kdil)   # [B, T, K, C]
+    u = u.reshape(u.shape[:3] + (g, -1))                 # group g's input channels
+    u = jnp.moveaxis(u, 3, 2).reshape(b, u.shape[1], g, -1)
     dd = d.reshape(b, -1, g, d.shape[-1] // g)
     out = {'kernel': Outer(u, dd)}
     if m.use_bias:
@@ -221,23 +250,30 @@ class _Norm:
     return None
 
   def record(self, m, args, kwargs):
-    off = {k: False for k in ('use_scale', 'use_bias') if hasattr(m, k)}
-    bare = m.clone(parent=None, **off)
-    variables = {}
+    x = _first_arg(args, kwargs)
     if isinstance(m, nn.BatchNorm):
-      variables = {'batch_stats': m.variables['batch_stats']}
-    return bare.apply(variables, *args, **kwargs)   # x̂, by the layer's own arithmetic
+      # running statistics are the same for every example: x̂ need not be formed
+      stats = m.variables['batch_stats']
+      return {'x': x, 'mean': stats['mean'], 'var': stats['var']}
+    off = {k: False for k in ('use_scale', 'use_bias') if hasattr(m, k)}
+    return {'xhat': m.clone(parent=None, **off).apply({}, *args, **kwargs)}  # flax's own x̂
 
-  def terms(self, m, xhat, d):
+  def terms(self, m, rec, d):
     feat = -1 if isinstance(m, nn.GroupNorm) else (m.axis if isinstance(m, nn.BatchNorm)
                                                    else m.feature_axes)
     keep = _axes(feat, d.ndim)
-    xh, dd = _f32(_tokens(xhat, keep))[:, :, 0], _f32(_tokens(d, keep))[:, :, 0]
+    dd = _f32(_tokens(d, keep))[:, :, 0]                # [B, P, F]
+    sum_d = jnp.sum(dd, 1)
     out = {}
     if getattr(m, 'use_scale', False):
-      out['scale'] = Grad(jnp.sum(xh * dd, 1))
+      if 'xhat' in rec:
+        out['scale'] = Grad(jnp.sum(_f32(_tokens(rec['xhat'], keep))[:, :, 0] * dd, 1))
+      else:   # Σ_p x̂_p δ_p = r (Σ_p x_p δ_p − μ Σ_p δ_p), r = 1/√(var + ε)
+        xd = jnp.sum(_f32(_tokens(rec['x'], keep))[:, :, 0] * dd, 1)
+        mean, var = (_f32(rec[k]).reshape(-1) for k in ('mean', 'var'))
+        out['scale'] = Grad(jax.lax.rsqrt(var + m.epsilon) * (xd - mean * sum_d))
     if getattr(m, 'use_bias', False):
-      out['bias'] = Grad(jnp.sum(dd, 1))
+      out['bias'] = Grad(sum_d)
     return out
 
 
