@@ -21,7 +21,10 @@ import optax
 
 from gmix_jax import accumulation
 from gmix_jax import checkpoints
+from gmix_jax import cli
 from gmix_jax import data as data_lib
+from gmix_jax import extras
+from gmix_jax import mixing
 from gmix_jax import models
 from gmix_jax import objectives
 from gmix_jax import precision
@@ -38,6 +41,7 @@ OPTIONAL_FIELDS = {
     'eval_every_epochs': 1,     # test-set evaluation every k epochs (and at the end)
     'plots': True,              # write curves.png at the end (sweeps turn it off)
     'accumulation_steps': 1,    # micro-batches per device batch (objectives.make_objective)
+    'tensorboard': False,       # TensorBoard events beside metrics.jsonl (gmix_jax.tb_events)
 }
 # Models that read their inputs as images [H, W] or [H, W, C].
 IMAGE_MODELS = ('cnn', 'resnet18', 'preact_resnet18', 'wrn28', 'wrn28_2', 'wrn28_10',
@@ -145,7 +149,8 @@ def opt(config: ml_collections.ConfigDict, field: str):
 
 def num_devices(config: ml_collections.ConfigDict) -> int:
   """Devices used on each process."""
-  return config.num_devices or jax.local_device_count()
+  n = config.num_devices
+  return jax.local_device_count() if n is None else n
 
 
 def validate_config(config: ml_collections.ConfigDict) -> objectives.Method:
@@ -157,7 +162,8 @@ def validate_config(config: ml_collections.ConfigDict) -> objectives.Method:
   """
   def one_of(field, value, allowed):
     if value not in allowed:
-      raise ValueError(f'{field} must be one of {list(allowed)}, got {value!r}')
+      raise ValueError(f'{field} must be one of {list(allowed)}, got {value!r}'
+                       f'{cli.did_you_mean(value, allowed)}')
   one_of('parallel', config.parallel, PARALLEL_MODES)
   one_of('optimizer.name', config.optimizer.name, OPTIMIZERS)
   one_of('optimizer.schedule', config.optimizer.schedule, SCHEDULES)
@@ -169,6 +175,8 @@ def validate_config(config: ml_collections.ConfigDict) -> objectives.Method:
     raise ValueError(f"model.param_rounding='dither' needs model.dtype='bfloat16', got {dtype!r}")
   one_of('method.name', config.method.name, sorted([*objectives.PRESETS, *samix.METHODS]))
   one_of('nan_policy', opt(config, 'nan_policy'), NAN_POLICIES)
+  if opt(config, 'tensorboard'):
+    extras.require('tensorboard', '--config.tensorboard=True')
   data_lib.inputs.check_fields(config)               # name, augment, image_size, workers
   for field in ('batch_size', 'num_epochs', 'eval_batch_size', 'log_every_steps',
                 'checkpoint_every_steps', 'keep_checkpoints'):
@@ -193,8 +201,9 @@ def validate_config(config: ml_collections.ConfigDict) -> objectives.Method:
       samix.check_source(samix_cfg, json.loads(config.to_json()))
   local = jax.local_device_count()
   n_dev = num_devices(config)
-  if not 1 <= n_dev <= local:
-    raise ValueError(f'num_devices must be in [1, {local}] (the local devices), got {n_dev}')
+  if isinstance(n_dev, bool) or not isinstance(n_dev, int) or not 1 <= n_dev <= local:
+    raise ValueError(f'num_devices must be None (all) or an int in [1, {local}] (the local '
+                     f'devices), got {n_dev!r}')
   if config.parallel == 'pmap' and jax.process_count() > 1:
     raise ValueError("parallel='pmap' runs on one process only; use 'shard_map' on several hosts")
   if config.batch_size % (n_dev * jax.process_count()):
@@ -241,16 +250,13 @@ class IgnoredKnobWarning(UserWarning):
 
 
 # Which resolved choice a knob belongs to: (section, knob) -> (choice, values that read it).
+# The mixing policies' own knobs come from the registry (``_knob_owners``).
 _KNOB_OWNERS = {
-    ('mixing', 'k'): ('mixing.policy', ('multimix',)),
-    ('mixing', 'budget'): ('mixing.policy', ('multimix',)),
     ('mixing', 'eta'): ('mixing.policy', ('mixupe',)),
     ('mixing', 'tau'): ('mixing.policy', ('mixupe',)),
     ('mixing', 'mixupe_version'): ('mixing.policy', ('mixupe',)),
-    ('mixing', 'layers'): ('mixing.policy', ('manifold',)),
-    ('mixing', 'lam_mode'): ('mixing.policy', ('mixup', 'mixupe', 'manifold')),
-    ('mixing', 'alpha'): ('mixing.policy', ('mixup', 'cutmix', 'multimix', 'mixupe', 'manifold')),
     ('sharpness', 'asam_eta'): ('sharpness.rule', ('asam',)),
+    ('sharpness', 'asam_biases'): ('sharpness.rule', ('asam',)),
     ('sharpness', 'gsam_alpha'): ('sharpness.rule', ('gsam',)),
     ('sharpness', 'esam_beta'): ('sharpness.rule', ('esam',)),
     ('partition', 'bgmix_rule'): ('partition.rule', ('binary',)),
@@ -261,6 +267,16 @@ _KNOB_OWNERS = {
     ('partition', 'gamma'): ('partition.rule', ('binary', 'decomposed')),
     ('sensitivity', 'refresh_every'): ('sensitivity.estimator', ('stale',)),
 }
+
+
+def _knob_owners() -> dict:
+  """``_KNOB_OWNERS`` plus each registered mixing policy's knobs (MixupE reads mixup's)."""
+  owners = dict(_KNOB_OWNERS)
+  for knob in mixing.KNOBS:
+    readers = [name for name, spec in mixing.POLICIES.items() if knob in spec.knobs]
+    readers += ['mixupe'] if knob in mixing.POLICIES['mixup'].knobs else []
+    owners['mixing', knob] = ('mixing.policy', tuple(readers))
+  return owners
 
 
 def ignored_knobs(config: ml_collections.ConfigDict, method: objectives.Method) -> list[str]:
@@ -274,7 +290,7 @@ def ignored_knobs(config: ml_collections.ConfigDict, method: objectives.Method) 
             'partition.rule': method.partition.rule,
             'sensitivity.estimator': method.sensitivity.estimator}
   split = method.partition.rule != 'none'
-  messages = []
+  messages, owners = [], _knob_owners()
   for section in ('mixing', 'sharpness', 'partition', 'sensitivity'):
     for key, value in _set_fields(config.method[section]).items():
       field = f'method.{section}.{key}'
@@ -287,8 +303,8 @@ def ignored_knobs(config: ml_collections.ConfigDict, method: objectives.Method) 
       elif section == 'sharpness' and key == 'rho_min' and method.sharpness.rho_schedule != 'lr':
         messages.append(f"{field}={value!r} has no effect: sharpness.rho_schedule is "
                         f"{method.sharpness.rho_schedule!r}, not 'lr'")
-      elif (section, key) in _KNOB_OWNERS:
-        choice, readers = _KNOB_OWNERS[section, key]
+      elif (section, key) in owners:
+        choice, readers = owners[section, key]
         if chosen[choice] not in readers:
           messages.append(f'{field}={value!r} has no effect: {where} has {choice}='
                           f'{chosen[choice]!r} (read only by {", ".join(readers)})')

@@ -23,19 +23,22 @@ from typing import Any
 # Fields a resume may change; with the reason each leaves the trajectory as is.
 NON_TRAJECTORY = (
     'progress',                 # the progress bar
+    'tensorboard',              # a copy of the records as TensorBoard events
     'log_every_steps',          # how often train records are written
     'plots',                    # curves.png at the end
     'eval_every_epochs',        # evaluation (and its epoch-end checkpoint) reads the state only
     'eval_batch_size',          # evaluation is padded to whole batches and sliced back
     'checkpoint_every_steps',   # a checkpoint is a copy of the state
     'keep_checkpoints',
-    'nan_policy',               # a stopped run is continued with 'skip' (README); a run that
+    'nan_policy',               # a stopped run is continued with 'skip' (docs/long-runs.md); a run that
                                 # ran on had no non-finite step, which both policies treat alike
     'debug_nan_step',           # test hook
     'parallel',                 # shard_map and pmap run the same per-device step
     'dataset.data_dir',         # where the same data lives
     'dataset.download',
     'dataset.workers',          # host-side loading parallelism; batches depend on (seed, step)
+    'dataset.bad_records',      # 'error' stops at the first bad record: the steps before it
+                                # saw good records only, which 'skip' reads alike
 )
 MISSING = '(absent)'
 

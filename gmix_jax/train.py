@@ -15,7 +15,7 @@ composes and records. Outputs in ``workdir``: ``config.json``,
 per log/eval event), ``checkpoints/`` (Orbax, with digests), ``curves.png``,
 ``summary.json`` and ``.lock``.
 
-Reliability (README "Running long jobs"): one run per workdir (``lock``); a
+Reliability (docs/long-runs.md): one run per workdir (``lock``); a
 relaunch that would change the trajectory is refused (``drift``); a rerun
 resumes exactly from the newest checkpoint that verifies (state, data plan
 position, the open metrics window; records written after that checkpoint are
@@ -44,7 +44,9 @@ from gmix_jax import models
 from gmix_jax import objectives
 from gmix_jax import outputs
 from gmix_jax import parallel
+from gmix_jax import progress
 from gmix_jax import sensitivity
+from gmix_jax import tb_events
 from gmix_jax import workdir as workdir_lib
 from gmix_jax.checkpoints import restore_state  # noqa: F401  (public: train.restore_state)
 from gmix_jax.preemption import Preemption
@@ -123,7 +125,9 @@ class Loop:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains ``config`` in ``workdir`` (resuming if it holds a checkpoint).
 
-  Returns the summary (also written to ``summary.json``); after a SIGTERM,
+  Returns the summary (also written to ``summary.json``), with
+  ``finished_before`` (not written) True when the workdir held a finished run
+  and nothing was trained; after a SIGTERM,
   ``{'preempted': True, 'step': s, ...}`` instead, with a checkpoint at
   ``s`` (nothing else written): the next call with the same arguments
   resumes from it.
@@ -148,10 +152,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     s = setup(config, workdir)
     state, objective, extra_update = fresh_state(s)
     state, loop = restore_or_start(s, state, t_start)
+    finished_before = int(jax.device_get(state.step)) >= s.total_steps   # nothing to train
     report.ckpt = loop.ckpt          # its pending writes end before a full disk is reported
     state, placed = place(s, state, objective, extra_update)
     state, step, stopped = run_loop(s, placed, state, loop, preemption)
     loop.ckpt.wait_until_finished()
+    loop.writer.close()
     if loop.bar is not None:
       loop.bar.close()
     if stopped and step + 1 < s.total_steps:
@@ -159,7 +165,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
               'signal': preemption.signal_name,
               'checkpoint': os.path.join(s.workdir, 'checkpoints', str(step + 1)),
               'wall_time_sec': time.time() - t_start}
-    return summarize(s, placed, state, loop)
+    return {**summarize(s, placed, state, loop), 'finished_before': finished_before}
 
 
 # ----------------------------------------------------------------------------
@@ -225,6 +231,8 @@ def restore_or_start(s: Setup, state, t_start: float) -> tuple[Any, Loop]:
                               fresh=restored is None)
   ckpt = checkpoints.manager(s.workdir, s.config.keep_checkpoints)
   writer = workdir_lib.MetricsWriter(s.workdir, s.lead)
+  if s.lead and configure.opt(s.config, 'tensorboard'):   # TensorBoard drops steps past the checkpoint
+    writer.events = tb_events.EventWriter(s.workdir, purge_step=int(state.step) + 1 if restored else None)
   # Records past the restored step were written by a run killed before its next
   # checkpoint: this run writes them again.
   kept = workdir_lib.truncate_metrics(writer.path, int(state.step), rewrite=s.lead)
@@ -301,14 +309,15 @@ def _steps(s: Setup, placed: Placed, state, loop: Loop, preemption: Preemption, 
   stop, step = False, start_step - 1
   for step in range(start_step, s.total_steps):
     state = maybe_refresh_scores(s, placed, state, step)
-    batch = next(batches)
+    batch = _next_batch(s, loop, batches)
+    bad = batch.pop('bad_records', None)       # dataset.bad_records='skip': records replaced
     if step == debug_nan_step:                 # test hook: a batch that makes the loss NaN
       batch['x'] = np.full(batch['x'].shape, np.nan, np.float32)
     # This process's stop request travels with its batch; the step returns the
     # max over all devices, so every process stops after the same step.
     batch['stop'] = np.full(batch['y'].shape, preemption.requested, np.int32)
     state, metrics = placed.step_fn(state, placed.to_device(batch))
-    loop.in_flight.append((step, metrics))
+    loop.in_flight.append((step, metrics if bad is None else {**metrics, 'bad_records': bad}))
     loop.window_steps += 1
     if step == start_step:     # compilation is not throughput: start the clocks after it
       jax.block_until_ready(metrics)
@@ -342,11 +351,23 @@ def _steps(s: Setup, placed: Placed, state, loop: Loop, preemption: Preemption, 
   return state, step, stop
 
 
+def _next_batch(s: Setup, loop: Loop, batches) -> dict:
+  """The next host batch; a record that cannot be read (``bad_records='error'``)
+  stops the run with the last checkpoint finished and named."""
+  try:
+    return next(batches)
+  except data_lib.BadRecordError as e:
+    loop.ckpt.wait_until_finished()
+    last = loop.ckpt.latest_step()
+    kept = (f'the last checkpoint (step {last}) in {s.workdir}/checkpoints was kept'
+            if last is not None else 'no checkpoint was written yet')
+    raise data_lib.BadRecordError(f'{e}; {kept}') from None
+
+
 def _progress_bar(s: Setup, step: int):
-  """A tqdm bar started once the first step is done, so that its rate and
-  ETA leave out the step's compilation."""
-  from tqdm import tqdm
-  return tqdm(total=s.total_steps, initial=step + 1, unit='step', dynamic_ncols=True)
+  """A tqdm bar (plain lines when stderr is not a terminal) started once the
+  first step is done, so that its rate and ETA leave out the step's compilation."""
+  return progress.make_bar(s.total_steps, step + 1)
 
 
 def summarize(s: Setup, placed: Placed, state, loop: Loop) -> dict[str, Any]:
@@ -422,7 +443,10 @@ def drain(s: Setup, loop: Loop, keep: int) -> bool:
 
 def log_train(s: Setup, loop: Loop, step: int) -> None:
   """One train record: the window's mean metrics and its throughput."""
+  bad = sum(m.pop('bad_records', 0) for m in loop.pending)  # a count, not a mean
   rec = outputs.train_record(loop.pending)
+  if data_lib.inputs.dataset_field(s.config, 'bad_records') == 'skip':
+    rec['bad_records'] = int(bad)          # records of this process replaced in the window
   dt = time.time() - loop.t_window
   rec.update(split='train', step=step + 1, epoch=(step + 1) / s.steps_per_epoch,
              # None for a window holding only the first (compiling) step.
@@ -480,5 +504,7 @@ def _evaluate(s: Setup, placed: Placed, state) -> dict:
                             process_count=jax.process_count()) as batches:
     metrics = evaluation.evaluate(placed.eval_fn, st.params, st.model_state, batches,
                                   placed.to_eval_device)
+  if data_lib.inputs.dataset_field(s.config, 'bad_records') == 'skip':   # masked out
+    metrics['bad_records'] = s.ds.num_test - int(metrics['num_examples'])
   del metrics['num_examples']    # == num_test (tests check it); not a per-epoch record field
   return metrics
