@@ -401,12 +401,14 @@ def squared_norms(apply_fn: Callable, params: PyTree, model_state: PyTree, x: ja
                'examples; per-example gradients of single examples are vmapped instead')
     return _fallback_sq(example_loss, params, paths, x, y)
   leftover = [p for p in paths if p not in plan.covered]
+  if not plan.calls:
+    _warn_once(('none',), 'ghost norm: the model has no Flax linen layer with a rule; '
+               'its per-example gradients are vmapped')
+    return _fallback_sq(example_loss, params, paths, x, y)
   for layer in sorted({'/'.join(map(str, p[:-1])) or '(top)' for p in leftover}):
     _warn_once(('layer', layer), f'ghost norm: no rule for the parameters of {layer}; '
                'their per-example gradients are vmapped')
-  sq = 0.
-  if plan.calls:
-    sq = _ghost_sq(apply_fn, params, model_state, x, y, loss_fn, plan)
+  sq = _ghost_sq(apply_fn, params, model_state, x, y, loss_fn, plan)
   if leftover:
     sq = sq + _fallback_sq(example_loss, params, leftover, x, y)
   return sq
