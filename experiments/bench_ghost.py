@@ -41,6 +41,7 @@ def main():
   p.add_argument('--batch', type=int, default=128)
   p.add_argument('--chunk', type=int, default=1, help='sensitivity.chunk of the vmapped norms')
   p.add_argument('--pairs', type=int, default=20)
+  p.add_argument('--no-vmap', action='store_true', help='time only the ghost norm')
   a = p.parse_args()
   print(f'batch {a.batch}, {a.pairs} pairs, jax {jax.__version__}, {jax.devices()[0].platform}, '
         f'load at start {os.getloadavg()[0]:.1f}')
@@ -59,6 +60,8 @@ def main():
            'ghost': jax.jit(lambda q, x, y: sensitivity.first_order(apply_fn, q, state, x, y, 0.05)),
            'vmap': jax.jit(lambda q, x, y: sensitivity.first_order(apply_fn, q, state, x, y, 0.05,
                                                                    a.chunk, ghost=False))}
+    if a.no_vmap:
+      fns['vmap'] = fns['ghost']
     for fn in fns.values():
       jax.block_until_ready(fn(params, *data))
     g, v = np.asarray(fns['ghost'](params, *data)), np.asarray(fns['vmap'](params, *data))

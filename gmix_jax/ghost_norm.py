@@ -304,7 +304,7 @@ def _key(path: tuple, k: int) -> str:
 
 
 class _Plan(NamedTuple):
-  calls: dict          # key -> (rule, unbound module, output ShapeDtypeStruct)
+  calls: dict          # key -> (module path, rule, unbound module, output ShapeDtypeStruct)
   covered: frozenset   # parameter paths (tuples of names) the rules own
   coupled: Optional[str]   # a layer that couples the examples (full fallback)
 
