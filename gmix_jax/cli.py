@@ -206,7 +206,14 @@ def apply_overrides(config, overrides: list[tuple[str, str]]) -> list[str]:
         key = field[len('model.kwargs.'):]
         if '.' in key:
           raise UsageError(f'--config.{field}: model.kwargs take one level of keys')
-        config.model.kwargs[key] = _literal(raw)
+        try:
+          config.model.kwargs[key] = _literal(raw)
+        except (TypeError, ValueError):       # the file set it with another type
+          current = config.model.kwargs[key]
+          kind = {'int': 'an int', 'bool': 'true or false', 'str': 'a string'}.get(
+              type(current).__name__, f'a {type(current).__name__}')
+          raise UsageError(f"--config.{field}={raw}: expected {kind} like the config file's "
+                           f'{current!r}') from None
   return notes
 
 
@@ -372,7 +379,7 @@ def method_defaults(config) -> dict[str, tuple[Any, bool]]:
 
 def help_text(config=None) -> str:
   """The ``--help`` page; with ``config``, that config's values beside the field docs."""
-  from gmix_jax import models, objectives, samix
+  from gmix_jax import models, objectives, samix, tasks
   docs = field_docs()
   lines = [USAGE, '',
            'Trains one config; rerunning the same command resumes from the workdir\'s latest',
@@ -385,7 +392,9 @@ def help_text(config=None) -> str:
            '  --help                this page; with --config, that config\'s values', '',
            'configs:']
   lines += [f'  {name:28s}{doc}' for name, doc in _config_files()]
-  lines += ['', 'method presets (method.name, or FILE:NAME):',
+  lines += ['', 'tasks (task.name; a config without a task section is supervised):',
+            '  ' + ', '.join(tasks.names()), '',
+            'method presets (method.name, or FILE:NAME):',
             '  ' + ', '.join([*objectives.PRESETS, *samix.METHODS]), '',
             'models (model.name) and their model.kwargs (constructor defaults):']
   lines += [f'  {name:16s}{_model_kwargs(ctor)}' for name, ctor in models.MODELS.items()]

@@ -46,6 +46,7 @@ from gmix_jax import outputs
 from gmix_jax import parallel
 from gmix_jax import progress
 from gmix_jax import sensitivity
+from gmix_jax import tasks
 from gmix_jax import tb_events
 from gmix_jax import workdir as workdir_lib
 from gmix_jax.checkpoints import restore_state  # noqa: F401  (public: train.restore_state)
@@ -57,6 +58,7 @@ class Setup:
   """What the setup phase built: everything the later phases read."""
   config: ml_collections.ConfigDict
   workdir: str
+  task: tasks.Task            # what is learned (its objective, extra state, views, evaluation)
   method: objectives.Method
   ds: data_lib.TrainData      # splits, training subset, normaliser (streamed, never in memory)
   module: Any
@@ -146,8 +148,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   parallel.maybe_initialize_distributed()  # before anything asks JAX for devices
   configure.validate_config(config)
   workdir = os.path.abspath(workdir)
-  os.makedirs(workdir, exist_ok=True)
-  with (Preemption() as preemption, lock.job_lock(workdir),
+  with (Preemption(workdir) as preemption, lock.job_lock(workdir),
         workdir_lib.disk_full_report(workdir) as report):
     s = setup(config, workdir)
     state, objective, extra_update = fresh_state(s)
@@ -180,12 +181,13 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Setup:
   ds = data_lib.open_train_data(config)
   steps_per_epoch = data_lib.steps_per_epoch(ds.num_train, config.batch_size)
 
-  module, apply_fn = configure.build_model(config, ds.num_classes)
-  method = configure.build_method(config, ds.num_classes)
+  task = tasks.get(config)
+  module, apply_fn = task.build_model(config, ds.num_classes)
+  method = task.build_method(config, ds.num_classes)
   configure.validate_data(config, ds, module, method)
   return Setup(
-      config=config, workdir=workdir, method=method, ds=ds, module=module, apply_fn=apply_fn,
-      optimizer=configure.build_optimizer(config, steps_per_epoch),
+      config=config, workdir=workdir, task=task, method=method, ds=ds, module=module, apply_fn=apply_fn,
+      optimizer=task.build_optimizer(config, steps_per_epoch),
       steps_per_epoch=steps_per_epoch, total_steps=config.num_epochs * steps_per_epoch,
       n_dev=n_dev, relaunch_changes=relaunch_changes,
       use_stale=method.partition.rule != 'none' and method.sensitivity.estimator == 'stale',
@@ -206,8 +208,11 @@ def fresh_state(s: Setup):
   config = s.config
   params, model_state = models.init_model(s.module, jax.random.PRNGKey(config.seed),
                                           s.ds.input_shape)
-  objective, extra, extra_update = configure.build_step_parts(
-      config, s.method, s.module, s.apply_fn, s.ds, s.total_steps, params, model_state)
+  parts = s.task.step_parts(config, s.method, s.module, s.apply_fn, s.ds, s.total_steps, params,
+                            model_state)
+  objective, extra, extra_update = parts.objective, parts.extra, parts.extra_update
+  if parts.params is not None:          # the task's own initial model (e.g. pretrained)
+    params, model_state = parts.params, parts.model_state
   objective = configure.normalized(objective, s.ds.normalizer)
   state = parallel.create_train_state(params, model_state, s.optimizer, config.seed,
                                       num_train=s.ds.num_train if s.use_stale else 0,
@@ -295,7 +300,7 @@ def run_loop(s: Setup, placed: Placed, state, loop: Loop, preemption: Preemption
   with s.ds.train_batches(global_batch=config.batch_size, seed=config.seed,
                           num_steps=s.total_steps, start_step=start_step,
                           process_index=jax.process_index(),
-                          process_count=jax.process_count()) as batches:
+                          process_count=jax.process_count(), views=s.task.views) as batches:
     return _steps(s, placed, state, loop, preemption, batches, start_step)
 
 
@@ -377,12 +382,9 @@ def summarize(s: Setup, placed: Placed, state, loop: Loop) -> dict[str, Any]:
   if not last_eval:                # resumed after the last step: evaluate once
     last_eval = _evaluate(s, placed, state)
   summary = {
-      'final_test_accuracy': last_eval['accuracy'], 'final_test_loss': last_eval['loss'],
-      'final_test_ece': last_eval['ece'],
-      'best_test_accuracy': max([h['accuracy'] for h in loop.history],
-                                default=last_eval['accuracy']),
+      **s.task.summary_metrics(last_eval, loop.history),
       'steps': s.total_steps, 'epochs': config.num_epochs, 'num_train': s.ds.num_train,
-      'num_test': s.ds.num_test, 'method': config.method.name,
+      'num_test': s.ds.num_test, **s.task.summary_name(config),
       'model': config.model.name, 'dataset': config.dataset.name,
       'devices': s.n_dev * jax.process_count(), 'parallel': config.parallel,
       'nonfinite_skipped': int(jax.device_get(placed.local_state(state).skipped)),
@@ -458,7 +460,7 @@ def log_train(s: Setup, loop: Loop, step: int) -> None:
   rec.update(_clock(loop))
   loop.writer.write(rec)
   loop.last_train = rec
-  _show(loop)
+  _show(s, loop)
   loop.pending, loop.t_window, loop.window_steps = [], time.time(), 0
 
 
@@ -470,7 +472,7 @@ def evaluate_epoch(s: Setup, placed: Placed, state, loop: Loop, step: int) -> No
   loop.last_eval.update(split='test', step=step + 1, epoch=(step + 1) // s.steps_per_epoch)
   loop.writer.write({**loop.last_eval, **_clock(loop)})
   loop.history.append(loop.last_eval)
-  _show(loop)                   # the bar shows this evaluation now, not at the next log
+  _show(s, loop)                   # the bar shows this evaluation now, not at the next log
   if loop.bar is not None:
     loop.bar.unpause()          # its rate leaves the evaluation out
   # Evaluation time is not training throughput: restart the window after it,
@@ -478,16 +480,16 @@ def evaluate_epoch(s: Setup, placed: Placed, state, loop: Loop, step: int) -> No
   loop.t_window, loop.window_steps = time.time() - dt, steps_done
 
 
-def _show(loop: Loop) -> None:
+def _show(s: Setup, loop: Loop) -> None:
   """The bar's postfix: the last train record's loss and throughput, the last
-  evaluation's accuracy and ECE."""
+  evaluation's headline numbers (the task's: accuracy and ECE, or kNN accuracy)."""
   if loop.bar is None:
     return
   train, test = loop.last_train, loop.last_eval
   loop.bar.set_postfix(
       **({'loss': f"{train['loss']:.3f}"} if train else {}),
       **({'ex_s': f"{train['examples_per_sec']:.0f}"} if train.get('examples_per_sec') else {}),
-      **({'test_acc': f"{test['accuracy']:.4f}", 'ece': f"{test['ece']:.3f}"} if test else {}))
+      **(s.task.progress(test) if test else {}))
 
 
 def _clock(loop: Loop) -> dict:
@@ -497,14 +499,6 @@ def _clock(loop: Loop) -> dict:
 
 
 def _evaluate(s: Setup, placed: Placed, state) -> dict:
-  """Accuracy, loss and ECE over the whole test split, streamed (each
-  process its rows; the sums cover all of them)."""
-  st = placed.eval_state(state)
-  with s.ds.ordered_batches('test', global_batch=s.eval_batch, process_index=jax.process_index(),
-                            process_count=jax.process_count()) as batches:
-    metrics = evaluation.evaluate(placed.eval_fn, st.params, st.model_state, batches,
-                                  placed.to_eval_device)
-  if data_lib.inputs.dataset_field(s.config, 'bad_records') == 'skip':   # masked out
-    metrics['bad_records'] = s.ds.num_test - int(metrics['num_examples'])
-  del metrics['num_examples']    # == num_test (tests check it); not a per-epoch record field
-  return metrics
+  """The task's evaluation (streamed; supervised: accuracy, loss and ECE
+  over the whole test split)."""
+  return s.task.evaluate(s, placed, placed.eval_state(state))

@@ -112,7 +112,7 @@ def test_knob_added_at_its_none_default_still_resumes(tmp_path):
     ('model.name', 'resnet7', r"model.name must be one of \[.*'cnn'.*'resnet18'"),
     ('dataset.name', 'imagenet', r"dataset.name must be one of \[.*'cifar10'.*'digits'"),
     ('parallel', 'xmap', r"parallel must be one of \['shard_map', 'pmap'\]"),
-    ('dataset.augment', 'flip', r"dataset.augment must be one of \['none', 'cifar', 'inception'\]"),
+    ('dataset.augment', 'flip', r"dataset.augment must be one of \['none', 'cifar', 'inception', 'moco'\]"),
     ('dataset.augment', 'inception', r"dataset.augment='inception' needs dataset.image_size"),
     ('dataset.workers', -1, 'dataset.workers must be an int >= 0, got -1'),
     ('dataset.image_size', 0, 'dataset.image_size must be None or an int >= 1, got 0'),
@@ -129,7 +129,7 @@ def test_knob_added_at_its_none_default_still_resumes(tmp_path):
     # Sizes: the per-device batch is 20 / 2 devices = 10.
     ('batch_size', 7, r'batch_size=7 must be divisible by the number of devices \(2\)'),
     ('method.sensitivity.chunk', 3, 'sensitivity.chunk=3 must divide the per-device batch 10'),
-    ('num_devices', 64, r'num_devices must be in \[1, 8\]'),
+    ('num_devices', 64, r'num_devices must be None \(all\) or an int in \[1, 8\]'),
     ('model.kwargs', {'depth': 3}, r"model.kwargs \{'depth': 3\} do not fit model.name='mlp'"),
 ])
 def test_bad_config_fails_before_any_work(field, value, message, tmp_path):

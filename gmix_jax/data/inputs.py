@@ -4,7 +4,7 @@ of a dataset, the training subset, the normaliser and the batch streams.
 Config fields (configs/common.py): ``name``, ``data_dir``, ``download``,
 ``examples_per_class`` / ``train_fraction`` (an index selection over the
 training split, `subsets`), ``augment`` (``'none'`` | ``'cifar'`` |
-``'inception'``; old configs' ``True``/``False`` mean ``'cifar'``/``'none'``),
+``'inception'`` | ``'moco'``; old configs' ``True``/``False`` mean ``'cifar'``/``'none'``),
 ``image_size`` (crop size; None = the stored size), ``workers`` (Grain
 worker processes; 0 = read in the training process) and ``bad_records``
 (``'error'`` | ``'skip'``: a record that cannot be read stops the run, naming
@@ -122,13 +122,14 @@ class TrainData:
     return self.test.labels(self.bad_records)
 
   def train_batches(self, *, global_batch: int, seed: int, num_steps: int, start_step: int,
-                    process_index: int, process_count: int) -> pipeline.Batches:
-    """The training stream from ``start_step`` (`pipeline.train_batches`)."""
+                    process_index: int, process_count: int, views: int = 1) -> pipeline.Batches:
+    """The training stream from ``start_step`` (`pipeline.train_batches`);
+    ``views=2``: two independently augmented views per record (``x``, ``x2``)."""
     return pipeline.train_batches(
         self.train, self.train_ids, global_batch=global_batch, seed=seed, num_steps=num_steps,
         start_step=start_step, augment=self.augment, image_size=self.image_size,
         workers=self.workers, process_index=process_index, process_count=process_count,
-        fill=self.pad_fill(), bad_records=self.bad_records)
+        fill=self.pad_fill(), bad_records=self.bad_records, views=views)
 
   def pad_fill(self) -> tuple[int, ...] | None:
     """The ``'cifar'`` crop's padding colour: the training set's mean pixel, so

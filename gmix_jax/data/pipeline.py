@@ -28,6 +28,12 @@ in the ``MapDataset``, before ``mp_prefetch`` (batching an ``IterDataset`` after
 it has lost data), and positioning is by the range (``set_next_index`` is not
 implemented under ``mp_prefetch``).
 
+Two views (``views=2``, contrastive learning): each record is augmented twice,
+independently, view v with ``np.random.default_rng([seed, record, e, v])``; the
+batch holds view 0 as ``x`` and view 1 as ``x2`` (labels still in ``y``, for
+evaluation only), still a pure function of (seed, s). One view keeps the
+three-part key above, so single-view batches are unchanged.
+
 Evaluation and the ``stale`` refresh (``ordered_batches``) read a list of records
 in order, in padded batches with a ``mask``, each process its rows: every record
 exactly once, none held beyond the batches in flight.
@@ -78,7 +84,8 @@ def record_transform(split: sources.Split, augment: str, image_size: int | None,
   if split.pixel_max is None:
     return None
   raw = isinstance(split.records, sources.ArrayRecords)
-  if raw and image_size is None and (augment == 'none' or not train and augment == 'cifar'):
+  if raw and image_size is None and (augment == 'none' or
+                                     not train and augment in ('cifar', 'moco')):
     return None
   from gmix_jax.data import image_ops  # pylint: disable=g-import-not-at-top
   return image_ops.make_record_transform(augment, image_size, train, channels=split.channels,
@@ -112,11 +119,12 @@ MAX_CONSECUTIVE_BAD = 64
 
 
 def _load(split: sources.Split, records: np.ndarray, transform: Transform | None, seed: int,
-          epoch: int) -> tuple[list, np.ndarray, dict[int, BaseException]]:
-  """``(images, labels, bad)``: records read (in one batched call when all are
-  readable) and transformed, record r with rng ``[seed, r, epoch]``; ``bad``
+          epoch: int, views: int = 1) -> tuple[list, np.ndarray, dict[int, BaseException]]:
+  """``(per-view images, labels, bad)``: records read (in one batched call when
+  all are readable) and transformed ``views`` times, record r's view v with rng
+  ``[seed, r, epoch]`` (one view) or ``[seed, r, epoch, v]`` (several); ``bad``
   maps a row to the error of a record that could not be read or decoded (its
-  image is None)."""
+  images are None)."""
   bad = {}
   try:
     images, labels = split.read(records)
@@ -131,16 +139,19 @@ def _load(split: sources.Split, records: np.ndarray, transform: Transform | None
         bad[i] = e
         images.append(None)
   if transform is None:                # arrays as read (one fancy index for raw arrays)
-    return images, labels, bad
-  out = []
+    return [images] * views, labels, bad
+  key = lambda r, v: [seed, int(r), epoch] + ([] if views == 1 else [v])
+  out = [[] for _ in range(views)]
   for i, (image, label, r) in enumerate(zip(images, labels, records)):
-    if i not in bad:
-      try:
-        image = transform({'image': image, 'label': int(label)},
-                          np.random.default_rng([seed, int(r), epoch]))['image']
-      except RECORD_ERRORS as e:
-        bad[i], image = e, None
-    out.append(image)
+    for v in range(views):
+      view = None
+      if i not in bad:
+        try:
+          view = transform({'image': image, 'label': int(label)},
+                           np.random.default_rng(key(r, v)))['image']
+        except RECORD_ERRORS as e:
+          bad[i] = e
+      out[v].append(view)
   return out, labels, bad
 
 
@@ -166,35 +177,38 @@ class _Records:
   function of the data and (seed, step), of the same static shape."""
 
   def __init__(self, split: sources.Split, ids: np.ndarray, transform: Transform | None,
-               seed: int, bad_records: str):
+               seed: int, bad_records: str, views: int = 1):
     if bad_records not in BAD_RECORDS:
       raise ValueError(f'dataset.bad_records must be one of {list(BAD_RECORDS)}, '
                        f'got {bad_records!r}')
     self.split, self.ids, self.transform = split, ids, transform
-    self.seed, self.bad_records = seed, bad_records
+    self.seed, self.bad_records, self.views = seed, bad_records, views
 
   def __call__(self, pos: np.ndarray, epoch: int):
-    """``(x [k, ...], labels, pos, bad rows)`` for positions ``pos`` in ``ids``;
-    ``pos`` comes back with each bad row's substitute."""
+    """``(per-view x [k, ...], labels, pos, bad rows)`` for positions ``pos`` in
+    ``ids``; ``pos`` comes back with each bad row's substitute."""
     records = self.ids[pos]
-    images, labels, bad = _load(self.split, records, self.transform, self.seed, epoch)
+    views, labels, bad = _load(self.split, records, self.transform, self.seed, epoch, self.views)
     if bad:
       if self.bad_records == 'error':
         raise bad_record_error(self.split, records, bad)
-      pos, labels = pos.copy(), labels.copy()
+      pos, labels, views = pos.copy(), labels.copy(), [list(v) for v in views]
       for i in sorted(bad):
-        pos[i], images[i], labels[i] = self._substitute(int(pos[i]), epoch)
-    x = images if isinstance(images, np.ndarray) else np.stack(images)
-    return x, labels, pos, sorted(bad)
+        pos[i], substitute, labels[i] = self._substitute(int(pos[i]), epoch)
+        for v, image in enumerate(substitute):
+          views[v][i] = image
+    xs = [v if isinstance(v, np.ndarray) else np.stack(v) for v in views]
+    return xs, labels, pos, sorted(bad)
 
   def _substitute(self, p: int, epoch: int):
     n = len(self.ids)
     tries = min(n - 1, MAX_CONSECUTIVE_BAD)
     for k in range(1, tries + 1):
       q = (p + k) % n
-      images, labels, bad = _load(self.split, self.ids[q:q + 1], self.transform, self.seed, epoch)
+      views, labels, bad = _load(self.split, self.ids[q:q + 1], self.transform, self.seed, epoch,
+                                 self.views)
       if not bad:
-        return q, images[0], labels[0]
+        return q, [v[0] for v in views], labels[0]
     raise BadRecordError(
         f'dataset {self.split.name!r}: {self.split.split} record {int(self.ids[p])} and the '
         f'{tries} after it cannot be read or decoded; this is not a few bad records: check the '
@@ -212,19 +226,23 @@ class TrainBatch:
   """Global step -> this process's training batch ``{'x', 'y', 'index'}``.
 
   ``index`` is the examples' positions in ``ids`` (the training set, possibly a
-  subset), which the ``stale`` estimator's table is indexed by. A picklable
-  callable (workers receive a copy); each copy keeps its epoch's permutation.
-  With ``bad_records='skip'`` the batch also holds ``bad_records``, the number
-  of its (this process's) records replaced (`_Records`), a scalar that the
-  trainer takes out before the batch goes to the devices.
+  subset), which the ``stale`` estimator's table is indexed by. With
+  ``views=2`` the batch also holds ``x2``, a second view of the same records
+  (module docstring). A picklable callable (workers receive a copy); each copy
+  keeps its epoch's permutation. With ``bad_records='skip'`` the batch also
+  holds ``bad_records``, the number of its (this process's) records replaced
+  (`_Records`), a scalar that the trainer takes out before the batch goes to
+  the devices.
   """
 
   def __init__(self, split: sources.Split, ids: np.ndarray | None, global_batch: int,
                seed: int, transform: Transform | None, process_index: int = 0,
-               process_count: int = 1, bad_records: str = 'error'):
-    self.split, self.ids = split, _check_split(split, ids)
+               process_count: int = 1, bad_records: str = 'error', views: int = 1):
+    if views not in (1, 2):
+      raise ValueError(f'views must be 1 or 2, got {views!r}')
+    self.split, self.ids, self.views = split, _check_split(split, ids), views
     self.global_batch, self.seed, self.transform = global_batch, seed, transform
-    self.read = _Records(split, self.ids, transform, seed, bad_records)
+    self.read = _Records(split, self.ids, transform, seed, bad_records, views)
     self.steps_per_epoch = batching.steps_per_epoch(len(self.ids), global_batch)
     self.process_index, self.process_count = process_index, process_count
     batching.batch_indices(len(self.ids), global_batch, seed, 0, 0, process_index,
@@ -242,8 +260,10 @@ class TrainBatch:
     return self._perm[start:start + b]
 
   def __call__(self, step: int) -> dict[str, np.ndarray]:
-    x, labels, local, bad = self.read(self.positions(step), int(step) // self.steps_per_epoch)
-    batch = {'x': x, 'y': labels, 'index': local.astype(np.int32)}
+    xs, labels, local, bad = self.read(self.positions(step), int(step) // self.steps_per_epoch)
+    batch = {'x': xs[0], 'y': labels, 'index': local.astype(np.int32)}
+    if self.views == 2:
+      batch['x2'] = xs[1]
     if self.read.bad_records == 'skip':       # this process's replaced records (not a row)
       batch['bad_records'] = np.int32(len(bad))
     return batch
@@ -273,9 +293,9 @@ class OrderedBatch:
   def __call__(self, k: int) -> dict[str, np.ndarray]:
     pos = int(k) * self.global_batch + self.offset + np.arange(self.local_batch)
     mask = pos < len(self.ids)
-    x, labels, pos, bad = self.read(np.where(mask, pos, 0), 0)
+    xs, labels, pos, bad = self.read(np.where(mask, pos, 0), 0)
     mask[bad] = False                          # 'skip': a replaced record is not evaluated
-    return {'x': x, 'y': labels, 'mask': mask, 'index': pos.astype(np.int32)}
+    return {'x': xs[0], 'y': labels, 'mask': mask, 'index': pos.astype(np.int32)}
 
 
 def _parse_absl_flags() -> None:
@@ -353,11 +373,13 @@ class Batches(Iterator[dict]):
 def train_batches(split: sources.Split, ids: np.ndarray | None, *, global_batch: int, seed: int,
                   num_steps: int, start_step: int = 0, augment: str = 'none',
                   image_size: int | None = None, workers: int = 0, process_index: int = 0,
-                  process_count: int = 1, fill=None, bad_records: str = 'error') -> Batches:
-  """Host batches of global steps ``[start_step, num_steps)`` (module docstring)."""
+                  process_count: int = 1, fill=None, bad_records: str = 'error',
+                  views: int = 1) -> Batches:
+  """Host batches of global steps ``[start_step, num_steps)`` (module docstring);
+  ``views=2``: two augmented views per record (``x``, ``x2``)."""
   fn = TrainBatch(split, ids, global_batch, seed,
                   record_transform(split, augment, image_size, train=True, fill=fill),
-                  process_index, process_count, bad_records)
+                  process_index, process_count, bad_records, views)
   return Batches(fn, start_step, num_steps, workers)
 
 
