@@ -9,7 +9,8 @@ Estimators (``SensitivityConfig.estimator``):
     vmapped over the examples of a chunk, ``lax.map`` over chunks, so peak
     memory grows with ``chunk`` and not with the batch.
   * ``first_order``: s_i = ρ ‖∇ℓ_i(w)‖, the first-order value of the above
-    (ℓ_i(w+ε_i) − ℓ_i(w) = ρ‖∇ℓ_i‖ + O(ρ²)).
+    (ℓ_i(w+ε_i) − ℓ_i(w) = ρ‖∇ℓ_i‖ + O(ρ²)), the norms by the ghost-norm
+    identity in one backward pass (``ghost_norm``).
   * ``shared`` (ESAM's selection rule): s_i = ℓ_i(w+ε) − ℓ_i(w) with ε the
     SAM perturbation of the clean batch's mean loss: no per-example gradients.
   * ``stale``: the last s_i computed for that training example, looked up by
@@ -29,6 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from gmix_jax import accumulation
+from gmix_jax import ghost_norm
 from gmix_jax import losses
 from gmix_jax import sharpness
 
@@ -87,6 +89,17 @@ def _chunked_vmap(fn, chunk: int, *arrays):
   return out.reshape((n,) + out.shape[2:])
 
 
+def _chunked(fn, chunk: int, *arrays):
+  """``fn`` of a batch, evaluated ``chunk`` rows at a time (``lax.map``)."""
+  n = arrays[0].shape[0]
+  if chunk == 0 or chunk >= n:
+    return fn(*arrays)
+  if n % chunk:
+    raise ValueError(f'sensitivity.chunk={chunk} must divide the per-device batch {n}')
+  split = [a.reshape((n // chunk, chunk) + a.shape[1:]) for a in arrays]
+  return jax.lax.map(lambda xs: fn(*xs), split).reshape(n)
+
+
 def per_example(apply_fn: ApplyFn, params: PyTree, model_state: PyTree,
                 x: jax.Array, y: jax.Array, rho, chunk: int = 0) -> jax.Array:
   """s_i = ℓ_i(w + ε_i) − ℓ_i(w) with ε_i the SAM perturbation of ℓ_i alone."""
@@ -102,10 +115,20 @@ def per_example(apply_fn: ApplyFn, params: PyTree, model_state: PyTree,
 
 
 def first_order(apply_fn: ApplyFn, params: PyTree, model_state: PyTree,
-                x: jax.Array, y: jax.Array, rho, chunk: int = 0) -> jax.Array:
-  """s_i = ρ ‖∇ℓ_i(w)‖ (vmapped per-example gradient norms)."""
-  loss = _example_loss(apply_fn, model_state)
+                x: jax.Array, y: jax.Array, rho, chunk: int = 0,
+                ghost: bool = True) -> jax.Array:
+  """s_i = ρ ‖∇ℓ_i(w)‖.
+
+  ``ghost=True``: the norms from one batched backward pass by the ghost-norm
+  identity (``ghost_norm``, docs/methods.md § 3.1), ``chunk`` rows at a time;
+  ``ghost=False``: vmapped per-example gradients (the reference).
+  """
   params = jax.lax.stop_gradient(params)
+  if ghost:
+    sq = lambda xs, ys: ghost_norm.squared_norms(apply_fn, params, model_state, xs, ys,
+                                                 losses.soft_cross_entropy)
+    return rho * jnp.sqrt(_chunked(sq, chunk, x, y))
+  loss = _example_loss(apply_fn, model_state)
   one = lambda xi, yi: rho * sharpness.global_norm(jax.grad(loss)(params, xi, yi))
   return _chunked_vmap(one, chunk, x, y)
 
