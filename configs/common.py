@@ -18,7 +18,7 @@ def method(name: str) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict({
       'name': name,                 # the preset: gmix_jax.objectives.PRESETS, or samix / samix_p
       'mixing': {                   # docs/methods.md § 1
-          'policy': s(),            # none | mixup | cutmix | multimix | manifold | mixupe
+          'policy': s(),            # a registered policy (gmix_jax.mixing.POLICIES) or mixupe
           'alpha': f(),             # λ ~ Beta(α, α)
           'lam_mode': s(),          # mixup: 'batch' (one λ) | 'example' (one λ per example)
           'k': i(),                 # multimix: interpolations per pair
@@ -32,6 +32,7 @@ def method(name: str) -> ml_collections.ConfigDict:
           'rule': s(),              # none | sam | asam | gsam | esam
           'rho': f(),               # ρ, the perturbation radius
           'asam_eta': f(),          # asam: η_a in T = |w| + η_a
+          'asam_biases': s(),       # asam: 'unscaled' (T = 1 on biases, the authors' code) | 'scaled'
           'gsam_alpha': f(),        # gsam: α, weight of the removed orthogonal component
           'esam_beta': f(),         # esam: β, probability of keeping a tensor in the ascent
           'm': s(),                 # 'device' | 'global' | a group size such as '32'
@@ -140,7 +141,7 @@ def cifar(method_name: str, dataset: str = 'cifar10', model: str = 'preact_resne
   200 epochs of SGD (momentum 0.9, nesterov, lr 0.1 for batch 128 scaled
   linearly with the batch, cosine decay, weight decay 5e-4), random crop +
   flip (``augment='cifar'``, per record in 4 Grain workers). Data: tfds ``cifar10``/``cifar100`` prepared as array_record in
-  ``dataset.data_dir`` (see README, "Data").
+  ``dataset.data_dir`` (see docs/data.md).
   """
   c = base()
   c.dataset.name = dataset
@@ -163,7 +164,7 @@ def cifar(method_name: str, dataset: str = 'cifar10', model: str = 'preact_resne
 
 def imagenet_data(c: ml_collections.ConfigDict) -> None:
   """The ImageNet input of configs/imagenet*.py: tfds ``imagenet2012`` prepared
-  as array_record (README, "Data"), JPEG bytes decoded by the input workers with
+  as array_record (docs/data.md), JPEG bytes decoded by the input workers with
   the Inception crop at 224 px (resize 256 + centre crop in evaluation)."""
   c.dataset.name = 'imagenet2012'
   c.dataset.data_dir = '~/tensorflow_datasets'

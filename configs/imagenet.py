@@ -16,7 +16,7 @@ weight decay 1e-4 on every parameter (the trainer has no mask yet, so the
 each block's last BatchNorm scale initialised to 0, Inception-style random
 crop to 224 px + flip (``dataset.augment='inception'``, served by the streaming
 data path), bfloat16 compute with float32 parameters, optimizer state, losses
-and SAM arithmetic (``model.dtype``; see gmix_jax/precision.py and the README,
+and SAM arithmetic (``model.dtype``; see gmix_jax/precision.py and docs/scaling.md,
 "Mixed precision and large models"). Mixing presets use α = 0.2, the mixup
 paper's ImageNet value. Micro-batching, when a device cannot hold its share of
 the batch: ``--config.accumulation_steps=K`` (same update, less memory).

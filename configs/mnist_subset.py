@@ -27,7 +27,7 @@ def get_config(method: str = 'bgmix'):
   if common.splits_batch(method):          # only BG-/DG-Mix compute sensitivities
     # On a CPU, one example at a time (lax.map) is the fastest way to take
     # per-example gradients of a conv net: 187 ms/step vs 389 (whole batch
-    # vmapped) and 419 (chunks of 32); see README, "Cost per step".
+    # vmapped) and 419 (chunks of 32); see docs/cost.md, "Cost per step".
     c.method.sensitivity.chunk = 1
   c.batch_size = 128
   c.num_epochs = 10

@@ -149,7 +149,7 @@ def everything(seeds=SEEDS, steps=STEPS, methods=METHODS) -> list[Run]:
 
 GRIDS = {'benchmark': benchmark, 'ablation': ablation, 'smoke': smoke, 'all': everything}
 
-# Step cost relative to ERM (README, "Cost per step": small CNN, CPU), for
+# Step cost relative to ERM (docs/cost.md, "Cost per step": small CNN, CPU), for
 # scheduling only: the longest runs start first, so they do not make the tail.
 STEP_COST = {'multimix': 8.7, 'bgmix': 6.1, 'samix': 5.7, 'dgmix': 5.3, 'mixupe': 2.1,
              'asam': 2.1, 'gmix': 1.9, 'sam': 1.7, 'cutmix': 1.2, 'manifold_mixup': 1.2}

@@ -330,6 +330,11 @@ def help_text(config=None) -> str:
             '  ' + ', '.join([*objectives.PRESETS, *samix.METHODS]), '',
             'models (model.name) and their model.kwargs (constructor defaults):']
   lines += [f'  {name:16s}{_model_kwargs(ctor)}' for name, ctor in models.MODELS.items()]
+  from gmix_jax import mixing
+  lines += ['', 'mixing policies (method.mixing.policy; add one with gmix_jax.mixing.register):']
+  lines += [f'  {name:16s}{spec.doc}' for name, spec in mixing.POLICIES.items()]
+  lines += [f'  {"mixupe":16s}mixup plus the MixupE term (Zou et al. 2023)']
+  docs['method.mixing.policy'] = ' | '.join(objectives.mixing_policies())
   from gmix_jax.data import sources
   lines += ['', 'datasets (dataset.name):', '  ' + ', '.join(sources.dataset_names()), '']
   if config is None:

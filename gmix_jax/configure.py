@@ -22,6 +22,7 @@ import optax
 from gmix_jax import accumulation
 from gmix_jax import checkpoints
 from gmix_jax import data as data_lib
+from gmix_jax import mixing
 from gmix_jax import models
 from gmix_jax import objectives
 from gmix_jax import precision
@@ -241,16 +242,13 @@ class IgnoredKnobWarning(UserWarning):
 
 
 # Which resolved choice a knob belongs to: (section, knob) -> (choice, values that read it).
+# The mixing policies' own knobs come from the registry (``_knob_owners``).
 _KNOB_OWNERS = {
-    ('mixing', 'k'): ('mixing.policy', ('multimix',)),
-    ('mixing', 'budget'): ('mixing.policy', ('multimix',)),
     ('mixing', 'eta'): ('mixing.policy', ('mixupe',)),
     ('mixing', 'tau'): ('mixing.policy', ('mixupe',)),
     ('mixing', 'mixupe_version'): ('mixing.policy', ('mixupe',)),
-    ('mixing', 'layers'): ('mixing.policy', ('manifold',)),
-    ('mixing', 'lam_mode'): ('mixing.policy', ('mixup', 'mixupe', 'manifold')),
-    ('mixing', 'alpha'): ('mixing.policy', ('mixup', 'cutmix', 'multimix', 'mixupe', 'manifold')),
     ('sharpness', 'asam_eta'): ('sharpness.rule', ('asam',)),
+    ('sharpness', 'asam_biases'): ('sharpness.rule', ('asam',)),
     ('sharpness', 'gsam_alpha'): ('sharpness.rule', ('gsam',)),
     ('sharpness', 'esam_beta'): ('sharpness.rule', ('esam',)),
     ('partition', 'bgmix_rule'): ('partition.rule', ('binary',)),
@@ -261,6 +259,16 @@ _KNOB_OWNERS = {
     ('partition', 'gamma'): ('partition.rule', ('binary', 'decomposed')),
     ('sensitivity', 'refresh_every'): ('sensitivity.estimator', ('stale',)),
 }
+
+
+def _knob_owners() -> dict:
+  """``_KNOB_OWNERS`` plus each registered mixing policy's knobs (MixupE reads mixup's)."""
+  owners = dict(_KNOB_OWNERS)
+  for knob in mixing.KNOBS:
+    readers = [name for name, spec in mixing.POLICIES.items() if knob in spec.knobs]
+    readers += ['mixupe'] if knob in mixing.POLICIES['mixup'].knobs else []
+    owners['mixing', knob] = ('mixing.policy', tuple(readers))
+  return owners
 
 
 def ignored_knobs(config: ml_collections.ConfigDict, method: objectives.Method) -> list[str]:
@@ -274,7 +282,7 @@ def ignored_knobs(config: ml_collections.ConfigDict, method: objectives.Method) 
             'partition.rule': method.partition.rule,
             'sensitivity.estimator': method.sensitivity.estimator}
   split = method.partition.rule != 'none'
-  messages = []
+  messages, owners = [], _knob_owners()
   for section in ('mixing', 'sharpness', 'partition', 'sensitivity'):
     for key, value in _set_fields(config.method[section]).items():
       field = f'method.{section}.{key}'
@@ -287,8 +295,8 @@ def ignored_knobs(config: ml_collections.ConfigDict, method: objectives.Method) 
       elif section == 'sharpness' and key == 'rho_min' and method.sharpness.rho_schedule != 'lr':
         messages.append(f"{field}={value!r} has no effect: sharpness.rho_schedule is "
                         f"{method.sharpness.rho_schedule!r}, not 'lr'")
-      elif (section, key) in _KNOB_OWNERS:
-        choice, readers = _KNOB_OWNERS[section, key]
+      elif (section, key) in owners:
+        choice, readers = owners[section, key]
         if chosen[choice] not in readers:
           messages.append(f'{field}={value!r} has no effect: {where} has {choice}='
                           f'{chosen[choice]!r} (read only by {", ".join(readers)})')

@@ -5,7 +5,7 @@ a float), so every checkpoint carries a SHA-256 of each array it holds
 (bytes, dtype and shape, keyed by the array's path in the tree) and of its
 JSON loop state; a restore recomputes them and compares. SHA-256, not a CRC:
 hashlib's SHA-256 uses the CPU's SHA instructions and was faster than
-BLAKE2b and MD5 here (README "Running long jobs" gives the measured rate),
+BLAKE2b and MD5 here (docs/long-runs.md gives the measured rate),
 and a per-array digest lets the error name the array that differs.
 
 Arrays are hashed on the host. The train state is replicated, so every

@@ -29,7 +29,7 @@ NON_TRAJECTORY = (
     'eval_batch_size',          # evaluation is padded to whole batches and sliced back
     'checkpoint_every_steps',   # a checkpoint is a copy of the state
     'keep_checkpoints',
-    'nan_policy',               # a stopped run is continued with 'skip' (README); a run that
+    'nan_policy',               # a stopped run is continued with 'skip' (docs/long-runs.md); a run that
                                 # ran on had no non-finite step, which both policies treat alike
     'debug_nan_step',           # test hook
     'parallel',                 # shard_map and pmap run the same per-device step

@@ -20,12 +20,21 @@ Policies (docs/methods.md § 1):
                     applied by the model to its hidden state at a sampled
                     mixing point (``HiddenMix``); the inputs stay unmixed.
 
-Adding a policy = one function here + one line in ``POLICIES``.
+Adding a policy = one function here + one ``register`` line at the bottom
+of this file (or a ``register`` call in your own code, before the config is
+validated): the registry is the one place validation, ``--help`` and the
+trainer read.
+
+Labels: ``y`` is one-hot or soft, ``[B, C]`` float. Integer class labels
+``[B]`` are accepted only with ``num_classes=C`` (then one-hot encoded);
+without it a policy refuses them, since interpolating class indices means
+nothing (and broadcasting ``[B]`` against λ would silently give a ``[B, B]``
+"label").
 """
 from __future__ import annotations
 
 import functools
-from typing import Callable, NamedTuple, Sequence, Union
+from typing import Callable, NamedTuple, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
@@ -78,6 +87,23 @@ def _per_row(lam: jax.Array, x: jax.Array) -> jax.Array:
   return lam.reshape(lam.shape + (1,) * (x.ndim - 1)).astype(x.dtype)
 
 
+def soft_labels(y: jax.Array, num_classes: Optional[int] = None) -> jax.Array:
+  """``y`` as ``[B, C]`` soft labels; integer labels need ``num_classes``."""
+  if jnp.issubdtype(y.dtype, jnp.integer) or jnp.issubdtype(y.dtype, jnp.bool_):
+    if num_classes is None:
+      raise ValueError(
+          f'mixing expects one-hot or soft labels y of shape [B, C] (float), got {y.dtype} '
+          f'labels of shape {tuple(y.shape)}; pass num_classes=C to one-hot integer labels')
+    if y.ndim != 1:
+      raise ValueError(f'integer labels must have shape [B], got {tuple(y.shape)}')
+    return jax.nn.one_hot(y, num_classes, dtype=jnp.float32)
+  if y.ndim != 2:
+    raise ValueError(f'mixing expects labels y of shape [B, C], got shape {tuple(y.shape)}')
+  if num_classes is not None and y.shape[-1] != num_classes:
+    raise ValueError(f'labels have {y.shape[-1]} classes but num_classes={num_classes}')
+  return y
+
+
 def interpolate(x: jax.Array, y: jax.Array, lam: jax.Array,
                 index_a: jax.Array, index_b: jax.Array) -> Mixed:
   """Rows ``λ_r z_{a(r)} + (1−λ_r) z_{b(r)}`` for inputs and labels alike."""
@@ -88,21 +114,24 @@ def interpolate(x: jax.Array, y: jax.Array, lam: jax.Array,
   return Mixed(x_mix, lam_y * ya + (1 - lam_y) * yb, lam, index_a, index_b)
 
 
-def identity(rng: jax.Array, x: jax.Array, y: jax.Array) -> Mixed:
+def identity(rng: jax.Array, x: jax.Array, y: jax.Array, *,
+             num_classes: Optional[int] = None) -> Mixed:
   """No mixing: λ = 1, every example is its own partner."""
   del rng
+  y = soft_labels(y, num_classes)
   idx = jnp.arange(x.shape[0])
   return Mixed(x, y, jnp.ones((x.shape[0],), jnp.float32), idx, idx)
 
 
 def mixup(rng: jax.Array, x: jax.Array, y: jax.Array, *, alpha: float = 1.0,
-          lam_mode: str = 'batch') -> Mixed:
+          lam_mode: str = 'batch', num_classes: Optional[int] = None) -> Mixed:
   """Mixup with a random-permutation partner.
 
   λ ~ Beta(α, α) — one for the batch (``lam_mode='batch'``, the paper's form)
   or one per example (``'example'``); π is a uniform random permutation and
   x̃_i = λ x_i + (1−λ) x_π(i), ỹ_i = λ y_i + (1−λ) y_π(i).
   """
+  y = soft_labels(y, num_classes)
   lam, perm = _mixup_draw(rng, x.shape[0], alpha, lam_mode)
   return interpolate(x, y, lam, jnp.arange(x.shape[0]), perm)
 
@@ -120,8 +149,12 @@ def _mixup_draw(rng: jax.Array, b: int, alpha: float, lam_mode: str):
 def box_mask(rng: jax.Array, lam: jax.Array, height: int, width: int) -> jax.Array:
   """CutMix box: 1 inside a √(1−λ)H × √(1−λ)W box with uniform centre.
 
-  The box is clipped at the border, so its real area can be smaller than
-  (1−λ)HW; callers must use the area-corrected λ (``1 − mean(mask)``).
+  The arithmetic is the reference implementation's (clovaai/CutMix-PyTorch
+  ``rand_bbox``, also timm's): cut = ⌊side·√(1−λ)⌋, centre c uniform in
+  [0, side), edges clip(c − ⌊cut/2⌋) and clip(c + ⌊cut/2⌋) — so an odd cut
+  gives a box one pixel shorter than cut, exactly as there. The box is
+  clipped at the border, so its real area can be smaller than (1−λ)HW;
+  callers must use the area-corrected λ (``1 − mean(mask)``).
   """
   k_y, k_x = jax.random.split(rng)
   ratio = jnp.sqrt(1.0 - lam)
@@ -129,15 +162,15 @@ def box_mask(rng: jax.Array, lam: jax.Array, height: int, width: int) -> jax.Arr
   cut_w = jnp.floor(width * ratio).astype(jnp.int32)
   cy = jax.random.randint(k_y, (), 0, height)
   cx = jax.random.randint(k_x, (), 0, width)
-  y0, y1 = jnp.clip(cy - cut_h // 2, 0, height), jnp.clip(cy + cut_h - cut_h // 2, 0, height)
-  x0, x1 = jnp.clip(cx - cut_w // 2, 0, width), jnp.clip(cx + cut_w - cut_w // 2, 0, width)
+  y0, y1 = jnp.clip(cy - cut_h // 2, 0, height), jnp.clip(cy + cut_h // 2, 0, height)
+  x0, x1 = jnp.clip(cx - cut_w // 2, 0, width), jnp.clip(cx + cut_w // 2, 0, width)
   rows = jnp.arange(height)[:, None]
   cols = jnp.arange(width)[None, :]
   return ((rows >= y0) & (rows < y1) & (cols >= x0) & (cols < x1)).astype(jnp.float32)
 
 
 def cutmix(rng: jax.Array, x: jax.Array, y: jax.Array, *,
-           alpha: float = 1.0) -> Mixed:
+           alpha: float = 1.0, num_classes: Optional[int] = None) -> Mixed:
   """CutMix: paste a box of the partner image; λ corrected to the kept area.
 
   ``x`` is ``[B, H, W]`` or ``[B, H, W, C]``. One box per batch, as in the
@@ -146,6 +179,7 @@ def cutmix(rng: jax.Array, x: jax.Array, y: jax.Array, *,
   """
   if x.ndim < 3:
     raise ValueError(f'cutmix needs image inputs [B, H, W(, C)], got shape {x.shape}')
+  y = soft_labels(y, num_classes)
   b, h, w = x.shape[:3]
   k_lam, k_box, k_perm = jax.random.split(rng, 3)
   mask = box_mask(k_box, sample_lam(k_lam, alpha), h, w)
@@ -158,7 +192,8 @@ def cutmix(rng: jax.Array, x: jax.Array, y: jax.Array, *,
 
 
 def multimix(rng: jax.Array, x: jax.Array, y: jax.Array, *, k: int = 5,
-             alpha: float = 1.0, budget: str = 'expand') -> Mixed:
+             alpha: float = 1.0, budget: str = 'expand',
+             num_classes: Optional[int] = None) -> Mixed:
   """Multi-mix: K sorted interpolations per pair (seed 003).
 
   For each pair (i, π(i)) draw λ_1 ≤ … ≤ λ_K i.i.d. Beta(α, α) (sorted) and
@@ -169,6 +204,7 @@ def multimix(rng: jax.Array, x: jax.Array, y: jax.Array, *, k: int = 5,
   """
   if budget not in BUDGETS:
     raise ValueError(f'multimix.budget must be one of {BUDGETS}, got {budget!r}')
+  y = soft_labels(y, num_classes)
   b = x.shape[0]
   if budget == 'fixed' and b % k:
     raise ValueError(f'multimix.k={k} must divide the per-device batch {b} '
@@ -220,7 +256,8 @@ def hidden_mix(m: ManifoldMixed) -> HiddenMix:
 
 
 def manifold(rng: jax.Array, x: jax.Array, y: jax.Array, *, layers: Sequence[int],
-             alpha: float = 2.0, lam_mode: str = 'batch') -> ManifoldMixed:
+             alpha: float = 2.0, lam_mode: str = 'batch',
+             num_classes: Optional[int] = None) -> ManifoldMixed:
   """Manifold Mixup (Verma et al. 2019): mixup at a random mixing point.
 
   k is drawn uniformly from ``layers`` (the eligible points; 0 = input); λ
@@ -232,6 +269,7 @@ def manifold(rng: jax.Array, x: jax.Array, y: jax.Array, *, layers: Sequence[int
   layers = tuple(int(l) for l in layers)
   if not layers or min(layers) < 0:
     raise ValueError(f'manifold.layers must be a non-empty set of points >= 0, got {layers}')
+  y = soft_labels(y, num_classes)
   b = x.shape[0]
   lam, perm = _mixup_draw(rng, b, alpha, lam_mode)
   # The point gets its own stream: λ and π stay those of mixup(rng, ...).
@@ -241,19 +279,49 @@ def manifold(rng: jax.Array, x: jax.Array, y: jax.Array, *, layers: Sequence[int
   return ManifoldMixed(x, lam_y * y + (1 - lam_y) * y[perm], lam, jnp.arange(b), perm, layer)
 
 
-POLICIES: dict[str, Callable[..., Union[Mixed, ManifoldMixed]]] = {
-    'none': identity,
-    'mixup': mixup,
-    'cutmix': cutmix,
-    'multimix': multimix,
-    'manifold': manifold,
-}
+class PolicySpec(NamedTuple):
+  """A registered policy: its function and the ``MixingConfig`` knobs it takes.
+
+  ``knobs`` name fields of ``objectives.MixingConfig`` (``alpha``, ``lam_mode``,
+  ``k``, ``budget``, ``layers``); the trainer passes exactly those as keyword
+  arguments, and warns about the others when a config sets them.
+  """
+  fn: Callable[..., Union[Mixed, ManifoldMixed]]
+  knobs: tuple[str, ...]
+  doc: str
+
+
+KNOBS = ('alpha', 'lam_mode', 'k', 'budget', 'layers')
+POLICIES: dict[str, PolicySpec] = {}
+
+
+def register(name: str, fn: Callable[..., Union[Mixed, ManifoldMixed]],
+             knobs: Sequence[str] = (), doc: str = '') -> None:
+  """Make ``fn(rng, x, y, **knobs)`` the mixing policy ``name``.
+
+  From then on ``method.mixing.policy=name`` validates, is listed by
+  ``--help`` and is built by the trainer (``objectives.MixingConfig``)::
+
+    mixing.register('flip', my_flip_mix, knobs=('alpha',), doc='my policy')
+  """
+  unknown = sorted(set(knobs) - set(KNOBS))
+  if unknown:
+    raise ValueError(f'mixing.register({name!r}): unknown knobs {unknown}; a policy takes '
+                     f'some of {KNOBS} (fields of objectives.MixingConfig)')
+  POLICIES[name] = PolicySpec(fn, tuple(knobs), doc or (fn.__doc__ or '').split('\n')[0])
+
+
+register('none', identity, (), 'no mixing (ERM)')
+register('mixup', mixup, ('alpha', 'lam_mode'), 'mixup (Zhang et al. 2018)')
+register('cutmix', cutmix, ('alpha',), 'CutMix (Yun et al. 2019), area-corrected λ')
+register('multimix', multimix, ('alpha', 'k', 'budget'), 'K sorted interpolations per pair')
+register('manifold', manifold, ('alpha', 'lam_mode', 'layers'),
+         'Manifold Mixup (Verma et al. 2019), hidden states')
 
 
 def get_policy(name: str, **kwargs) -> Policy:
   """Policy by name with its knobs bound: ``get_policy('mixup', alpha=0.4)``."""
   if name not in POLICIES:
     raise ValueError(f'mixing.policy must be one of {sorted(POLICIES)}, got {name!r}')
-  if name == 'none':
-    return identity
-  return functools.partial(POLICIES[name], **kwargs)
+  fn = POLICIES[name].fn
+  return functools.partial(fn, **kwargs) if kwargs else fn

@@ -63,11 +63,18 @@ Objective = Callable[[PyTree, PyTree, Mapping[str, jax.Array], jax.Array],
                      tuple[PyTree, PyTree, dict]]
 
 PARTITION_RULES = ('none', 'binary', 'decomposed')
-MIXING_POLICIES = (*mixing.POLICIES, 'mixupe')
 BGMIX_RULES = ('mix_one_subset', 'pair_within_subsets', 'sam_on_sensitive')
 MIX_SUBSETS = ('sensitive', 'insensitive')
 PARTNERS = ('within_subset', 'whole_batch')
 MIXUPE_VERSIONS = (1, 3)
+
+
+def mixing_policies() -> tuple[str, ...]:
+  """Every ``mixing.policy``: the registry's (``mixing.register``) and ``mixupe``.
+
+  Read at call time, so a policy registered after import is valid at once.
+  """
+  return (*mixing.POLICIES, 'mixupe')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,8 +112,8 @@ class MixingConfig:
       object.__setattr__(self, 'layers', layers)
     elif self.layers is not None:
       object.__setattr__(self, 'layers', tuple(self.layers))
-    if self.policy not in MIXING_POLICIES:
-      raise ValueError(f'mixing.policy must be one of {sorted(MIXING_POLICIES)}, '
+    if self.policy not in mixing_policies():
+      raise ValueError(f'mixing.policy must be one of {sorted(mixing_policies())}, '
                        f'got {self.policy!r}')
     if not self.alpha > 0:
       raise ValueError(f'mixing.alpha must be > 0, got {self.alpha}')
@@ -127,21 +134,17 @@ class MixingConfig:
                        f'tuple of mixing points >= 0, got {self.layers!r}')
 
   def make_policy(self, mix_points: Optional[int] = None) -> mixing.Policy:
-    """The policy; ``manifold`` needs the model's number of mixing points."""
-    if self.policy == 'mixupe':        # MixupE mixes exactly as mixup does
-      return mixing.get_policy('mixup', alpha=self.alpha, lam_mode=self.lam_mode)
-    if self.policy == 'manifold':
+    """The registered policy with the knobs it declares; ``manifold``'s points
+    (``layers``) are resolved against the model's ``mix_points``."""
+    name = 'mixup' if self.policy == 'mixupe' else self.policy   # MixupE mixes as mixup does
+    kwargs = {knob: getattr(self, knob) for knob in mixing.POLICIES[name].knobs}
+    if 'layers' in kwargs:
       layers = self.layers if self.layers is not None else tuple(range(mix_points or 0))
-      if mix_points is None or max(layers) >= mix_points:
+      if mix_points is None or not layers or max(layers) >= mix_points:
         raise ValueError(f'mixing.layers={layers} must lie in [0, {mix_points}): the model '
                          f'has {mix_points} mixing points')
-      return mixing.get_policy('manifold', alpha=self.alpha, lam_mode=self.lam_mode,
-                               layers=layers)
-    kwargs = {'mixup': dict(alpha=self.alpha, lam_mode=self.lam_mode),
-              'cutmix': dict(alpha=self.alpha),
-              'multimix': dict(alpha=self.alpha, k=self.k, budget=self.budget),
-              'none': {}}[self.policy]
-    return mixing.get_policy(self.policy, **kwargs)
+      kwargs['layers'] = layers
+    return mixing.get_policy(name, **kwargs)
 
 
 @dataclasses.dataclass(frozen=True)

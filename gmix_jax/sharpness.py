@@ -4,7 +4,8 @@ A sharpness rule turns the gradient g = ∇L(w) into a perturbation ε, and the
 gradient at the perturbed point g_p = ∇L(w + ε) into the update direction:
 
   SAM  (Foret et al. 2021)   ε = ρ g / (‖g‖ + eps_norm);                update g_p
-  ASAM (Kwon et al. 2021)    T = |w| + η;  ε = ρ T² g / (‖T g‖ + eps_norm);  update g_p
+  ASAM (Kwon et al. 2021)    T = |w| + η (T = 1 on biases, as the authors' code);
+                             ε = ρ T² g / (‖T g‖ + eps_norm);               update g_p
   GSAM (Zhuang et al. 2022)  ε as SAM; g = g_∥ + g_⊥ relative to g_p;  update g_p − α g_⊥
   ESAM-SWP (Du et al. 2022)  each tensor kept with probability β, m ∈ {0,1};
                              ε = (ρ/β) m⊙g / (‖m⊙g‖ + eps_norm);         update g_p
@@ -31,6 +32,7 @@ RULES = ('none', 'sam', 'asam', 'gsam', 'esam')
 # ρ defaults differ per rule: ASAM's ρ lives in the rescaled space T⁻¹ε.
 DEFAULT_RHO = {'none': 0.0, 'sam': 0.05, 'asam': 0.5, 'gsam': 0.05, 'esam': 0.05}
 M_MODES = ('device', 'global')
+ASAM_BIASES = ('unscaled', 'scaled')
 RHO_SCHEDULES = ('constant', 'lr')
 
 
@@ -70,10 +72,30 @@ def sam_perturbation(grads: PyTree, rho, eps: float = EPS_NORM) -> PyTree:
   return scale(grads, rho / (global_norm(grads) + eps))
 
 
+def is_bias(path) -> bool:
+  """Whether a pytree path names a bias: its last key is ``bias`` (Flax linen
+  and NNX naming; an NNX ``State``'s trailing ``value`` attribute is skipped)."""
+  names = [getattr(k, 'key', getattr(k, 'name', getattr(k, 'idx', None))) for k in path]
+  names = [n for n in names if n not in ('value', 'raw_value')]
+  return bool(names) and names[-1] == 'bias'
+
+
 def asam_perturbation(grads: PyTree, params: PyTree, rho, eta: float = 0.01,
-                      eps: float = EPS_NORM) -> PyTree:
-  """ASAM's adaptive ε = ρ T² g / (‖T g‖ + eps) with T = |w| + η elementwise."""
-  t = jax.tree.map(lambda w: jnp.abs(w) + eta, params)
+                      eps: float = EPS_NORM, biases: str = 'unscaled') -> PyTree:
+  """ASAM's adaptive ε = ρ T² g / (‖T g‖ + eps) with T = |w| + η elementwise.
+
+  ``biases='unscaled'`` (default) keeps T = 1 on bias leaves (``is_bias``), as
+  the authors' implementation does (SamsungLabs/ASAM: only parameters named
+  ``weight`` are rescaled, so biases move by the plain ρ g/‖T g‖);
+  ``'scaled'`` applies T = |b| + η to biases too (with biases at 0 that
+  perturbs them η² = 10⁻⁴ times less).
+  """
+  if biases not in ASAM_BIASES:
+    raise ValueError(f'sharpness.asam_biases must be one of {ASAM_BIASES}, got {biases!r}')
+  unscaled = biases == 'unscaled'
+  t = jax.tree_util.tree_map_with_path(
+      lambda path, w: jnp.ones_like(w) if unscaled and is_bias(path) else jnp.abs(w) + eta,
+      params)
   tg = jax.tree.map(lambda ti, g: ti * g, t, grads)
   norm = global_norm(tg)
   return jax.tree.map(lambda ti, g: (rho * ti * ti * g / (norm + eps)).astype(g.dtype),
@@ -112,6 +134,8 @@ class SharpnessRule:
     rho: perturbation radius ρ; ``None`` takes ``DEFAULT_RHO[name]``
       (SAM/GSAM/ESAM 0.05, ASAM 0.5).
     asam_eta: ASAM's η in T = |w| + η.
+    asam_biases: ``'unscaled'`` (T = 1 on biases, the authors' code; default)
+      or ``'scaled'`` (T = |b| + η on biases too).
     gsam_alpha: GSAM's α (α = 0 is SAM). 0.1 is within the range the GSAM
       paper tunes over; not given by docs/methods.md.
     esam_beta: ESAM-SWP's keep probability β (β = 1 is SAM); 0.5 as in ESAM.
@@ -134,6 +158,7 @@ class SharpnessRule:
   m: Union[str, int] = 'device'
   rho_schedule: str = 'constant'
   rho_min: float = 0.0
+  asam_biases: str = 'unscaled'
 
   def __post_init__(self):
     # Numeric knobs are checked when they are Python numbers; arrays (e.g.
@@ -147,6 +172,9 @@ class SharpnessRule:
       raise ValueError(f'sharpness.esam_beta must be in (0, 1], got {self.esam_beta}')
     if number(self.asam_eta) and self.asam_eta < 0:
       raise ValueError(f'sharpness.asam_eta must be >= 0, got {self.asam_eta}')
+    if self.asam_biases not in ASAM_BIASES:
+      raise ValueError(f'sharpness.asam_biases must be one of {ASAM_BIASES}, '
+                       f'got {self.asam_biases!r}')
     if isinstance(self.m, str):
       if self.m not in M_MODES:
         raise ValueError(f"sharpness.m must be 'device', 'global' or a positive int, got {self.m!r}")
@@ -211,7 +239,7 @@ def perturbation(rule: SharpnessRule, grads: PyTree, params: PyTree,
   if rule.name in ('sam', 'gsam'):
     return sam_perturbation(grads, rho)
   if rule.name == 'asam':
-    return asam_perturbation(grads, params, rho, rule.asam_eta)
+    return asam_perturbation(grads, params, rho, rule.asam_eta, biases=rule.asam_biases)
   if rule.name == 'esam':
     if rng is None:
       raise ValueError("sharpness.rule='esam' needs an rng for its weight mask")

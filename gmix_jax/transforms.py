@@ -36,10 +36,11 @@ respect to params marked device-varying,
 the direction n_devices× too large and the ascent not per device. The
 transform raises a ``ValueError`` when it sees replicated params there.
 Under ``jax.pmap`` (no such typing) gradients are per device already. The
-README section "The SAM transform in your own Optax loop" runs both.
+README ("Quick start for library users") and docs/api.md run both.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable, NamedTuple, Optional, Union
 
 import jax
@@ -76,9 +77,7 @@ def sharpness_aware(rule: sharpness.SharpnessRule, rho: ScalarOrSchedule, *,
   """
   if global_ascent and batch_axis_name is None:
     raise ValueError('global_ascent=True needs batch_axis_name')
-  rule = sharpness.SharpnessRule(
-      rule.name, None, rule.asam_eta, rule.gsam_alpha, rule.esam_beta,
-      'global' if global_ascent else 'device')
+  rule = dataclasses.replace(rule, rho=None, m='global' if global_ascent else 'device')
 
   def init_fn(params):
     del params
@@ -94,7 +93,7 @@ def sharpness_aware(rule: sharpness.SharpnessRule, rho: ScalarOrSchedule, *,
     key, next_key = jax.random.split(jax.random.wrap_key_data(state.rng))
     rho_t = rho(state.count) if callable(rho) else rho
     direction, _ = sharpness.sharpness_gradient(
-        rule, lambda p: (grad_fn(p, 0), None), params, updates,
+        rule, _checked(grad_fn, params, rule.name), params, updates,
         rng=key, rho=rho_t, axis_name=batch_axis_name)
     if batch_axis_name is not None:
       direction = jax.lax.pmean(direction, batch_axis_name)
@@ -103,6 +102,36 @@ def sharpness_aware(rule: sharpness.SharpnessRule, rho: ScalarOrSchedule, *,
                                      jax.random.key_data(next_key))
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _checked(grad_fn, params, name: str):
+  """``grad_fn`` as ``p -> (grads, None)``, refusing grads not shaped like ``params``.
+
+  The check is on the pytree structure, at trace time (no cost in the step).
+  Flax NNX is the usual cause: ``nnx.Optimizer`` hands the transform pure
+  arrays, so a ``grad_fn`` returning ``nnx.grad``'s ``State`` of ``Param``
+  variables does not line up with them (docs/nnx.md shows the working form).
+  """
+  want = jax.tree.structure(params)
+
+  def fn(p):
+    grads = grad_fn(p, 0)
+    got = jax.tree.structure(grads)
+    if got != want:
+      raise ValueError(
+          f'transforms.{name}: grad_fn(params, i) returned gradients whose pytree structure '
+          f'differs from the params it was given ({_brief(got)} vs {_brief(want)}). It must '
+          'return arrays in exactly the params\' structure, e.g. jax.grad of a loss of those '
+          'params. With Flax NNX, differentiate a function of the pure params that merges them '
+          'into the model (nnx.merge(graphdef, p, rest)) instead of returning nnx.grad\'s '
+          'State of Variables; see docs/nnx.md.')
+    return grads, None
+  return fn
+
+
+def _brief(treedef, limit: int = 120) -> str:
+  text = str(treedef)
+  return text if len(text) <= limit else text[:limit] + '…'
 
 
 def _check_per_device(params, axis_name: str, name: str) -> None:
@@ -134,10 +163,16 @@ def sam(rho: ScalarOrSchedule = 0.05, *, batch_axis_name: Optional[str] = None,
 
 
 def asam(rho: ScalarOrSchedule = 0.5, eta: float = 0.01, *,
+         biases: str = 'unscaled',
          batch_axis_name: Optional[str] = None,
          global_ascent: bool = False) -> optax.GradientTransformationExtraArgs:
-  """ASAM (Kwon et al. 2021, arXiv:2102.11600): ε = ρ T²g/‖Tg‖, T = |w| + η."""
-  return sharpness_aware(sharpness.SharpnessRule('asam', asam_eta=eta), rho,
+  """ASAM (Kwon et al. 2021, arXiv:2102.11600): ε = ρ T²g/‖Tg‖, T = |w| + η.
+
+  ``biases='unscaled'`` keeps T = 1 on leaves named ``bias``, as the authors'
+  code does; ``'scaled'`` rescales them too (``sharpness.asam_perturbation``).
+  """
+  rule = sharpness.SharpnessRule('asam', asam_eta=eta, asam_biases=biases)
+  return sharpness_aware(rule, rho,
                          batch_axis_name=batch_axis_name, global_ascent=global_ascent)
 
 

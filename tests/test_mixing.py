@@ -137,3 +137,106 @@ def test_bad_knobs_name_the_field():
     mixing.multimix(jax.random.PRNGKey(0), x, y, budget='half')
   with pytest.raises(ValueError, match="mixing.policy must be one of"):
     mixing.get_policy('mixdown')
+
+
+# --- integer labels (a [B] label broadcast against λ silently gave a [B, B] "label") ---
+@pytest.mark.parametrize('policy,kw', [('mixup', {}), ('cutmix', {}), ('multimix', {}),
+                                       ('manifold', {'layers': (0,)}), ('none', {})])
+def test_integer_labels_are_refused_without_num_classes(policy, kw):
+  x, _ = _batch()
+  labels = jnp.arange(B) % C
+  with pytest.raises(ValueError, match='one-hot or soft labels'):
+    mixing.get_policy(policy, **kw)(jax.random.PRNGKey(0), x, labels)
+
+
+@pytest.mark.parametrize('policy,kw', [('mixup', {}), ('cutmix', {}), ('multimix', {}),
+                                       ('manifold', {'layers': (0,)})])
+def test_integer_labels_with_num_classes_equal_one_hot(policy, kw):
+  x, _ = _batch()
+  labels = jnp.arange(B) % C
+  one_hot = np.eye(C, dtype=np.float32)[np.asarray(labels)]
+  fn = mixing.get_policy(policy, **kw)
+  got = fn(jax.random.PRNGKey(4), x, labels, num_classes=C)
+  want = fn(jax.random.PRNGKey(4), x, jnp.asarray(one_hot))
+  assert got.y.shape == (want.y.shape[0], C)
+  np.testing.assert_array_equal(got.y, want.y)
+  np.testing.assert_array_equal(got.x, want.x)
+
+
+def test_labels_of_the_wrong_rank_are_refused():
+  x, y = _batch()
+  with pytest.raises(ValueError, match=r'\[B, C\]'):
+    mixing.mixup(jax.random.PRNGKey(0), x, y[:, :, None])
+  with pytest.raises(ValueError, match='num_classes=4'):
+    mixing.mixup(jax.random.PRNGKey(0), x, y, num_classes=4)
+
+
+# --- CutMix's box: the reference arithmetic (clovaai/CutMix-PyTorch rand_bbox, timm) ---
+def _reference_box(h, w, lam, cy, cx):
+  """rand_bbox transcribed: cut = int(side·√(1−λ)); edges clip(c ∓ cut // 2)."""
+  cut_rat = np.sqrt(1.0 - lam)
+  cut_h, cut_w = int(h * cut_rat), int(w * cut_rat)
+  y0, y1 = np.clip(cy - cut_h // 2, 0, h), np.clip(cy + cut_h // 2, 0, h)
+  x0, x1 = np.clip(cx - cut_w // 2, 0, w), np.clip(cx + cut_w // 2, 0, w)
+  mask = np.zeros((h, w), np.float32)
+  mask[y0:y1, x0:x1] = 1
+  return mask
+
+
+@pytest.mark.parametrize('h,w', [(8, 8), (7, 9), (32, 32), (5, 3), (1, 6)])
+def test_cutmix_box_equals_reference_arithmetic(h, w):
+  keys = jax.random.split(jax.random.PRNGKey(h * 100 + w), 80)
+  lams = jax.vmap(lambda k: mixing.sample_lam(k, 1.0))(keys)
+  got = np.asarray(jax.vmap(lambda k, lam: mixing.box_mask(k, lam, h, w))(keys, lams))
+
+  def centre(k):                     # the draws box_mask makes from its key
+    k_y, k_x = jax.random.split(k)
+    return jax.random.randint(k_y, (), 0, h), jax.random.randint(k_x, (), 0, w)
+  cys, cxs = map(np.asarray, jax.vmap(centre)(keys))
+  odd = 0
+  for i, lam in enumerate(np.asarray(lams)):
+    want = _reference_box(h, w, lam, int(cys[i]), int(cxs[i]))
+    np.testing.assert_array_equal(got[i], want, err_msg=f'draw {i}, λ {lam}, centre {cys[i], cxs[i]}')
+    odd += bool(int(h * np.sqrt(1 - lam)) % 2 or int(w * np.sqrt(1 - lam)) % 2)
+  assert odd > 0, 'odd cut sides (where the old box differed) were drawn'
+
+
+# --- one registry: a policy registered once is valid everywhere ---
+def _reverse_pairs(rng, x, y, *, alpha=1.0, num_classes=None):
+  """Toy policy: row i mixes with row B−1−i at λ = 0.5 (alpha is ignored)."""
+  del rng, alpha
+  y = mixing.soft_labels(y, num_classes)
+  b = x.shape[0]
+  return mixing.interpolate(x, y, jnp.full((b,), 0.5), jnp.arange(b), jnp.arange(b)[::-1])
+
+
+@pytest.fixture
+def toy_policy():
+  mixing.register('reverse', _reverse_pairs, knobs=('alpha',), doc='toy: reversed partners')
+  yield 'reverse'
+  del mixing.POLICIES['reverse']
+
+
+def test_registered_policy_validates_is_listed_and_trains(toy_policy):
+  from gmix_jax import cli, objectives
+  from gmix_jax.models import get_model, make_apply_fn
+  method = objectives.get_method('gmix', C, mixing={'policy': toy_policy})
+  policy = method.mixing.make_policy()
+  x, y = _batch((B, 6))
+  m = policy(jax.random.PRNGKey(0), x, y)
+  np.testing.assert_allclose(m.x[0], 0.5 * x[0] + 0.5 * x[B - 1], rtol=1e-6)
+  assert toy_policy in cli.help_text() and 'toy: reversed partners' in cli.help_text()
+  # The whole objective (mixing × SAM) builds and runs with it.
+  module = get_model('mlp', num_classes=C, hidden_sizes=(8,))
+  variables = module.init(jax.random.PRNGKey(0), x, train=False)
+  objective = objectives.make_objective(method, make_apply_fn(module))
+  batch = {'x': x, 'y': y}
+  grads, _, metrics = objective(variables['params'], variables.get('batch_stats', {}), batch,
+                                jax.random.PRNGKey(1))
+  assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads))
+
+
+def test_register_refuses_unknown_knobs():
+  with pytest.raises(ValueError, match='unknown knobs'):
+    mixing.register('bad', _reverse_pairs, knobs=('strength',))
+  assert 'bad' not in mixing.POLICIES

@@ -1,4 +1,6 @@
-"""The README's Python examples run and do what they say."""
+"""The Python examples and commands of the README and of the docs/ pages
+it links run and do what they say."""
+import glob
 import os
 import re
 import shlex
@@ -6,20 +8,23 @@ import warnings
 
 from gmix_jax import cli, configure, main
 
-README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'README.md')
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+README = os.path.join(ROOT, 'README.md')
+# The README's long sections live in docs/*.md; their commands are checked the same way.
+PAGES = [README, *sorted(glob.glob(os.path.join(ROOT, 'docs', '*.md')))]
 
 
 def _blocks():
-  with open(README) as f:
-    return re.findall(r'```python\n(.*?)```', f.read(), re.S)
+  return re.findall(r'```python\n(.*?)```', _text(), re.S)
 
 
 def test_readme_has_the_two_examples():
   blocks = _blocks()
-  assert any('transforms.sam' in b for b in blocks)
+  quick_start = _text([README]).split('## Quick start for library users', 1)[1].split('\n## ', 1)[0]
+  assert 'transforms.sam' in quick_start     # the library user's example is in the README itself
   assert any("get_method('gmix'" in b for b in blocks)
-  for block in blocks:
-    assert len([l for l in block.splitlines() if l.strip()]) <= 14, 'examples stay short'
+  for block in re.findall(r'```python\n(.*?)```', _text([README]), re.S):
+    assert len([l for l in block.splitlines() if l.strip()]) <= 14, 'README examples stay short'
 
 
 def test_sam_transform_example_converges(capsys):
@@ -36,13 +41,52 @@ def test_gmix_gradient_example_runs():
   assert scope['grads']['w1'].shape == (4, 16)
 
 
-def _text():
+def _text(pages=None):
+  """The README and the docs pages, one after the other."""
+  texts = []
+  for page in pages or PAGES:
+    with open(page) as f:
+      texts.append(f.read())
+  return '\n'.join(texts)
+
+
+def test_readme_links_every_docs_page_and_the_pages_exist():
+  """Each docs page is reachable from the README, and every relative link of
+  the README and the pages names a file that exists."""
+  readme = _text([README])
+  for page in PAGES[1:]:
+    assert f'docs/{os.path.basename(page)}' in readme, page
+  for page in PAGES:
+    for target, anchor in re.findall(r'\]\(([^)#:]*)(?:#([^)]*))?\)', _text([page])):
+      path = os.path.join(os.path.dirname(page), target) if target else page
+      assert os.path.exists(path), (page, target)
+      if anchor and path.endswith('.md'):
+        assert anchor in _anchors(path), (page, target, anchor)
+
+
+def _anchors(path):
+  """GitHub's heading anchors of a markdown file."""
+  headings = re.findall(r'^#+ (.*)$', _text([path]), re.M)
+  return {re.sub(r'[^\w\- ]', '', h.strip().lower()).replace(' ', '-') for h in headings}
+
+
+def test_readme_stays_short():
+  """The README is a newcomer's page; long sections belong in docs/."""
   with open(README) as f:
-    return f.read()
+    assert len(f.read().splitlines()) <= 300
+
+
+def test_readme_opens_with_the_two_commands():
+  """A newcomer's first screen: the demo and the tests, runnable on a fresh machine."""
+  readme = _text([README])
+  first_block = re.search(r'```bash\n(.*?)```', readme, re.S)
+  assert first_block.start() < 800
+  assert [l.split('#')[0].strip() for l in first_block.group(1).splitlines()] == [
+      'make demo', 'make test']
 
 
 def _cli_commands():
-  """Every ``python -m gmix_jax.main ...`` command of the README (bash blocks
+  """Every ``python -m gmix_jax.main ...`` command of the README and docs pages (bash blocks
   with their line continuations, and inline code), as argument lists."""
   text = _text()
   commands = []
@@ -73,7 +117,8 @@ def test_readme_cli_commands_parse_and_validate(capsys, tmp_path):
 
 
 def test_readme_override_fragments_apply_to_the_default_config():
-  """The inline ``--config.FIELD=VALUE`` examples name real fields with valid values."""
+  """The inline ``--config.FIELD=VALUE`` examples (README and docs pages) name
+  real fields with valid values."""
   fragments = [f for f in re.findall(r'`(--config\.[^`]*)`', _text())
                if re.search(r'=\S', f) and not re.search(r'FIELD|KEY|=[A-Z_]+(\s|$)', f)]
   assert len(fragments) >= 8

@@ -145,3 +145,62 @@ def test_rule_validation_names_field():
   with pytest.raises(ValueError, match='esam_beta'):
     SharpnessRule('esam', esam_beta=0.0)
   assert SharpnessRule('asam').radius == 0.5 and SharpnessRule('sam').radius == 0.05
+
+
+def _reference_asam_eps(named_params, named_grads, rho, eta):
+  """Transcription of the authors' ASAM ascent step (SamsungLabs/ASAM, asam.py) in numpy.
+
+  For each parameter n: if 'weight' in n, T = |p| + η and grad ← grad·T; the norm is
+  ‖(‖grad_n‖)_n‖ + 1e-16; then for 'weight' params grad ← grad·T again; ε = ρ·grad/norm.
+  """
+  t = {n: np.abs(p) + eta for n, p in named_params.items() if 'weight' in n}
+  g = {n: named_grads[n] * t[n] if n in t else named_grads[n].copy() for n in named_grads}
+  norm = np.linalg.norm([np.linalg.norm(v) for v in g.values()]) + 1e-16
+  g = {n: v * t[n] if n in t else v for n, v in g.items()}
+  return {n: rho * v / norm for n, v in g.items()}
+
+
+def _torch_names(tree):
+  """{'Conv_0/kernel': …} -> {'Conv_0.weight': …}: Flax kernel/scale are PyTorch's weight."""
+  flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+  out = {}
+  for path, leaf in flat:
+    keys = [k.key for k in path]
+    name = {'kernel': 'weight', 'scale': 'weight'}.get(keys[-1], keys[-1])
+    out['.'.join(keys[:-1] + [name])] = np.asarray(leaf, np.float64)
+  return out
+
+
+def test_asam_default_leaves_biases_unscaled_as_the_reference(x64):
+  from gmix_jax import models
+  module = models.get_model('cnn', num_classes=3)
+  x = jnp.asarray(RNG.normal(size=(4, 8, 8, 1)))
+  variables = module.init(jax.random.PRNGKey(0), x, train=False)
+  params = jax.tree.map(lambda v: jnp.asarray(v, jnp.float64), variables["params"])
+  # Biases at exactly 0 (as at init) are where the two rules differ most.
+  grads = jax.tree.map(lambda v: jnp.asarray(RNG.normal(size=v.shape)), params)
+  rho, eta = 0.5, 0.01
+  eps = sharpness.asam_perturbation(grads, params, rho, eta)
+  want = _reference_asam_eps(_torch_names(params), _torch_names(grads), rho, eta)
+  got = _torch_names(eps)
+  assert any(n.endswith('bias') for n in got) and any(n.endswith('weight') for n in got)
+  for n in want:
+    np.testing.assert_allclose(got[n], want[n], rtol=1e-9, atol=1e-15, err_msg=n)
+  # The rule object and the transform default to the same reading.
+  rule = SharpnessRule('asam', rho=rho, asam_eta=eta)
+  for a, b in zip(jax.tree.leaves(sharpness.perturbation(rule, grads, params)),
+                  jax.tree.leaves(eps)):
+    np.testing.assert_allclose(a, b, rtol=1e-12)
+
+
+def test_asam_scaled_biases_knob_scales_every_leaf(x64):
+  params = {'dense': {'kernel': jnp.asarray(RNG.normal(size=(3, 2))), 'bias': jnp.zeros(2)}}
+  grads = jax.tree.map(lambda v: jnp.asarray(RNG.normal(size=v.shape)), params)
+  eps = sharpness.asam_perturbation(grads, params, 0.5, 0.01, biases='scaled')
+  t = jax.tree.map(lambda w: np.abs(np.asarray(w)) + 0.01, params)
+  tg = jax.tree.map(lambda ti, g: ti * np.asarray(g), t, grads)
+  norm = np.sqrt(sum(np.sum(v ** 2) for v in jax.tree.leaves(tg)))
+  for got, ti, g in zip(jax.tree.leaves(eps), jax.tree.leaves(t), jax.tree.leaves(grads)):
+    np.testing.assert_allclose(got, 0.5 * ti * ti * np.asarray(g) / norm, rtol=1e-10)
+  with pytest.raises(ValueError, match='asam_biases must be one of'):
+    SharpnessRule('asam', asam_biases='some')

@@ -22,7 +22,7 @@ encoded image bytes. Files live in ``data_dir/mnist_jpeg/1.0.0/`` with an
 into place, so a reader never sees half a dataset and concurrent first uses
 are safe (the loser of the rename discards its copy).
 
-``imagenet2012``: a tfds-prepared array_record split (see the README for
+``imagenet2012``: a tfds-prepared array_record split (see docs/data.md for
 preparing it once with TensorFlow), read through ``tfds.data_source`` with
 ``tfds.decode.SkipDecoding()`` on the image, so tfds parses the record's
 proto in Python and hands back the JPEG bytes undecoded. Its ``test`` split
