@@ -63,6 +63,62 @@ def method(name: str) -> ml_collections.ConfigDict:
 SAMIX_METHODS = ('samix', 'samix_p')
 
 
+# Self-supervised methods (configs/ssl*.py): name -> the composed method that
+# trains the MoCo query view (docs/methods.md § 8).
+SSL_METHODS = {'moco': 'erm', 'moco_mixup': 'mixup', 'moco_cutmix': 'cutmix', 'moco_gmix': 'gmix'}
+
+
+def ssl(method_name: str) -> ml_collections.ConfigDict:
+  """``base()`` for MoCo v2 pretraining with ``method_name`` (``SSL_METHODS``):
+  the ``moco`` task, two MoCo v2 views per record, the composed method."""
+  if method_name not in SSL_METHODS:
+    raise ValueError(f'SSL method must be one of {sorted(SSL_METHODS)}, got {method_name!r}')
+  c = base()
+  c.task = task('moco')
+  c.method = method(SSL_METHODS[method_name])
+  c.dataset.augment = 'moco'
+  c.optimizer.nesterov = False             # MoCo: plain SGD momentum 0.9
+  return c
+
+
+def task(name: str = 'supervised') -> ml_collections.ConfigDict:
+  """``config.task``: what is learned (gmix_jax/tasks; docs/methods.md § 8).
+
+  A config without this section is ``supervised``. None keeps the task's
+  default (gmix_jax.tasks.moco.DEFAULTS).
+  """
+  s, f, i = (lambda: placeholder(str)), (lambda: placeholder(float)), (lambda: placeholder(int))
+  if name == 'linear_probe':
+    return ml_collections.ConfigDict({
+        'name': name,
+        'pretrained': s(),          # linear_probe: workdir of a finished moco / samix_ssl run
+    })
+  if name not in ('moco', 'samix_ssl'):
+    return ml_collections.ConfigDict({'name': name})
+  samix_ssl = {} if name != 'samix_ssl' else {   # gmix_jax.samix_ssl.SAMixSSLConfig
+      'alpha': f(),                 # λ ~ Beta(α, α) (2)
+      'eta': f(),                   # η: the queue's weight in the mixblock's BCE (0.1)
+      'mask_weight': f(),           # β: mask-area regulariser (0.1)
+      'clean_weight': f(),          # κ: the clean MoCo loss in the backbone's loss (1)
+      'mixblock_loss': s(),         # 'eta_bce' | 'infonce'
+      'mixblock_lr': f(),           # the mixblock's Adam learning rate (1e-3)
+      'mixblock_dim': i(),          # the mixblock's attention width (32)
+      'feature_layer': s(),         # the momentum encoder's layer feeding the mixblock
+  }
+  return ml_collections.ConfigDict({
+      'name': name,                 # supervised | moco | samix_ssl
+      'queue_size': i(),            # K negatives (65536), capped below the training-set size
+      'temperature': f(),           # InfoNCE τ (0.2, MoCo v2)
+      'momentum': f(),              # key encoder momentum m (0.999)
+      'momentum_schedule': s(),     # 'constant' | 'cosine' (BYOL: m -> 1)
+      'proj_hidden': i(),           # projection MLP hidden width (2048)
+      'proj_dim': i(),              # embedding width (128)
+      'knn_k': i(),                 # kNN monitor neighbours (200)
+      'knn_temperature': f(),       # kNN monitor vote temperature (0.1)
+      **samix_ssl,
+  })
+
+
 def splits_batch(name: str) -> bool:
   """Whether preset ``name`` splits the batch by sensitivity (BG-/DG-Mix):
   only then are the ``method.sensitivity`` knobs read."""
@@ -97,8 +153,10 @@ def base() -> ml_collections.ConfigDict:
   c.dataset.examples_per_class = placeholder(int)  # limited-data regime: int, or None for all
   c.dataset.train_fraction = placeholder(float)   # or a fraction of the training set
   c.dataset.augment = 'none'               # 'none' | 'cifar' (pad-4 crop + flip) | 'inception' (host)
+  #                                          | 'moco' (MoCo v2 views, self-supervised)
   c.dataset.image_size = placeholder(int)  # crop size (needed by 'inception'); None = the stored size
   c.dataset.workers = 0                    # Grain worker processes (0: read in this process)
+  c.dataset.bad_records = 'error'          # unreadable record: 'error' (stop, name it) | 'skip' (replace, count)
 
   c.model = ml_collections.ConfigDict()
   c.model.name = 'cnn'                     # see gmix_jax.models.MODELS
@@ -127,7 +185,8 @@ def base() -> ml_collections.ConfigDict:
   c.log_every_steps = 20                   # a train record in metrics.jsonl every k steps
   c.checkpoint_every_steps = 500           # also at every evaluated epoch end and at the end
   c.keep_checkpoints = 2                   # checkpoints kept in workdir/checkpoints
-  c.progress = True                        # tqdm bar with throughput and ETA
+  c.progress = True                        # tqdm bar with throughput and ETA (plain lines when not a terminal)
+  c.tensorboard = False                    # also write the records' scalars as TensorBoard events in workdir/tensorboard (the [tensorboard] extra)
   c.eval_every_epochs = 1                  # test-set evaluation every k epochs (and at the end)
   c.plots = True                           # write curves.png at the end
   c.nan_policy = 'stop'                    # non-finite loss/grad: 'stop' (keep last good ckpt) | 'skip'

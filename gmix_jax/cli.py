@@ -81,8 +81,8 @@ def resolve_config_path(path: str, cwd: str | None = None) -> str:
   for candidate in candidates:
     if os.path.isfile(candidate):
       return os.path.abspath(candidate)
-  raise UsageError(f'config file {path!r} not found (looked in: '
-                   f'{", ".join(os.path.dirname(c) or "." for c in candidates)})')
+  folders = dict.fromkeys(os.path.dirname(os.path.abspath(c)) for c in candidates)  # once each
+  raise UsageError(f'config file {path!r} not found (looked in: {", ".join(folders)})')
 
 
 def load_config_file(spec: str):
@@ -107,6 +107,14 @@ def load_config_file(spec: str):
     raise UsageError(f'config {spec!r}: get_config() does not take {"an argument" if arg else "zero arguments"} '
                      f'({e})') from None
   return config
+
+
+def did_you_mean(value, choices) -> str:
+  """``"; did you mean 'x'?"`` for the choices close to ``value`` (a typo), else ``''``."""
+  if not isinstance(value, str):
+    return ''
+  close = difflib.get_close_matches(value, [str(c) for c in choices], n=3, cutoff=0.6)
+  return f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ''
 
 
 def _holder(config, field: str):
@@ -283,21 +291,29 @@ def _config_files() -> list[tuple[str, str]]:
 
 
 def _model_kwargs(constructor) -> str:
-  """``name=default`` of a model constructor's own fields (the model.kwargs it takes)."""
+  """``name=value`` of the model.kwargs a registered model takes: the fields of
+  the module it builds, with the values it builds them with (a ViT size's
+  width and depth, a class default), less those fixed by its registry entry
+  (``wrn28_10``'s width) and ``dtype`` (set by ``model.dtype``)."""
   import functools
   fixed = {}
-  while isinstance(constructor, functools.partial):
-    fixed.update(constructor.keywords)
-    constructor = constructor.func
-  if not dataclasses.is_dataclass(constructor):
+  ctor = constructor
+  while isinstance(ctor, functools.partial):
+    fixed.update(ctor.keywords)
+    ctor = ctor.func
+  try:
+    module = constructor(num_classes=10)   # a linen module is a dataclass: nothing is built
+  except Exception:  # pylint: disable=broad-except
+    return ''
+  if not dataclasses.is_dataclass(module):
     return ''
   parts = []
-  for f in dataclasses.fields(constructor):
-    if f.name in ('parent', 'name', 'num_classes') or f.name in fixed or not f.init:
+  for f in dataclasses.fields(module):
+    if f.name in ('parent', 'name', 'num_classes', 'dtype') or f.name in fixed or not f.init:
       continue
-    default = f.default if f.default is not dataclasses.MISSING else '?'
-    default = getattr(default, '__name__', None) or repr(default)   # dtypes by name
-    parts.append(f'{f.name}={default}')
+    value = getattr(module, f.name)
+    value = getattr(value, '__name__', None) or repr(value)   # dtypes by name
+    parts.append(f'{f.name}={value}')
   return ', '.join(parts)
 
 
@@ -311,9 +327,52 @@ def _common_defaults():
   return config
 
 
+def method_defaults(config) -> dict[str, tuple[Any, bool]]:
+  """``{'method.SECTION.KNOB': (value, read)}`` for the knobs ``config`` leaves
+  at None: the value the preset runs with, and whether the method reads the
+  knob at all (`configure.ignored_knobs`). Empty when the method is not valid."""
+  from gmix_jax import configure, samix
+  try:
+    method = configure.build_method(config, num_classes=10)
+    samix_cfg = configure.build_samix(config) if config.method.name in samix.METHODS else None
+  except Exception:  # pylint: disable=broad-except   (the run reports it)
+    return {}
+  parts = {'mixing': method.mixing, 'sharpness': method.sharpness,
+           'partition': method.partition, 'sensitivity': method.sensitivity}
+  radius = method.sharpness.radius if method.sharpness.active else None
+  special = {('sharpness', 'rule'): method.sharpness.name, ('sharpness', 'rho'): radius,
+             ('partition', 'rho_plus'): method.partition.rho_plus or radius,
+             ('partition', 'rho_minus'): method.partition.rho_minus or radius,
+             ('sensitivity', 'rho'): method.sensitivity_rho}
+  values = {}
+  for section in config.method.keys():
+    knobs = config.method[section]
+    if not hasattr(knobs, 'keys'):
+      continue
+    source = samix_cfg if section == 'samix' else parts.get(section)
+    for key in knobs.keys():
+      if knobs[key] is None and source is not None:
+        values[f'method.{section}.{key}'] = special.get((section, key), getattr(source, key, None))
+  # The knobs the method does not read: what ignored_knobs says of each once set.
+  probe = config.copy_and_resolve_references()
+  with probe.unlocked():
+    for field, value in values.items():
+      _, section, key = field.split('.')
+      for trial in ([value] if value is not None else ['0', 0, 0.0]):   # None: any set value
+        try:
+          probe.method[section][key] = trial
+          break
+        except (TypeError, ValueError):
+          pass
+  unread = {m.split('=', 1)[0] for m in configure.ignored_knobs(probe, method)}
+  if samix_cfg is not None:          # its own mixing; only method.sharpness composes with it
+    unread = {f for f in values if f.split('.')[1] in ('mixing', 'partition', 'sensitivity')}
+  return {field: (value, field not in unread) for field, value in values.items()}
+
+
 def help_text(config=None) -> str:
   """The ``--help`` page; with ``config``, that config's values beside the field docs."""
-  from gmix_jax import models, objectives, samix
+  from gmix_jax import models, objectives, samix, tasks
   docs = field_docs()
   lines = [USAGE, '',
            'Trains one config; rerunning the same command resumes from the workdir\'s latest',
@@ -326,7 +385,9 @@ def help_text(config=None) -> str:
            '  --help                this page; with --config, that config\'s values', '',
            'configs:']
   lines += [f'  {name:28s}{doc}' for name, doc in _config_files()]
-  lines += ['', 'method presets (method.name, or FILE:NAME):',
+  lines += ['', 'tasks (task.name; a config without a task section is supervised):',
+            '  ' + ', '.join(tasks.names()), '',
+            'method presets (method.name, or FILE:NAME):',
             '  ' + ', '.join([*objectives.PRESETS, *samix.METHODS]), '',
             'models (model.name) and their model.kwargs (constructor defaults):']
   lines += [f'  {name:16s}{_model_kwargs(ctor)}' for name, ctor in models.MODELS.items()]
@@ -341,10 +402,23 @@ def help_text(config=None) -> str:
     lines.append('config fields (field = default  # doc; --config=FILE --help shows a config\'s '
                  'values):')
     config = _common_defaults()
+    defaults = {}
   else:
-    lines.append('this config\'s values (field = value  # doc):')
+    lines.append('this config\'s values (field = value  # doc; a method knob left at None shows '
+                 'the value its preset runs with):')
+    defaults = method_defaults(config)
+    presets = [*objectives.PRESETS, *samix.METHODS]
+    if config.method.name not in presets:
+      lines.append(f'  (method.name={config.method.name!r} is not a method preset'
+                   f'{did_you_mean(config.method.name, presets)})')
+  name_of = config.method.name
   for name, value in _leaves(config):
     doc = docs.get(name, '')
-    lines.append(f'  {name} = {value!r}' + (f'  # {doc}' if doc else ''))
+    shown = repr(value)
+    if name in defaults:
+      resolved, read = defaults[name]
+      shown = (f'{resolved!r}  ({name_of} default)' if read and resolved is not None
+               else f'None  (not read by {name_of})' if not read else 'None')
+    lines.append(f'  {name} = {shown}' + (f'  # {doc}' if doc else ''))
   return '\n'.join(lines)
 

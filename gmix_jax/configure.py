@@ -9,7 +9,6 @@ pure, so a test or a notebook can call them without a trainer.
 """
 from __future__ import annotations
 
-import json
 import math
 import warnings
 
@@ -20,13 +19,14 @@ import numpy as np
 import optax
 
 from gmix_jax import accumulation
-from gmix_jax import checkpoints
+from gmix_jax import cli
 from gmix_jax import data as data_lib
+from gmix_jax import extras
 from gmix_jax import mixing
 from gmix_jax import models
 from gmix_jax import objectives
 from gmix_jax import precision
-from gmix_jax import samix
+from gmix_jax import tasks
 
 PARALLEL_MODES = ('shard_map', 'pmap')
 OPTIMIZERS = ('sgd', 'adam', 'adamw')
@@ -39,6 +39,7 @@ OPTIONAL_FIELDS = {
     'eval_every_epochs': 1,     # test-set evaluation every k epochs (and at the end)
     'plots': True,              # write curves.png at the end (sweeps turn it off)
     'accumulation_steps': 1,    # micro-batches per device batch (objectives.make_objective)
+    'tensorboard': False,       # TensorBoard events beside metrics.jsonl (gmix_jax.tb_events)
 }
 # Models that read their inputs as images [H, W] or [H, W, C].
 IMAGE_MODELS = ('cnn', 'resnet18', 'preact_resnet18', 'wrn28', 'wrn28_2', 'wrn28_10',
@@ -65,45 +66,33 @@ def build_model(config: ml_collections.ConfigDict, num_classes: int):
 # ----------------------------------------------------------------------------
 # Config -> library objects (pure, checked before anything compiles).
 # ----------------------------------------------------------------------------
-def _set_fields(section: ml_collections.ConfigDict, rename=None) -> dict:
+def set_fields(section: ml_collections.ConfigDict, rename=None) -> dict:
   """The knobs a config sets explicitly (None = keep the preset's default)."""
   rename = rename or {}
   return {rename.get(k, k): v for k, v in section.items() if v is not None}
 
 
-def build_method(config: ml_collections.ConfigDict, num_classes: int) -> objectives.Method:
-  """``config.method`` -> ``objectives.Method`` (preset + explicit overrides).
-
-  A method with its own step (``samix.METHODS``) brings its own mixing; only
-  a sharpness rule composes with it (its other knobs: ``build_samix``).
-  """
-  mc = config.method
-  sharp = _set_fields(mc.sharpness, rename={'rule': 'name'})
+def sharpness_fields(mc: ml_collections.ConfigDict) -> dict:
+  """``method.sharpness``'s set knobs as ``objectives.get_method`` reads them."""
+  sharp = set_fields(mc.sharpness, rename={'rule': 'name'})
   if 'm' in sharp and isinstance(sharp['m'], str) and sharp['m'].isdigit():
     sharp['m'] = int(sharp['m'])
-  if mc.name in samix.METHODS:
-    for section in ('mixing', 'partition', 'sensitivity'):
-      if _set_fields(mc[section]):
-        raise ValueError(f'method.{section} {_set_fields(mc[section])} cannot be combined with '
-                         f'method.name={mc.name!r}: it mixes with its own mixblock (knobs: '
-                         'method.samix.*); only method.sharpness composes with it')
-    if isinstance(sharp.get('m'), int):
-      raise ValueError(f"sharpness.m={sharp['m']} (groups) is not defined for method.name="
-                       f"{mc.name!r}; use 'device' or 'global'")
-    if sharp.get('rho_schedule', 'constant') != 'constant':
-      raise ValueError(f"sharpness.rho_schedule={sharp['rho_schedule']!r} is not implemented for "
-                       f"method.name={mc.name!r}; use 'constant'")
-    return objectives.get_method('erm', num_classes, sharpness=sharp)
+  return sharp
+
+
+def build_method(config: ml_collections.ConfigDict, num_classes: int) -> objectives.Method:
+  """``config.method`` -> ``objectives.Method``, as the config's task reads it
+  (``tasks``; supervised composed methods: ``composed_method``)."""
+  return tasks.get(config).build_method(config, num_classes)
+
+
+def composed_method(config: ml_collections.ConfigDict, num_classes: int) -> objectives.Method:
+  """A composed method (``objectives.PRESETS``): the preset + explicit overrides."""
+  mc = config.method
   return objectives.get_method(
       mc.name, num_classes,
-      mixing=_set_fields(mc.mixing), sharpness=sharp,
-      partition=_set_fields(mc.partition), sensitivity=_set_fields(mc.sensitivity))
-
-
-def build_samix(config: ml_collections.ConfigDict) -> samix.SAMixConfig:
-  """``config.method.samix`` (absent: defaults) -> ``samix.SAMixConfig``."""
-  section = config.method.get('samix')
-  return samix.get_config(config.method.name, **(_set_fields(section) if section else {}))
+      mixing=set_fields(mc.mixing), sharpness=sharpness_fields(mc),
+      partition=set_fields(mc.partition), sensitivity=set_fields(mc.sensitivity))
 
 
 def build_lr_schedule(config: ml_collections.ConfigDict, steps_per_epoch: int):
@@ -146,7 +135,8 @@ def opt(config: ml_collections.ConfigDict, field: str):
 
 def num_devices(config: ml_collections.ConfigDict) -> int:
   """Devices used on each process."""
-  return config.num_devices or jax.local_device_count()
+  n = config.num_devices
+  return jax.local_device_count() if n is None else n
 
 
 def validate_config(config: ml_collections.ConfigDict) -> objectives.Method:
@@ -158,7 +148,8 @@ def validate_config(config: ml_collections.ConfigDict) -> objectives.Method:
   """
   def one_of(field, value, allowed):
     if value not in allowed:
-      raise ValueError(f'{field} must be one of {list(allowed)}, got {value!r}')
+      raise ValueError(f'{field} must be one of {list(allowed)}, got {value!r}'
+                       f'{cli.did_you_mean(value, allowed)}')
   one_of('parallel', config.parallel, PARALLEL_MODES)
   one_of('optimizer.name', config.optimizer.name, OPTIMIZERS)
   one_of('optimizer.schedule', config.optimizer.schedule, SCHEDULES)
@@ -168,8 +159,10 @@ def validate_config(config: ml_collections.ConfigDict) -> objectives.Method:
   one_of('model.param_rounding', rounding, precision.ROUNDINGS)
   if rounding == 'dither' and dtype != 'bfloat16':
     raise ValueError(f"model.param_rounding='dither' needs model.dtype='bfloat16', got {dtype!r}")
-  one_of('method.name', config.method.name, sorted([*objectives.PRESETS, *samix.METHODS]))
+  task = tasks.get(config)                           # task.name
   one_of('nan_policy', opt(config, 'nan_policy'), NAN_POLICIES)
+  if opt(config, 'tensorboard'):
+    extras.require('tensorboard', '--config.tensorboard=True')
   data_lib.inputs.check_fields(config)               # name, augment, image_size, workers
   for field in ('batch_size', 'num_epochs', 'eval_batch_size', 'log_every_steps',
                 'checkpoint_every_steps', 'keep_checkpoints'):
@@ -186,28 +179,20 @@ def validate_config(config: ml_collections.ConfigDict) -> objectives.Method:
   except TypeError as e:
     raise ValueError(f'model.kwargs {dict(config.model.kwargs)} do not fit '
                      f'model.name={config.model.name!r}: {e}') from e
-  method = build_method(config, num_classes=10)       # raises on any bad method knob
-  if config.method.name in samix.METHODS:
-    samix_cfg = build_samix(config)
-    samix.feature_layer(samix_cfg, config.model.name)  # an encoder with a spatial map
-    if samix_cfg.pretrained:                           # the source run, file-level
-      samix.check_source(samix_cfg, json.loads(config.to_json()))
+  method = task.check_config(config)                 # method.name and every method knob
   local = jax.local_device_count()
   n_dev = num_devices(config)
-  if not 1 <= n_dev <= local:
-    raise ValueError(f'num_devices must be in [1, {local}] (the local devices), got {n_dev}')
+  if isinstance(n_dev, bool) or not isinstance(n_dev, int) or not 1 <= n_dev <= local:
+    raise ValueError(f'num_devices must be None (all) or an int in [1, {local}] (the local '
+                     f'devices), got {n_dev!r}')
   if config.parallel == 'pmap' and jax.process_count() > 1:
     raise ValueError("parallel='pmap' runs on one process only; use 'shard_map' on several hosts")
   if config.batch_size % (n_dev * jax.process_count()):
     raise ValueError(f'batch_size={config.batch_size} must be divisible by the number of devices '
                      f'({n_dev * jax.process_count()})')
   k_acc = accumulation.check_steps(opt(config, 'accumulation_steps'))
-  if k_acc > 1 and config.method.name in samix.METHODS:
-    raise ValueError(f'accumulation_steps={k_acc} applies to the composed methods '
-                     f'({sorted(objectives.PRESETS)}), not to method.name={config.method.name!r}; '
-                     'use accumulation_steps=1')
   method.check_batch(config.batch_size // (n_dev * jax.process_count()), k_acc)
-  for message in ignored_knobs(config, method):
+  for message in task.ignored_knobs(config, method):
     warnings.warn(message, IgnoredKnobWarning, stacklevel=2)
   return method
 
@@ -272,19 +257,25 @@ def _knob_owners() -> dict:
 
 
 def ignored_knobs(config: ml_collections.ConfigDict, method: objectives.Method) -> list[str]:
-  """Messages for the knobs set in ``config.method`` that ``method`` never
-  reads: a sharpness knob without a sharpness rule (ρ on ERM or Mixup), a
-  partition or sensitivity knob without a split (γ or ``sensitivity.chunk``
-  on G-Mix), a rule's own knob under another rule (``asam_eta`` on SAM)."""
-  if config.method.name in samix.METHODS:
-    return []                      # other sections are rejected; samix knobs are all read
+  """Messages for the knobs set in ``config`` that its task never reads
+  (``tasks``; a composed method: ``composed_ignored_knobs``)."""
+  return tasks.get(config).ignored_knobs(config, method)
+
+
+def composed_ignored_knobs(config: ml_collections.ConfigDict,
+                           method: objectives.Method) -> list[str]:
+  """Messages for the knobs set in ``config.method`` that a composed
+  ``method`` never reads: a sharpness knob without a sharpness rule (ρ on ERM
+  or Mixup), a partition or sensitivity knob without a split (γ or
+  ``sensitivity.chunk`` on G-Mix), a rule's own knob under another rule
+  (``asam_eta`` on SAM)."""
   chosen = {'mixing.policy': method.mixing.policy, 'sharpness.rule': method.sharpness.name,
             'partition.rule': method.partition.rule,
             'sensitivity.estimator': method.sensitivity.estimator}
   split = method.partition.rule != 'none'
   messages, owners = [], _knob_owners()
   for section in ('mixing', 'sharpness', 'partition', 'sensitivity'):
-    for key, value in _set_fields(config.method[section]).items():
+    for key, value in set_fields(config.method[section]).items():
       field = f'method.{section}.{key}'
       where = f'method.name={config.method.name!r}'
       if section == 'sharpness' and not method.sharpness.active and key != 'rule':
@@ -334,31 +325,22 @@ def validate_data(config: ml_collections.ConfigDict, ds: data_lib.TrainData, mod
   except Exception as e:  # any trace-time shape error of the model
     raise ValueError(f'model.name={config.model.name!r} (kwargs {dict(config.model.kwargs)}) '
                      f'cannot take examples of shape {shape} from dataset {ds.name!r}: {e}') from e
-  if config.method.name in samix.METHODS:     # the mixblock's feature map exists and is spatial
-    samix.feature_shape(module, samix.feature_layer(build_samix(config), config.model.name), shape)
+  tasks.get(config).check_data(config, ds, module, method)
 
 
 def normalized(objective, normalizer: data_lib.Normalizer):
   """Wrap the objective so the batch's uint8 images (or float features) are
-  normalised on device, in the step (`gmix_jax.data.normalize`)."""
+  normalised on device, in the step (`gmix_jax.data.normalize`): ``x`` and,
+  for a two-view task, ``x2``."""
   def wrapped(params, model_state, batch, rng, *extra):
-    return objective(params, model_state, {**batch, 'x': normalizer(batch['x'])}, rng, *extra)
+    views = {k: normalizer(batch[k]) for k in ('x', 'x2') if k in batch}
+    return objective(params, model_state, {**batch, **views}, rng, *extra)
   return wrapped
 
 
 def build_step_parts(config, method, module, apply_fn, ds, total_steps, params, model_state):
-  """``(objective, extra, extra_update)`` for ``parallel.make_per_device_step``.
-
-  A composed method (``objectives``) has no extra state; a method that owns
-  its step's extra state (``samix.METHODS``) builds all three.
-  """
-  if config.method.name not in samix.METHODS:
-    # The LR schedule is for sharpness.rho_schedule='lr' (GSAM's ρ_t).
-    lr = build_lr_schedule(config, total_steps // config.num_epochs)
-    return objectives.make_objective(
-        method, apply_fn, axis_name='batch', lr_schedule=lr, num_steps=total_steps,
-        accumulation_steps=opt(config, 'accumulation_steps')), None, None
-  return samix.build(build_samix(config), config.model.name, module, apply_fn,
-                     tuple(ds.input_shape), ds.num_classes, total_steps, params, model_state,
-                     jax.random.fold_in(jax.random.PRNGKey(config.seed), 0x5A41),
-                     rule=method.sharpness, restore=checkpoints.restore_state)
+  """``(objective, extra, extra_update)`` for ``parallel.make_per_device_step``:
+  the config's task builds them (``tasks.Task.step_parts``)."""
+  parts = tasks.get(config).step_parts(config, method, module, apply_fn, ds, total_steps, params,
+                                       model_state)
+  return parts.objective, parts.extra, parts.extra_update

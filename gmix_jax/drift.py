@@ -23,6 +23,7 @@ from typing import Any
 # Fields a resume may change; with the reason each leaves the trajectory as is.
 NON_TRAJECTORY = (
     'progress',                 # the progress bar
+    'tensorboard',              # a copy of the records as TensorBoard events
     'log_every_steps',          # how often train records are written
     'plots',                    # curves.png at the end
     'eval_every_epochs',        # evaluation (and its epoch-end checkpoint) reads the state only
@@ -36,6 +37,8 @@ NON_TRAJECTORY = (
     'dataset.data_dir',         # where the same data lives
     'dataset.download',
     'dataset.workers',          # host-side loading parallelism; batches depend on (seed, step)
+    'dataset.bad_records',      # 'error' stops at the first bad record: the steps before it
+                                # saw good records only, which 'skip' reads alike
 )
 MISSING = '(absent)'
 

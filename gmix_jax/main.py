@@ -8,8 +8,10 @@ on Ctrl-C (SIGINT) the same, exit code 130. A signal after the last step
 changes nothing (exit 0).
 
 Exit status: 0 done (or preempted by SIGTERM, or help); 2 a bad command line,
-config or dataset (one line ``error: ...`` on stderr, before anything
-compiles); 1 a locked workdir, config drift, checkpoints that do not verify or
+config or dataset, or the ``train`` extra not installed (one line ``error: ...``
+on stderr, before anything compiles; or a dataset record that cannot be read,
+when the run reaches it under ``dataset.bad_records='error'``, its last
+checkpoint kept); 1 a locked workdir, config drift, checkpoints that do not verify or
 a full disk (one line ``error: ...``); 130 stopped by SIGINT.
 """
 from __future__ import annotations
@@ -21,6 +23,7 @@ import sys
 import warnings
 
 from gmix_jax import cli
+from gmix_jax import extras
 
 
 def _warning(message, category, filename, lineno, line=None):
@@ -46,15 +49,34 @@ def _parse(argv: list[str]):
       return 0
     if config is None or args.workdir is None:
       raise cli.UsageError(f'--config and --workdir are required; {cli.USAGE} (see --help)')
+    if not args.workdir.strip():       # '' would write the run into the current directory
+      raise cli.UsageError(f'--workdir is empty; name a directory for the run: {cli.USAGE}')
   except cli.UsageError as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
   return config, args.workdir
 
 
+def result_line(summary: dict, workdir: str) -> str:
+  """What the run achieved; for a workdir that already held a finished run,
+  says that nothing was trained and that the figures are that run's."""
+  result = (f"final test accuracy {summary['final_test_accuracy']:.4f} "
+            f"(ECE {summary['final_test_ece']:.4f}) after {summary['epochs']} epochs")
+  if summary.get('finished_before'):
+    return (f"{workdir} holds a finished run: nothing was trained (summary.json and the plot "
+            f"were re-written; use a new --workdir for a new run). Its {result}, "
+            f"{summary['total_wall_time_sec']:.0f} s over all its launches")
+  return f"{result}, {summary['wall_time_sec']:.0f} s"
+
+
 def main(argv: list[str] | None = None) -> int:
   argv = sys.argv[1:] if argv is None else argv
   warnings.formatwarning = _warning    # gmix_jax's warnings as one line each
+  try:                                 # a core-only install: say which extra, not a traceback
+    extras.require('train', 'python -m gmix_jax.main')
+  except extras.MissingExtraError as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 2
   parsed = _parse(argv)
   if isinstance(parsed, int):
     return parsed
@@ -88,9 +110,7 @@ def main(argv: list[str] | None = None) -> int:
           f"checkpoint {summary['checkpoint']}.\nTo resume, rerun the same command:\n  {command}",
           flush=True)
     return 128 + signal.SIGINT if summary['signal'] == 'SIGINT' else 0
-  print(f"final test accuracy {summary['final_test_accuracy']:.4f} "
-        f"(ECE {summary['final_test_ece']:.4f}) after {summary['epochs']} epochs, "
-        f"{summary['wall_time_sec']:.0f} s")
+  print(result_line(summary, workdir))
   print(f"metrics: {summary.get('metrics')}\nplot:    {summary.get('curves')}\n"
         f"summary: {os.path.join(os.path.abspath(workdir), 'summary.json')}")
   return 0

@@ -312,7 +312,7 @@ PRESETS: dict[str, dict] = {
     'gmix': dict(mixing=MixingConfig('mixup'), sharpness=sharpness.SharpnessRule('sam')),
     # BG-Mix ranks by the `shared` estimator: in the ablation (experiments/RESULTS.md)
     # it was more accurate than `per_example` beyond 2 s.e., at 1.5x SAM's step
-    # cost instead of 6x (README, "Cost per step"). DG-Mix showed no such gain.
+    # cost instead of 6x (docs/cost.md, "Cost per step"). DG-Mix showed no such gain.
     'bgmix': dict(mixing=MixingConfig('mixup'), sharpness=sharpness.SharpnessRule('sam'),
                   partition=PartitionConfig('binary'),
                   sensitivity=sensitivity.SensitivityConfig('shared')),
@@ -540,7 +540,8 @@ def _part_rows(part: _Part, mix_cfg: MixingConfig) -> dict:
 
 
 def _part_gradient(apply_fn, params, model_state, part: _Part, rng, axis_name,
-                   mix_cfg: MixingConfig, rho, accumulation_steps: int = 1):
+                   mix_cfg: MixingConfig, rho, accumulation_steps: int = 1,
+                   loss_fn: Callable = losses.weighted_loss):
   """Gradient of Σ_r w_r ℓ_r for one part, at its own perturbed point of radius ``rho``.
 
   The part's gradient function sweeps its rows in ``accumulation_steps``
@@ -556,7 +557,7 @@ def _part_gradient(apply_fn, params, model_state, part: _Part, rng, axis_name,
   def micro_loss(p, rows):
     """(the additive objective of these rows, (their mixup loss, new model state))."""
     logits, new_state = apply_fn(p, model_state, rows['x'], True, **mix_kw)
-    loss = losses.weighted_loss(logits, rows['y'], rows['w'])
+    loss = loss_fn(logits, rows['y'], rows['w'])
     if not mixupe:
       return loss, (loss, new_state)
     term = _mixupe_term(apply_fn, p, model_state, rows, mix_cfg,
@@ -610,7 +611,8 @@ def _part_gradient(apply_fn, params, model_state, part: _Part, rng, axis_name,
 def make_objective(method: Method, apply_fn: ApplyFn, *,
                    axis_name: Optional[str] = None, lr_schedule=None,
                    num_steps: Optional[int] = None,
-                   accumulation_steps: int = 1) -> Objective:
+                   accumulation_steps: int = 1,
+                   loss_fn: Callable = losses.weighted_loss) -> Objective:
   """The per-device objective of ``method``.
 
   Args:
@@ -640,6 +642,12 @@ def make_objective(method: Method, apply_fn: ApplyFn, *,
       divide each part's rows and integer m groups must fit in a
       micro-batch (``Method.check_batch``); Manifold Mixup, which pairs rows
       inside one forward pass, is rejected with K > 1.
+    loss_fn: ``loss_fn(outputs, targets, weights) -> Σ_r w_r ℓ_r`` of a part's
+      rows, linear in the (mixed) targets; the default is the soft
+      cross-entropy. A task with another loss passes its own: the
+      contrastive one (``tasks.moco``) scores the rows' embeddings against
+      keys, with instance targets in place of class labels, so every mixing
+      policy and sharpness rule applies to it unchanged.
 
   Returns:
     ``objective(params, model_state, batch, rng) -> (grads, new_state, metrics)``
@@ -701,7 +709,7 @@ def make_objective(method: Method, apply_fn: ApplyFn, *,
           part.rho, method.sharpness.rho_min, u)
       g, state, l, lp = _part_gradient(apply_fn, params, model_state, part,
                                        jax.random.fold_in(k_sharp, i), axis_name,
-                                       method.mixing, rho, k_acc)
+                                       method.mixing, rho, k_acc, loss_fn)
       grads = g if grads is None else sharpness.add(grads, g)
       states.append(state)
       shares.append(part.share)

@@ -39,6 +39,8 @@ def read_metrics(workdir: str) -> tuple[list[dict], list[dict]]:
 def curves_title(info: dict) -> str:
   """``method · dataset · model · seed s — test accuracy a %, ECE e`` from a summary."""
   names = {k: str(info[k]) for k in ('method', 'dataset', 'model') if k in info}
+  if info.get('task', 'supervised') != 'supervised':     # a task other than the default: named
+    names = {'task': str(info['task']), **names}
   if names.get('dataset', '').startswith('npz:'):       # a user's file: its name, not its path
     names['dataset'] = 'npz:' + os.path.basename(names['dataset'][len('npz:'):])
   head = ' · '.join(names.values())
@@ -47,6 +49,8 @@ def curves_title(info: dict) -> str:
   if 'final_test_accuracy' in info:
     head += (f" — test accuracy {100 * info['final_test_accuracy']:.1f} %, "
              f"ECE {info['final_test_ece']:.3f}")
+  if 'final_knn_accuracy' in info:
+    head += f" — kNN accuracy {100 * info['final_knn_accuracy']:.1f} %"
   return head
 
 
@@ -68,12 +72,18 @@ def curves_figure(train: list[dict], test: list[dict], info: dict):
   ax.plot(*_series(train, 'loss'), label='train loss (mixed batch)')
   if any('perturbed_loss' in r for r in train):
     ax.plot(*_series(train, 'perturbed_loss'), label='train loss at w + ε')
+  if any('mixblock_loss' in r for r in train):        # SAMix-SSL's second objective
+    ax.plot(*_series(train, 'mixblock_loss'), label='mixblock loss')
   ax.plot(*_series(test, 'loss'), 'o-', ms=3, label='test loss')
-  ax.set(xlabel='step', ylabel='cross-entropy', title='loss')
+  ssl = any('knn_accuracy' in r for r in test)
+  ax.set(xlabel='step', ylabel='InfoNCE' if ssl else 'cross-entropy', title='loss')
   ax = axes[1]
+  if ssl:                                               # self-supervised: the kNN monitor
+    ax.plot(*_series(test, 'knn_accuracy'), 'o-', ms=3, label='kNN accuracy (test)')
   ax.plot(*_series(test, 'accuracy'), 'o-', ms=3, label='test accuracy')
   ax.plot(*_series(test, 'ece'), 's--', ms=3, label='test ECE')
-  ax.set(xlabel='step', ylabel='fraction', title='test accuracy and calibration', ylim=(0, 1.02))
+  ax.set(xlabel='step', ylabel='fraction', ylim=(0, 1.02),
+         title='kNN accuracy' if ssl else 'test accuracy and calibration')
   ax = axes[2]
   ax.plot(*_series(train, 'learning_rate'), color='C0', label='learning rate')
   ax.set(xlabel='step', ylabel='learning rate', title='schedule')
@@ -83,6 +93,11 @@ def curves_figure(train: list[dict], test: list[dict], info: dict):
     twin.plot(steps, rhos, color='C3', ls='--', label='ρ (SAM radius)')
     twin.set_ylim(0, 1.15 * max(rhos))       # from 0: a constant ρ reads as constant
     twin.set_ylabel('ρ')
+    twin.legend(loc='center right', fontsize=8)
+  elif any('momentum' in r for r in train):            # a momentum (key) encoder's m
+    twin = ax.twinx()
+    twin.plot(*_series(train, 'momentum'), color='C2', ls='--', label='momentum m')
+    twin.set_ylabel('m')
     twin.legend(loc='center right', fontsize=8)
   if sensitive:
     ax = axes[3]

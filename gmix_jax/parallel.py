@@ -139,7 +139,11 @@ def make_per_device_step(objective: Callable, optimizer: optax.GradientTransform
       gradient in the one ``pmean``; after the model update,
       ``extra_update(extra, averaged_extra_grads, new_params,
       new_model_state, step) -> new_extra``. It must give the same value on
-      every device (it sees only averaged or replicated inputs).
+      every device (it sees only averaged or replicated inputs). The
+      objective may return a fifth value, ``aux``: values that are already
+      the same on every device (e.g. all-gathered contrastive keys), passed
+      to ``extra_update`` as a sixth argument without averaging (a ``pmax``
+      makes their device-invariance explicit, and is exact).
 
   Returns:
     ``per_device_step(state, batch) -> (new_state, metrics)``; ``metrics``
@@ -173,8 +177,9 @@ def make_per_device_step(objective: Callable, optimizer: optax.GradientTransform
       # The extra state is differentiated too (e.g. SAMix's mixblock): the same
       # pitfall, the same cast.
       extra = jax.lax.pcast(state.extra, axis_name, to='varying')
-      grads, model_state, metrics, extra_grads = objective(
-          params, state.model_state, batch, key, extra)
+      out = objective(params, state.model_state, batch, key, extra)
+      grads, model_state, metrics, extra_grads = out[:4]
+      aux = tuple(jax.lax.pmax(a, axis_name) for a in out[4:])
 
     # The one place of averaging over devices.
     grads, extra_grads = jax.lax.pmean((grads, extra_grads), axis_name)
@@ -191,7 +196,8 @@ def make_per_device_step(objective: Callable, optimizer: optax.GradientTransform
     new_extra = state.extra
     if extra_update is not None:
       finite &= jnp.isfinite(optax.tree.norm(extra_grads))
-      new_extra = extra_update(state.extra, extra_grads, new_params, model_state, state.step)
+      new_extra = extra_update(state.extra, extra_grads, new_params, model_state, state.step,
+                               *aux)
     skipped = state.skipped
     if skip_nonfinite:
       keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)

@@ -15,7 +15,7 @@ composes and records. Outputs in ``workdir``: ``config.json``,
 per log/eval event), ``checkpoints/`` (Orbax, with digests), ``curves.png``,
 ``summary.json`` and ``.lock``.
 
-Reliability (README "Running long jobs"): one run per workdir (``lock``); a
+Reliability (docs/long-runs.md): one run per workdir (``lock``); a
 relaunch that would change the trajectory is refused (``drift``); a rerun
 resumes exactly from the newest checkpoint that verifies (state, data plan
 position, the open metrics window; records written after that checkpoint are
@@ -44,7 +44,10 @@ from gmix_jax import models
 from gmix_jax import objectives
 from gmix_jax import outputs
 from gmix_jax import parallel
+from gmix_jax import progress
 from gmix_jax import sensitivity
+from gmix_jax import tasks
+from gmix_jax import tb_events
 from gmix_jax import workdir as workdir_lib
 from gmix_jax.checkpoints import restore_state  # noqa: F401  (public: train.restore_state)
 from gmix_jax.preemption import Preemption
@@ -55,6 +58,7 @@ class Setup:
   """What the setup phase built: everything the later phases read."""
   config: ml_collections.ConfigDict
   workdir: str
+  task: tasks.Task            # what is learned (its objective, extra state, views, evaluation)
   method: objectives.Method
   ds: data_lib.TrainData      # splits, training subset, normaliser (streamed, never in memory)
   module: Any
@@ -123,7 +127,9 @@ class Loop:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains ``config`` in ``workdir`` (resuming if it holds a checkpoint).
 
-  Returns the summary (also written to ``summary.json``); after a SIGTERM,
+  Returns the summary (also written to ``summary.json``), with
+  ``finished_before`` (not written) True when the workdir held a finished run
+  and nothing was trained; after a SIGTERM,
   ``{'preempted': True, 'step': s, ...}`` instead, with a checkpoint at
   ``s`` (nothing else written): the next call with the same arguments
   resumes from it.
@@ -148,10 +154,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     s = setup(config, workdir)
     state, objective, extra_update = fresh_state(s)
     state, loop = restore_or_start(s, state, t_start)
+    finished_before = int(jax.device_get(state.step)) >= s.total_steps   # nothing to train
     report.ckpt = loop.ckpt          # its pending writes end before a full disk is reported
     state, placed = place(s, state, objective, extra_update)
     state, step, stopped = run_loop(s, placed, state, loop, preemption)
     loop.ckpt.wait_until_finished()
+    loop.writer.close()
     if loop.bar is not None:
       loop.bar.close()
     if stopped and step + 1 < s.total_steps:
@@ -159,7 +167,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
               'signal': preemption.signal_name,
               'checkpoint': os.path.join(s.workdir, 'checkpoints', str(step + 1)),
               'wall_time_sec': time.time() - t_start}
-    return summarize(s, placed, state, loop)
+    return {**summarize(s, placed, state, loop), 'finished_before': finished_before}
 
 
 # ----------------------------------------------------------------------------
@@ -174,12 +182,13 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Setup:
   ds = data_lib.open_train_data(config)
   steps_per_epoch = data_lib.steps_per_epoch(ds.num_train, config.batch_size)
 
-  module, apply_fn = configure.build_model(config, ds.num_classes)
-  method = configure.build_method(config, ds.num_classes)
+  task = tasks.get(config)
+  module, apply_fn = task.build_model(config, ds.num_classes)
+  method = task.build_method(config, ds.num_classes)
   configure.validate_data(config, ds, module, method)
   return Setup(
-      config=config, workdir=workdir, method=method, ds=ds, module=module, apply_fn=apply_fn,
-      optimizer=configure.build_optimizer(config, steps_per_epoch),
+      config=config, workdir=workdir, task=task, method=method, ds=ds, module=module, apply_fn=apply_fn,
+      optimizer=task.build_optimizer(config, steps_per_epoch),
       steps_per_epoch=steps_per_epoch, total_steps=config.num_epochs * steps_per_epoch,
       n_dev=n_dev, relaunch_changes=relaunch_changes,
       use_stale=method.partition.rule != 'none' and method.sensitivity.estimator == 'stale',
@@ -200,8 +209,11 @@ def fresh_state(s: Setup):
   config = s.config
   params, model_state = models.init_model(s.module, jax.random.PRNGKey(config.seed),
                                           s.ds.input_shape)
-  objective, extra, extra_update = configure.build_step_parts(
-      config, s.method, s.module, s.apply_fn, s.ds, s.total_steps, params, model_state)
+  parts = s.task.step_parts(config, s.method, s.module, s.apply_fn, s.ds, s.total_steps, params,
+                            model_state)
+  objective, extra, extra_update = parts.objective, parts.extra, parts.extra_update
+  if parts.params is not None:          # the task's own initial model (e.g. pretrained)
+    params, model_state = parts.params, parts.model_state
   objective = configure.normalized(objective, s.ds.normalizer)
   state = parallel.create_train_state(params, model_state, s.optimizer, config.seed,
                                       num_train=s.ds.num_train if s.use_stale else 0,
@@ -225,6 +237,8 @@ def restore_or_start(s: Setup, state, t_start: float) -> tuple[Any, Loop]:
                               fresh=restored is None)
   ckpt = checkpoints.manager(s.workdir, s.config.keep_checkpoints)
   writer = workdir_lib.MetricsWriter(s.workdir, s.lead)
+  if s.lead and configure.opt(s.config, 'tensorboard'):   # TensorBoard drops steps past the checkpoint
+    writer.events = tb_events.EventWriter(s.workdir, purge_step=int(state.step) + 1 if restored else None)
   # Records past the restored step were written by a run killed before its next
   # checkpoint: this run writes them again.
   kept = workdir_lib.truncate_metrics(writer.path, int(state.step), rewrite=s.lead)
@@ -287,7 +301,7 @@ def run_loop(s: Setup, placed: Placed, state, loop: Loop, preemption: Preemption
   with s.ds.train_batches(global_batch=config.batch_size, seed=config.seed,
                           num_steps=s.total_steps, start_step=start_step,
                           process_index=jax.process_index(),
-                          process_count=jax.process_count()) as batches:
+                          process_count=jax.process_count(), views=s.task.views) as batches:
     return _steps(s, placed, state, loop, preemption, batches, start_step)
 
 
@@ -301,14 +315,15 @@ def _steps(s: Setup, placed: Placed, state, loop: Loop, preemption: Preemption, 
   stop, step = False, start_step - 1
   for step in range(start_step, s.total_steps):
     state = maybe_refresh_scores(s, placed, state, step)
-    batch = next(batches)
+    batch = _next_batch(s, loop, batches)
+    bad = batch.pop('bad_records', None)       # dataset.bad_records='skip': records replaced
     if step == debug_nan_step:                 # test hook: a batch that makes the loss NaN
       batch['x'] = np.full(batch['x'].shape, np.nan, np.float32)
     # This process's stop request travels with its batch; the step returns the
     # max over all devices, so every process stops after the same step.
     batch['stop'] = np.full(batch['y'].shape, preemption.requested, np.int32)
     state, metrics = placed.step_fn(state, placed.to_device(batch))
-    loop.in_flight.append((step, metrics))
+    loop.in_flight.append((step, metrics if bad is None else {**metrics, 'bad_records': bad}))
     loop.window_steps += 1
     if step == start_step:     # compilation is not throughput: start the clocks after it
       jax.block_until_ready(metrics)
@@ -342,11 +357,23 @@ def _steps(s: Setup, placed: Placed, state, loop: Loop, preemption: Preemption, 
   return state, step, stop
 
 
+def _next_batch(s: Setup, loop: Loop, batches) -> dict:
+  """The next host batch; a record that cannot be read (``bad_records='error'``)
+  stops the run with the last checkpoint finished and named."""
+  try:
+    return next(batches)
+  except data_lib.BadRecordError as e:
+    loop.ckpt.wait_until_finished()
+    last = loop.ckpt.latest_step()
+    kept = (f'the last checkpoint (step {last}) in {s.workdir}/checkpoints was kept'
+            if last is not None else 'no checkpoint was written yet')
+    raise data_lib.BadRecordError(f'{e}; {kept}') from None
+
+
 def _progress_bar(s: Setup, step: int):
-  """A tqdm bar started once the first step is done, so that its rate and
-  ETA leave out the step's compilation."""
-  from tqdm import tqdm
-  return tqdm(total=s.total_steps, initial=step + 1, unit='step', dynamic_ncols=True)
+  """A tqdm bar (plain lines when stderr is not a terminal) started once the
+  first step is done, so that its rate and ETA leave out the step's compilation."""
+  return progress.make_bar(s.total_steps, step + 1)
 
 
 def summarize(s: Setup, placed: Placed, state, loop: Loop) -> dict[str, Any]:
@@ -356,12 +383,9 @@ def summarize(s: Setup, placed: Placed, state, loop: Loop) -> dict[str, Any]:
   if not last_eval:                # resumed after the last step: evaluate once
     last_eval = _evaluate(s, placed, state)
   summary = {
-      'final_test_accuracy': last_eval['accuracy'], 'final_test_loss': last_eval['loss'],
-      'final_test_ece': last_eval['ece'],
-      'best_test_accuracy': max([h['accuracy'] for h in loop.history],
-                                default=last_eval['accuracy']),
+      **s.task.summary_metrics(last_eval, loop.history),
       'steps': s.total_steps, 'epochs': config.num_epochs, 'num_train': s.ds.num_train,
-      'num_test': s.ds.num_test, 'method': config.method.name,
+      'num_test': s.ds.num_test, **s.task.summary_name(config),
       'model': config.model.name, 'dataset': config.dataset.name,
       'devices': s.n_dev * jax.process_count(), 'parallel': config.parallel,
       'nonfinite_skipped': int(jax.device_get(placed.local_state(state).skipped)),
@@ -422,7 +446,10 @@ def drain(s: Setup, loop: Loop, keep: int) -> bool:
 
 def log_train(s: Setup, loop: Loop, step: int) -> None:
   """One train record: the window's mean metrics and its throughput."""
+  bad = sum(m.pop('bad_records', 0) for m in loop.pending)  # a count, not a mean
   rec = outputs.train_record(loop.pending)
+  if data_lib.inputs.dataset_field(s.config, 'bad_records') == 'skip':
+    rec['bad_records'] = int(bad)          # records of this process replaced in the window
   dt = time.time() - loop.t_window
   rec.update(split='train', step=step + 1, epoch=(step + 1) / s.steps_per_epoch,
              # None for a window holding only the first (compiling) step.
@@ -434,7 +461,7 @@ def log_train(s: Setup, loop: Loop, step: int) -> None:
   rec.update(_clock(loop))
   loop.writer.write(rec)
   loop.last_train = rec
-  _show(loop)
+  _show(s, loop)
   loop.pending, loop.t_window, loop.window_steps = [], time.time(), 0
 
 
@@ -446,7 +473,7 @@ def evaluate_epoch(s: Setup, placed: Placed, state, loop: Loop, step: int) -> No
   loop.last_eval.update(split='test', step=step + 1, epoch=(step + 1) // s.steps_per_epoch)
   loop.writer.write({**loop.last_eval, **_clock(loop)})
   loop.history.append(loop.last_eval)
-  _show(loop)                   # the bar shows this evaluation now, not at the next log
+  _show(s, loop)                   # the bar shows this evaluation now, not at the next log
   if loop.bar is not None:
     loop.bar.unpause()          # its rate leaves the evaluation out
   # Evaluation time is not training throughput: restart the window after it,
@@ -454,16 +481,16 @@ def evaluate_epoch(s: Setup, placed: Placed, state, loop: Loop, step: int) -> No
   loop.t_window, loop.window_steps = time.time() - dt, steps_done
 
 
-def _show(loop: Loop) -> None:
+def _show(s: Setup, loop: Loop) -> None:
   """The bar's postfix: the last train record's loss and throughput, the last
-  evaluation's accuracy and ECE."""
+  evaluation's headline numbers (the task's: accuracy and ECE, or kNN accuracy)."""
   if loop.bar is None:
     return
   train, test = loop.last_train, loop.last_eval
   loop.bar.set_postfix(
       **({'loss': f"{train['loss']:.3f}"} if train else {}),
       **({'ex_s': f"{train['examples_per_sec']:.0f}"} if train.get('examples_per_sec') else {}),
-      **({'test_acc': f"{test['accuracy']:.4f}", 'ece': f"{test['ece']:.3f}"} if test else {}))
+      **(s.task.progress(test) if test else {}))
 
 
 def _clock(loop: Loop) -> dict:
@@ -473,12 +500,6 @@ def _clock(loop: Loop) -> dict:
 
 
 def _evaluate(s: Setup, placed: Placed, state) -> dict:
-  """Accuracy, loss and ECE over the whole test split, streamed (each
-  process its rows; the sums cover all of them)."""
-  st = placed.eval_state(state)
-  with s.ds.ordered_batches('test', global_batch=s.eval_batch, process_index=jax.process_index(),
-                            process_count=jax.process_count()) as batches:
-    metrics = evaluation.evaluate(placed.eval_fn, st.params, st.model_state, batches,
-                                  placed.to_eval_device)
-  del metrics['num_examples']    # == num_test (tests check it); not a per-epoch record field
-  return metrics
+  """The task's evaluation (streamed; supervised: accuracy, loss and ECE
+  over the whole test split)."""
+  return s.task.evaluate(s, placed, placed.eval_state(state))

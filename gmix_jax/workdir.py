@@ -34,11 +34,18 @@ class MetricsWriter:
   def __init__(self, workdir: str, enabled: bool):
     self.path = os.path.join(workdir, 'metrics.jsonl')
     self.enabled = enabled
+    self.events = None        # also to TensorBoard: a `tb_events.EventWriter` (tensorboard=True)
 
   def write(self, record: dict) -> None:
     if self.enabled:
       with open(self.path, 'a') as f:
         f.write(json.dumps(record) + '\n')
+      if self.events is not None:
+        self.events.write(record)
+
+  def close(self) -> None:
+    if self.events is not None:
+      self.events.close()
 
 
 def truncate_metrics(path: str, max_step: int, rewrite: bool = True) -> list[dict]:

@@ -1,8 +1,10 @@
 """The command line explains itself: help, one-line errors, configs from anywhere, model kwargs."""
 import os
+import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from gmix_jax import cli, main, models, objectives
@@ -126,3 +128,112 @@ def test_a_model_change_prints_a_note(capsys):
   code, out, err = run_main(capsys, '--config=configs/default.py', '--config.model.name=mlp', '--help')
   assert code == 0 and err.startswith("note: model.name='mlp': dropped the config file's model.kwargs")
   assert 'model.kwargs = {}' in out
+
+
+# Values that mean nothing are refused before anything runs (one line, exit 2).
+@pytest.mark.parametrize('flag,message', [
+    ('--config.dataset.examples_per_class=0', 'error: dataset.examples_per_class must be None'),
+    ('--config.dataset.examples_per_class=-3', 'error: dataset.examples_per_class must be None'),
+    ('--config.dataset.train_fraction=0', 'error: dataset.train_fraction must be None (every '
+                                          'example) or a number in (0, 1], got 0.0'),
+    ('--config.dataset.train_fraction=1.5', 'error: dataset.train_fraction must be None'),
+    ('--config.num_devices=0', 'error: num_devices must be None (all) or an int in [1, '),
+    ('--workdir=', 'error: --workdir is empty'),
+    ('--workdir=  ', 'error: --workdir is empty'),
+])
+def test_values_that_mean_nothing_are_refused(capsys, tmp_path, monkeypatch, flag, message):
+  monkeypatch.chdir(tmp_path)                  # an empty --workdir would write here
+  argv = ['--config=configs/digits.py:gmix', '--config.num_epochs=1', '--config.progress=false',
+          '--config.plots=false', f'--workdir={tmp_path / "wd"}', flag]
+  code, out, err = run_main(capsys, *argv)
+  assert code == 2 and err.startswith(message) and err.count('\n') == 1, err
+  assert os.listdir(tmp_path) == []            # nothing written: no workdir, no run in the cwd
+
+
+@pytest.mark.parametrize('x', [np.array([['1.0', '2.0']] * 8), np.ones((8, 2), np.complex64)],
+                         ids=['str', 'complex'])
+def test_npz_features_that_are_not_real_numbers_are_refused(capsys, tmp_path, x):
+  path = tmp_path / 'd.npz'
+  y = np.arange(8) % 2
+  np.savez(path, x_train=x, y_train=y, x_test=x, y_test=y)
+  code, _, err = run_main(capsys, '--config=configs/digits.py:erm', f'--workdir={tmp_path / "wd"}',
+                          f'--config.dataset.name=npz:{path}', '--config.num_epochs=1',
+                          '--config.batch_size=8', '--config.progress=false', '--config.plots=false')
+  assert code == 2 and err.count('\n') == 1, err
+  assert err.startswith(f'error: {path}: x_train must hold real numbers'), err
+  assert not (tmp_path / 'wd' / 'checkpoints').exists()
+
+
+def test_a_bad_stats_file_stops_the_run_before_anything_is_written(capsys, tmp_path):
+  """A stored gmix_stats.json of 3 channels for 1-channel digits: one line naming
+  the file and how to rebuild it, exit 2, no checkpoint folder, no config.json."""
+  from gmix_jax.data import sources, stats
+  data = str(tmp_path / 'data')
+  train = sources.open_split('digits', 'train', data)  # prepares digits (offline)
+  path = os.path.join(train.meta_dir, stats.STATS_FILE)
+  with open(path, 'w') as f:
+    f.write(f'{{"version": 1, "num_records": {len(train)}, "pixel_max": {train.pixel_max}, '
+            '"mean": [0.3, 0.3, 0.3], "std": [0.3, 0.3, 0.3]}')
+  capsys.readouterr()                                  # the preparation's note
+  workdir = tmp_path / 'wd'
+  code, _, err = run_main(capsys, '--config=configs/digits.py:erm', f'--workdir={workdir}',
+                          f'--config.dataset.data_dir={data}', '--config.num_epochs=1',
+                          '--config.progress=false', '--config.plots=false')
+  assert code == 2 and err.count('\n') == 1, err
+  assert err.startswith(f'error: statistics file {path}: it has statistics of 3 channel(s), the '
+                        "dataset's examples have 1") and 'delete it and rerun' in err, err
+  assert not (workdir / 'checkpoints').exists() and not (workdir / 'config.json').exists()
+
+
+# --help with a config shows what the preset runs with; every model its kwargs.
+def test_config_help_shows_the_presets_resolved_knobs(capsys):
+  from gmix_jax import sharpness
+  code, out, _ = run_main(capsys, '--config=configs/digits.py:dgmix', '--help')
+  assert code == 0
+  method = objectives.get_method('dgmix', 10)       # the preset, built independently
+  rho = sharpness.DEFAULT_RHO[method.sharpness.name]
+  assert f'  method.sharpness.rho = {rho!r}  (dgmix default)  # ρ' in out
+  assert f'  method.partition.gamma = {method.partition.gamma!r}  (dgmix default)' in out
+  assert f"  method.partition.rule = 'decomposed'  (dgmix default)" in out
+  assert f'  method.partition.rho_plus = {rho!r}  (dgmix default)' in out   # None = ρ
+  assert f'  method.mixing.alpha = {method.mixing.alpha!r}  (dgmix default)' in out
+  assert '  method.sharpness.asam_eta = None  (not read by dgmix)' in out   # SAM's rule
+  assert '  method.mixing.k = None  (not read by dgmix)' in out             # multimix only
+  # A knob the command line sets is shown as set.
+  code, out, _ = run_main(capsys, '--config=configs/digits.py:dgmix',
+                          '--config.method.sharpness.rho=0.2', '--help')
+  assert '  method.sharpness.rho = 0.2  # ρ' in out
+
+
+def test_every_model_lists_the_kwargs_it_takes(capsys):
+  from gmix_jax import models
+  code, out, _ = run_main(capsys, '--help')
+  assert code == 0
+  for name, ctor in models.MODELS.items():
+    line = next(l for l in out.splitlines() if l.startswith(f'  {name} '))
+    parts = re.split(r', (?=\w+=)', line[len(f'  {name} '):].strip())
+    listed = dict(part.split('=', 1) for part in parts)
+    assert listed, name
+    module = models.get_model(name, 10, **{k: getattr(ctor(num_classes=10), k) for k in listed})
+    for key, shown in listed.items():       # each is a constructor field with that value
+      value = getattr(module, key)
+      assert shown == (getattr(value, '__name__', None) or repr(value)), (name, key)
+  vit = next(l for l in out.splitlines() if l.startswith('  vit_b16 '))
+  assert "width=768" in vit and "pool='tok'" in vit and 'dropout=0.0' in vit
+
+
+def test_a_misspelt_preset_gets_a_suggestion(capsys, tmp_path):
+  code, out, err = run_main(capsys, '--config=configs/digits.py:gmx', f'--workdir={tmp_path}/wd')
+  assert code == 2 and err.count('\n') == 1 and "got 'gmx'; did you mean 'gmix'" in err, err
+  assert not os.path.exists(tmp_path / 'wd')
+  code, out, _ = run_main(capsys, '--config=configs/digits.py:gmx', '--help')
+  assert code == 0 and "(method.name='gmx' is not a method preset; did you mean 'gmix'" in out
+
+
+def test_config_not_found_names_each_folder_once(tmp_path):
+  for cwd in (REPO, str(tmp_path)):
+    with pytest.raises(cli.UsageError) as e:
+      cli.resolve_config_path('configs/nope.py', cwd=cwd)
+    folders = str(e.value).split('(looked in: ')[1].rstrip(')').split(', ')
+    assert len(folders) == len(set(folders)) and os.path.join(REPO, 'configs') in folders
+    assert (os.path.join(str(tmp_path), 'configs') in folders) == (cwd != REPO)

@@ -318,3 +318,46 @@ def test_cifar_padding_is_the_mean_pixel_so_it_normalises_to_zero(tmp_path):
   half_level = 0.5 / ds.train.pixel_max / ds.normalizer.std
   assert np.all(np.abs(padded) <= half_level + 1e-6)
   assert np.all(np.abs(np.asarray(ds.normalizer(np.zeros((1, 1, 1, fill.size))))) > 4 * half_level)
+
+
+# -- A stored statistics file that cannot be right is named, before anything runs --------
+@pytest.mark.parametrize('content,problem', [
+    ('{"version": 1, "num_re', 'not valid JSON'),
+    ('[1, 2]', 'expected a JSON object'),
+    ('{"version": 1, "num_records": 4, "pixel_max": 255, "mean": [0.5, 0.5, 0.5], '
+     '"std": [NaN, 0.2, 0.2]}', "'std' holds non-finite values"),
+    ('{"version": 1, "num_records": 4, "pixel_max": 255, "mean": [0.5, 0.5, 0.5], '
+     '"std": [1e-30, 0.2, 7.0]}', r"'std' \[1e-30, 0.2, 7.0\] is outside \[0, 0.5\]"),
+    ('{"version": 1, "num_records": 4, "pixel_max": 255, "mean": [0.5, 0.5, 0.5], '
+     '"std": [-0.1, 0.2, 0.2]}', "'std' .* is outside"),
+    ('{"version": 1, "num_records": 4, "pixel_max": 255, "mean": [128, 0.5, 0.5], '
+     '"std": [0.1, 0.2, 0.2]}', r"'mean' .* is outside \[0, 1\]"),
+    ('{"version": 1, "num_records": 4, "pixel_max": 255, "mean": "zero", "std": [0.1]}',
+     "'mean' must be a list of numbers"),
+    ('{"version": 1, "num_records": 4, "pixel_max": 255, "mean": [0.5], "std": [0.1, 0.1]}',
+     "'mean' has 1 channels but 'std' has 2"),
+    ('{"version": 1, "num_records": 4, "pixel_max": 16, "mean": [0.5, 0.5, 0.5], '
+     '"std": [0.1, 0.2, 0.2]}', "pixel_max 16 is not the dataset's 255"),
+])
+def test_a_bad_stats_file_is_named_with_how_to_rebuild_it(tmp_path, content, problem):
+  split, _ = png_split([(5, 7), (9, 4), (3, 3), (6, 6)], tmp_path)
+  path = tmp_path / stats.STATS_FILE
+  path.write_text(content)
+  with pytest.raises(ValueError, match=problem) as e:
+    stats.channel_stats(split)
+  message = str(e.value)
+  assert message.startswith(f'statistics file {path}: ') and 'delete it and rerun' in message
+
+
+def test_a_stats_file_of_another_channel_count_is_refused(tmp_path):
+  split, pixels = png_split([(5, 7), (9, 4)], tmp_path)
+  stats.channel_stats(split)                           # stored: 3 channels
+  assert stats.channel_stats(split, channels=3)[0].shape == (3,)
+  with pytest.raises(ValueError, match=r"statistics of 3 channel\(s\), the dataset's examples "
+                                       r'have 1. It is computed .* delete it'):
+    stats.channel_stats(split, channels=1)
+  # A stale file (another record count) is recomputed, not refused.
+  (tmp_path / stats.STATS_FILE).write_text(
+      '{"version": 1, "num_records": 99, "pixel_max": 255, "mean": [9], "std": [9]}')
+  every = np.concatenate([x.reshape(-1, 3) for x in pixels]).astype(np.float64) / 255
+  np.testing.assert_allclose(stats.channel_stats(split, channels=3)[0], every.mean(0), rtol=1e-6)

@@ -118,7 +118,7 @@ def test_knob_added_at_its_none_default_still_resumes(tmp_path):
     ('model.name', 'resnet7', r"model.name must be one of \[.*'cnn'.*'resnet18'"),
     ('dataset.name', 'imagenet', r"dataset.name must be one of \[.*'cifar10'.*'digits'"),
     ('parallel', 'xmap', r"parallel must be one of \['shard_map', 'pmap'\]"),
-    ('dataset.augment', 'flip', r"dataset.augment must be one of \['none', 'cifar', 'inception'\]"),
+    ('dataset.augment', 'flip', r"dataset.augment must be one of \['none', 'cifar', 'inception', 'moco'\]"),
     ('dataset.augment', 'inception', r"dataset.augment='inception' needs dataset.image_size"),
     ('dataset.workers', -1, 'dataset.workers must be an int >= 0, got -1'),
     ('dataset.image_size', 0, 'dataset.image_size must be None or an int >= 1, got 0'),

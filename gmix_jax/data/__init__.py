@@ -29,6 +29,7 @@ from gmix_jax.data.inputs import TrainData
 from gmix_jax.data.load import load_dataset
 from gmix_jax.data.normalize import Normalizer
 from gmix_jax.data.pipeline import AUGMENT_NAMES
+from gmix_jax.data.pipeline import BadRecordError
 from gmix_jax.data.pipeline import Batches
 from gmix_jax.data.pipeline import ordered_batches
 from gmix_jax.data.pipeline import train_batches
@@ -40,7 +41,7 @@ from gmix_jax.data.subsets import subsample
 from gmix_jax.data.subsets import subsample_indices
 
 __all__ = [
-    'AUGMENT_NAMES', 'Batches', 'Dataset', 'Normalizer', 'Split', 'TrainData', 'batch_indices',
+    'AUGMENT_NAMES', 'BadRecordError', 'Batches', 'Dataset', 'Normalizer', 'Split', 'TrainData', 'batch_indices',
     'dataset_names', 'epoch_permutation', 'load_dataset', 'open_split', 'open_splits',
     'open_train_data', 'ordered_batches', 'steps_per_epoch', 'subsample', 'subsample_indices',
     'train_batches',

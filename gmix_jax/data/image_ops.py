@@ -22,9 +22,13 @@ device, so host -> device traffic is one byte per pixel.
   original size (offsets uniform in [0, 8]), then flips with probability
   1/2; evaluation is the identity. Padding colour: ``fill`` (see
   `make_record_transform`), black when not given.
+* ``'moco'``: MoCo v2's augmentation for contrastive learning
+  (`gmix_jax.data.ssl_ops`): random resized crop with scale (0.2, 1),
+  colour jitter, grayscale, Gaussian blur above 64 px, flip. Evaluation as
+  ``'inception'`` when ``image_size`` is given, else decode only.
 * ``'none'``: decode only (arrays pass through).
 
-For ``'cifar'`` and ``'none'``, ``image_size`` (if given) first resizes
+For ``'cifar'``, ``'moco'`` and ``'none'``, ``image_size`` (if given) first resizes
 every image to ``image_size`` x ``image_size``; otherwise every record of the
 dataset must already have the same shape (as cifar10 and mnist do).
 
@@ -64,7 +68,7 @@ try:    # libjpeg-turbo through a leaner binding than PIL's: the same pixels, le
 except ImportError:   # pragma: no cover - an optional speed-up; PIL decodes everything
   simplejpeg = None
 
-AUGMENT_NAMES = ('none', 'cifar', 'inception')
+AUGMENT_NAMES = ('none', 'cifar', 'inception', 'moco')
 CROP_SCALE = (0.08, 1.0)
 CROP_RATIO = (3 / 4, 4 / 3)
 CROP_ATTEMPTS = 10
@@ -325,7 +329,7 @@ def make_record_transform(
   """The per-record transform for ``dataset.augment`` (module docstring).
 
   Args:
-    augment: ``'none'``, ``'cifar'`` or ``'inception'``.
+    augment: ``'none'``, ``'cifar'``, ``'inception'`` or ``'moco'``.
     image_size: output side in pixels; required for ``'inception'``,
       optional for the others (None keeps the stored size).
     train: training (random) or evaluation (deterministic) transform.
@@ -361,6 +365,15 @@ def make_record_transform(
     def image_fn(image, rng):
       if train:
         return inception_train(image, rng, image_size, channels)
+      return inception_eval(image, image_size, channels)
+  elif augment == 'moco':
+    from gmix_jax.data import ssl_ops  # pylint: disable=g-import-not-at-top
+
+    def image_fn(image, rng):
+      if train:
+        return ssl_ops.moco_train(image, rng, image_size, channels)
+      if image_size is None:
+        return decode(image, channels)
       return inception_eval(image, image_size, channels)
   elif augment == 'cifar' and train:
     def image_fn(image, rng):

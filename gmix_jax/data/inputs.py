@@ -4,9 +4,11 @@ of a dataset, the training subset, the normaliser and the batch streams.
 Config fields (configs/common.py): ``name``, ``data_dir``, ``download``,
 ``examples_per_class`` / ``train_fraction`` (an index selection over the
 training split, `subsets`), ``augment`` (``'none'`` | ``'cifar'`` |
-``'inception'``; old configs' ``True``/``False`` mean ``'cifar'``/``'none'``),
-``image_size`` (crop size; None = the stored size) and ``workers`` (Grain
-worker processes; 0 = read in the training process). Fields missing from an
+``'inception'`` | ``'moco'``; old configs' ``True``/``False`` mean ``'cifar'``/``'none'``),
+``image_size`` (crop size; None = the stored size), ``workers`` (Grain
+worker processes; 0 = read in the training process) and ``bad_records``
+(``'error'`` | ``'skip'``: a record that cannot be read stops the run, naming
+it, or is replaced by the next good one and counted, `pipeline`). Fields missing from an
 older config take these defaults.
 """
 
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 
 import ml_collections
 import numpy as np
@@ -24,7 +27,7 @@ from gmix_jax.data import sources
 from gmix_jax.data import subsets
 from gmix_jax.data import validate
 
-DEFAULTS = {'augment': 'none', 'image_size': None, 'workers': 0}
+DEFAULTS = {'augment': 'none', 'image_size': None, 'workers': 0, 'bad_records': 'error'}
 
 
 def dataset_field(config: ml_collections.ConfigDict, field: str):
@@ -37,6 +40,13 @@ def check_fields(config: ml_collections.ConfigDict) -> None:
   name = config.dataset.name
   if not (isinstance(name, str) and sources.is_known(name)):
     raise sources.unknown_name_error(name)
+  data_dir = str(config.dataset.data_dir)
+  # The array_record reader and the stats/labels cache beside the files read
+  # local paths only; a URL would fail later, deep inside a reader.
+  if re.match(r'[A-Za-z][A-Za-z0-9+.-]*://', data_dir):
+    raise ValueError(f'dataset.data_dir={data_dir!r}: URLs are not supported, only paths of the '
+                     'local file system; mount the bucket (e.g. gcsfuse for gs://) and give the '
+                     'mount path')
   augment = pipeline.augment_name(dataset_field(config, 'augment'))
   size = dataset_field(config, 'image_size')
   if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
@@ -46,6 +56,29 @@ def check_fields(config: ml_collections.ConfigDict) -> None:
   workers = dataset_field(config, 'workers')
   if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
     raise ValueError(f'dataset.workers must be an int >= 0, got {workers!r}')
+  check_subset_fields(config.dataset.get('examples_per_class'),
+                      config.dataset.get('train_fraction'))
+  bad = dataset_field(config, 'bad_records')
+  if bad not in pipeline.BAD_RECORDS:
+    raise ValueError(f'dataset.bad_records must be one of {list(pipeline.BAD_RECORDS)}, '
+                     f'got {bad!r}')
+
+
+def check_subset_fields(examples_per_class, train_fraction) -> None:
+  """``examples_per_class``: None or an int >= 1; ``train_fraction``: None or
+  a number in (0, 1]; at most one of them (0 would otherwise read as "unset"
+  and train on everything)."""
+  k, f = examples_per_class, train_fraction
+  if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
+    raise ValueError(f'dataset.examples_per_class must be None (every example) or an int >= 1, '
+                     f'got {k!r}')
+  if f is not None and (isinstance(f, bool) or not isinstance(f, (int, float))
+                        or not 0.0 < f <= 1.0):
+    raise ValueError(f'dataset.train_fraction must be None (every example) or a number in '
+                     f'(0, 1], got {f!r}')
+  if k is not None and f is not None:
+    raise ValueError(f'set at most one of dataset.examples_per_class ({k}) and '
+                     f'dataset.train_fraction ({f})')
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -68,6 +101,7 @@ class TrainData:
   augment: str
   image_size: int | None
   workers: int
+  bad_records: str = 'error'   # a record that cannot be read: 'error' | 'skip' (`pipeline`)
 
   @property
   def num_classes(self) -> int:
@@ -82,19 +116,20 @@ class TrainData:
     return len(self.test)
 
   def train_labels(self) -> np.ndarray:
-    return self.train.labels()[self.train_ids]
+    return self.train.labels(self.bad_records)[self.train_ids]
 
   def test_labels(self) -> np.ndarray:
-    return self.test.labels()
+    return self.test.labels(self.bad_records)
 
   def train_batches(self, *, global_batch: int, seed: int, num_steps: int, start_step: int,
-                    process_index: int, process_count: int) -> pipeline.Batches:
-    """The training stream from ``start_step`` (`pipeline.train_batches`)."""
+                    process_index: int, process_count: int, views: int = 1) -> pipeline.Batches:
+    """The training stream from ``start_step`` (`pipeline.train_batches`);
+    ``views=2``: two independently augmented views per record (``x``, ``x2``)."""
     return pipeline.train_batches(
         self.train, self.train_ids, global_batch=global_batch, seed=seed, num_steps=num_steps,
         start_step=start_step, augment=self.augment, image_size=self.image_size,
         workers=self.workers, process_index=process_index, process_count=process_count,
-        fill=self.pad_fill())
+        fill=self.pad_fill(), bad_records=self.bad_records, views=views)
 
   def pad_fill(self) -> tuple[int, ...] | None:
     """The ``'cifar'`` crop's padding colour: the training set's mean pixel, so
@@ -119,7 +154,7 @@ class TrainData:
     return pipeline.ordered_batches(
         src, ids, global_batch=global_batch, augment=self.augment, image_size=self.image_size,
         workers=0 if in_memory else self.workers, process_index=process_index,
-        process_count=process_count)
+        process_count=process_count, bad_records=self.bad_records)
 
 
 def open_train_data(config: ml_collections.ConfigDict) -> TrainData:
@@ -132,14 +167,21 @@ def open_train_data(config: ml_collections.ConfigDict) -> TrainData:
   for split in (train, test):                  # before any record is read
     validate.check_nonempty(dc.name, split.split, len(split))
   ids = np.arange(len(train))
-  if dc.examples_per_class or dc.train_fraction:
-    ids = subsets.subsample_indices(train.labels(), examples_per_class=dc.examples_per_class,
+  bad_records = dataset_field(config, 'bad_records')
+  if dc.examples_per_class is not None or dc.train_fraction is not None:
+    ids = subsets.subsample_indices(train.labels(bad_records),
+                                    examples_per_class=dc.examples_per_class,
                                     train_fraction=dc.train_fraction, seed=config.seed)
   augment = pipeline.augment_name(dataset_field(config, 'augment'))
   size = dataset_field(config, 'image_size')
   first = pipeline.OrderedBatch(train, ids[:1], 1,
-                                pipeline.record_transform(train, augment, size, train=False))(0)
-  return TrainData(name=dc.name, train=train, test=test, train_ids=ids,
-                   input_shape=tuple(first['x'].shape[1:]),
-                   normalizer=normalize_lib.for_split(train), augment=augment, image_size=size,
-                   workers=dataset_field(config, 'workers'))
+                                pipeline.record_transform(train, augment, size, train=False),
+                                bad_records=bad_records)(0)
+  shape = tuple(first['x'].shape[1:])
+  # Normalised per channel, the last axis; a grayscale image [H, W] has one.
+  channels = 1 if train.pixel_max is not None and len(shape) == 2 else shape[-1]
+  return TrainData(name=dc.name, train=train, test=test, train_ids=ids, input_shape=shape,
+                   normalizer=normalize_lib.for_split(train, channels, bad_records),
+                   augment=augment, image_size=size,
+                   workers=dataset_field(config, 'workers'),
+                   bad_records=bad_records)

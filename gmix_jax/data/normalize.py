@@ -41,8 +41,11 @@ class Normalizer:
     return np.asarray(x) * self.std + self.mean
 
 
-def for_split(train_split) -> Normalizer:
-  """The normaliser of a dataset, from its training split's stored statistics."""
+def for_split(train_split, channels: int | None = None, bad_records: str = 'error'
+              ) -> Normalizer:
+  """The normaliser of a dataset, from its training split's stored statistics
+  (``channels``: the examples' channel count, checked against a stored file;
+  ``bad_records``: see `stats.channel_stats`)."""
   from gmix_jax.data import stats  # pylint: disable=g-import-not-at-top
-  mean, std = stats.channel_stats(train_split)
+  mean, std = stats.channel_stats(train_split, channels, bad_records)
   return Normalizer(mean, std, train_split.pixel_max)

@@ -63,6 +63,10 @@ def read_npz(path: str):
                    f'dtype {y.dtype} (convert with y.astype(int))')
     if y.ndim != 1:
       raise _error(path, f'y_{split} must be 1-D, got shape {y.shape}')
+    if not (np.issubdtype(x.dtype, np.integer) or np.issubdtype(x.dtype, np.floating)
+            or x.dtype == np.bool_):
+      raise _error(path, f'x_{split} must hold real numbers (integer, float or bool), got '
+                   f'dtype {x.dtype}')
     if x.ndim < 2:
       raise _error(path, f'x_{split} must be [N, ...] with at least one '
                    f'feature axis, got shape {x.shape}')

@@ -90,12 +90,13 @@ class Split:
     return ([ex['image'] for ex in examples],
             np.asarray([ex['label'] for ex in examples], np.int32))
 
-  def labels(self) -> np.ndarray:
-    """Every label, int32 ``[len(self)]`` (cached by `stats.split_labels`)."""
+  def labels(self, bad_records: str = 'error') -> np.ndarray:
+    """Every label, int32 ``[len(self)]`` (cached by `stats.split_labels`,
+    which says what ``bad_records`` does)."""
     if isinstance(self.records, ArrayRecords):
       return self.records.labels
     from gmix_jax.data import stats  # pylint: disable=g-import-not-at-top
-    return stats.split_labels(self)
+    return stats.split_labels(self, bad_records)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

@@ -1,0 +1,67 @@
+"""configs/ssl.py and configs/ssl_mnist_jpeg.py: every preset and SSL method
+validates, and each preset's MoCo step builds (lowered through the whole
+step; one also compiled) with a tiny version of its model at 32 px."""
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import common, ssl, ssl_mnist_jpeg
+from gmix_jax import configure, models, parallel, tasks
+
+TINY = {'resnet18': dict(stage_sizes=(1, 1), width=4),
+        'resnet50': dict(stage_sizes=(1, 1), width=4),
+        'cnn': dict(width=4)}
+
+
+@pytest.mark.parametrize('method', sorted(common.SSL_METHODS))
+def test_every_preset_and_method_validates(method):
+  for dataset in ssl.PRESETS:
+    c = ssl.get_config(f'{dataset},{method}')
+    assert (c.task.name, c.dataset.augment) == ('moco', 'moco')
+    assert c.method.name == common.SSL_METHODS[method]
+    configure.validate_config(c)
+  configure.validate_config(ssl_mnist_jpeg.get_config(method))
+
+
+def test_recipes():
+  r50 = ssl.get_config('imagenet2012')
+  assert (r50.model.name, r50.batch_size, r50.num_epochs, r50.optimizer.learning_rate,
+          r50.optimizer.weight_decay, r50.task.queue_size) == ('resnet50', 256, 200, 0.03, 1e-4,
+                                                               65536)
+  c10 = ssl.get_config('cifar10')
+  assert (c10.model.name, c10.dataset.image_size, c10.optimizer.weight_decay) == ('resnet18', 32,
+                                                                                  5e-4)
+  with pytest.raises(ValueError, match='DATASET must be one of'):
+    ssl.get_config('mnist')
+  with pytest.raises(ValueError, match='SSL method must be one of'):
+    ssl.get_config('cifar10,samix')
+
+
+@pytest.mark.parametrize('preset,compile', [('cifar10', True), ('cifar100', False),
+                                            ('stl10', False), ('imagenet2012', False),
+                                            ('mnist_jpeg', False)])
+def test_moco_step_builds_with_a_tiny_model(preset, compile):
+  c = ssl_mnist_jpeg.get_config('moco_gmix') if preset == 'mnist_jpeg' else ssl.get_config(
+      f'{preset},moco_gmix')
+  c.model.kwargs.update(TINY[c.model.name])
+  c.batch_size, c.task.queue_size, c.task.proj_hidden = 16, 64, 32
+  task = tasks.get(c)
+  module, apply_fn = task.build_model(c, 10)
+  method = task.build_method(c, 10)
+  params, ms = models.init_model(module, jax.random.PRNGKey(0), (32, 32, 3))
+  ds = types.SimpleNamespace(num_train=1000, num_classes=10, input_shape=(32, 32, 3))
+  parts = task.step_parts(c, method, module, apply_fn, ds, 100, params, ms)
+  optimizer = configure.build_optimizer(c, steps_per_epoch=10)
+  state = parallel.create_train_state(params, ms, optimizer, 0, extra=parts.extra)
+  mesh = parallel.make_mesh(2)
+  step = parallel.shard_map_step(parallel.make_per_device_step(
+      parts.objective, optimizer, extra_update=parts.extra_update), mesh)
+  img = jax.ShapeDtypeStruct((16, 32, 32, 3), jnp.float32)
+  batch = {'x': img, 'x2': img, 'y': jax.ShapeDtypeStruct((16,), jnp.int32)}
+  lowered = step.lower(jax.eval_shape(lambda s: s, state), batch)
+  if compile:
+    lowered.compile({'xla_backend_optimization_level': 0})
+  assert np.shape(parts.extra['queue']) == (64, c.task.proj_dim)
