@@ -50,7 +50,7 @@ FALLBACKS = {
 
 def _transforms():
   for augment, size in (('inception', 24), ('inception', 224), ('none', None), ('none', 32),
-                        ('cifar', 32)):
+                        ('cifar', 32), ('moco', 24), ('moco', None)):
     for train in (True, False):
       for channels in (None, 1, 3):
         yield augment, size, train, channels
