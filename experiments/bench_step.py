@@ -57,6 +57,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 
 import jax
@@ -313,7 +314,12 @@ def main():
   a = p.parse_args()
   input_shape = tuple(int(v) for v in a.input.split(','))
   module = models.get_model(a.model, 10, **({'width': a.width} if a.model == 'cnn' else {}))
-  rows = expand_rows(a.methods, a.set, a.estimators, a.chunk)
+  try:      # bad names or overrides: one line, before anything compiles
+    rows = expand_rows(a.methods, a.set, a.estimators, a.chunk)
+    for b in (b for b in a.baseline.split(',') if b):
+      with_chunk(*parse_spec(b), a.chunk)
+  except ValueError as e:
+    p.error(str(e))
   rows += [(f'bgmix:per_example:sensitivity.chunk={c}', 'bgmix',
             {'sensitivity': {'estimator': 'per_example', 'chunk': int(c)}})
            for c in a.chunks.split(',') if c]

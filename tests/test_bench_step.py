@@ -48,3 +48,15 @@ def test_paired_alternates_order_and_takes_per_pair_ratios(monkeypatch):
   assert calls == ['base', 'row', 'row', 'base', 'base', 'row', 'row', 'base']
   assert r['cpu_ratio'] == [3.0, 3.0, 3.0] and r['wall_ratio'] == [3.0, 3.0, 3.0]
   assert r['pairs'] == 4 and r['base_cpu_ms'] == pytest.approx(1500.0)
+
+
+@pytest.mark.parametrize('argv,message', [
+    (['--methods', 'gmix:sharpness.foo=1'], 'sharpness field'),
+    (['--baseline', 'nosuch'], 'method.name must be one of'),
+])
+def test_bad_rows_are_one_error_before_compiling(argv, message, monkeypatch, capsys):
+  monkeypatch.setattr(bench_step.sys, 'argv', ['bench_step.py', *argv])
+  monkeypatch.setattr(bench_step, 'build_step', lambda *a, **k: pytest.fail('compiled'))
+  with pytest.raises(SystemExit) as e:
+    bench_step.main()
+  assert e.value.code == 2 and message in capsys.readouterr().err
