@@ -136,6 +136,7 @@ def try_lock_in_child(workdir, hold_and_die=False):
                         env={**os.environ, 'PYTHONPATH': REPO}, timeout=60)
 
 
+@pytest.mark.slow
 def test_the_lock_refuses_a_second_holder_and_dies_with_its_process(tmp_path):
   from gmix_jax import lock
   with lock.WorkdirLock(str(tmp_path)):
@@ -333,6 +334,7 @@ def test_bit_flip_resumes_from_the_previous_checkpoint_equal_to_the_uninterrupte
   assert summary['total_wall_time_sec'] > summary['wall_time_sec'] > 0
 
 
+@pytest.mark.slow
 def test_summary_is_strict_json_with_provenance(straight, tmp_path):
   summary = strict_load(straight['wd'] / 'summary.json')
   assert summary['seed'] == 0 and len(summary['config_hash']) == 64

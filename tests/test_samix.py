@@ -276,6 +276,7 @@ def samix_run(data, tmp_path_factory):
   return root
 
 
+@pytest.mark.slow
 def test_samix_end_to_end_resume_is_exact(samix_run, data, tmp_path):
   straight = str(samix_run / 'straight')
   records = read_metrics(straight)
