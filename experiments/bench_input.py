@@ -27,8 +27,8 @@ and its worker processes, user + system, over the timed window):
 process's for 0 workers) is what one worker does with a whole core. Also timed, in the main
 process without grain: full decode only, and the transform alone (so the
 cost of grain and of batching can be read off), per wall and per CPU second,
-with simplejpeg (the library's decoder when installed) and with PIL
-decoding (`time_in_process`). The pipeline rows use the library's default. Results are merged into
+with PIL (the library's decoder) and, if installed, simplejpeg as the
+decoder (`time_in_process`). Results are merged into
 ``--out`` under ``--label`` (one entry per machine).
 """
 from __future__ import annotations
@@ -119,12 +119,14 @@ def time_pipeline(path: str, workers: int, batch: int, size: int,
 def time_in_process(path: str, size: int, n: int = 64, rounds: int = 9) -> dict:
   """Decode alone and the transform alone, main process, no grain.
 
-  Per decoder: ``pil`` (the transform with ``image_ops.simplejpeg = None``:
-  PIL decodes, crops and resizes) and ``simplejpeg`` (the library's default
-  when the package is installed: simplejpeg decodes, PIL crops and resizes;
-  the same pixels). The kinds alternate in ``rounds`` rounds of ``n``
-  records (order flipped every round); figures are medians over rounds, and
-  ``transform_simplejpeg_over_pil_cpu`` is the median of the per-round
+  Per decoder: ``pil``, the library's transform (PIL decodes, crops,
+  resizes, flips) and, when the ``simplejpeg`` package is installed,
+  ``simplejpeg``: its decode (libjpeg-turbo with the accurate IDCT and fancy
+  upsampling, as PIL's: the same pixels, checked here) handed to PIL as an
+  array, then the library's own crop + resize and PIL's flip, i.e. what a
+  change of decoder would give. The kinds alternate in ``rounds`` rounds of
+  ``n`` records (order flipped every round); figures are medians over rounds,
+  and ``transform_simplejpeg_over_pil_cpu`` is the median of the per-round
   ratios of CPU time per image (< 1: simplejpeg cheaper).
   """
   from PIL import Image
@@ -133,36 +135,46 @@ def time_in_process(path: str, size: int, n: int = 64, rounds: int = 9) -> dict:
   src = jpeg_sources.JpegRecordSource(path)
   records = [src[i % len(src)] for i in range(n)]
   transform = image_ops.make_record_transform('inception', size, True, channels=3)
-  fast = image_ops.simplejpeg
-  kinds = {('decode', 'pil'): lambda r: np.asarray(Image.open(io.BytesIO(r['image'])).convert('RGB')),
-           ('transform', 'pil'): None}
-  if fast is not None:
-    kinds[('decode', 'simplejpeg')] = lambda r: fast.decode_jpeg(r['image'], 'RGB')
-    kinds[('transform', 'simplejpeg')] = None
+  kinds = {('decode', 'pil'): lambda r, rng: np.asarray(
+               Image.open(io.BytesIO(r['image'])).convert('RGB')),
+           ('transform', 'pil'): transform}
+  try:
+    import simplejpeg
+  except ImportError:
+    simplejpeg = None
+  if simplejpeg is not None:
+    def transform_simplejpeg(r, rng):
+      im = Image.fromarray(simplejpeg.decode_jpeg(r['image'], 'RGB'))
+      box = image_ops.random_resized_crop_box(rng, im.height, im.width)
+      out = image_ops._crop_resize_image(im, box, size, 3, draft=False)  # pylint: disable=protected-access
+      if rng.random() < 0.5:
+        out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+      return np.asarray(out)
+    kinds[('decode', 'simplejpeg')] = lambda r, rng: simplejpeg.decode_jpeg(r['image'], 'RGB')
+    kinds[('transform', 'simplejpeg')] = transform_simplejpeg
+    same = all(np.array_equal(transform(r, np.random.default_rng(i))['image'],
+                              transform_simplejpeg(r, np.random.default_rng(i)))
+               for i, r in enumerate(records[:16]))
 
-  def per_second(kind):
-    what, decoder = kind
-    image_ops.simplejpeg = fast if decoder == 'simplejpeg' else None
+  def per_second(fn):
     rng = np.random.default_rng(0)
     start, cpu = time.perf_counter(), time.process_time()
     for r in records:
-      transform(r, rng) if what == 'transform' else kinds[kind](r)
+      fn(r, rng)
     return n / (time.perf_counter() - start), n / (time.process_time() - cpu)
 
   runs = {k: [] for k in kinds}
-  try:
-    for i in range(rounds):
-      for k in (list(kinds) if i % 2 == 0 else list(kinds)[::-1]):
-        runs[k].append(per_second(k))
-  finally:
-    image_ops.simplejpeg = fast
+  for i in range(rounds):
+    for k in (list(kinds) if i % 2 == 0 else list(kinds)[::-1]):
+      runs[k].append(per_second(kinds[k]))
   med = lambda xs: round(float(np.median(xs)), 1)
   out = {'rounds': rounds, 'records_per_round': n}
   for (what, decoder), xs in runs.items():
     name = 'full_decode' if what == 'decode' else 'transform'
     out[f'{name}_{decoder}_per_s'] = med([x[0] for x in xs])
     out[f'{name}_{decoder}_per_cpu_s'] = med([x[1] for x in xs])
-  if fast is not None:
+  if simplejpeg is not None:
+    out['simplejpeg_output_identical'] = bool(same)
     out['transform_simplejpeg_over_pil_cpu'] = round(float(np.median(
         [p[1] / f[1] for f, p in zip(runs[('transform', 'simplejpeg')],
                                      runs[('transform', 'pil')])])), 3)

@@ -37,15 +37,6 @@ Channels: ``channels=None`` keeps what the image has (grayscale -> 1, RGB ->
 3 for datasets that mix grayscale and colour JPEGs (ImageNet) so the shape
 is static.
 
-Decoding: a JPEG that PIL opens as RGB or L is decoded by simplejpeg
-(libjpeg-turbo with the accurate integer IDCT and fancy upsampling, as
-PIL's decoder), which gives PIL's pixels exactly at less CPU time; PIL
-decodes everything else (PNG, CMYK and YCCK JPEGs, arrays, a JPEG that
-draft mode would reduce, an RGB JPEG that draft mode would decode straight
-to L, whatever simplejpeg refuses, and everything when simplejpeg is not
-installed), and is the reference the fast path is tested against
-(tests/test_jpeg_decode.py).
-
 Resampling is bilinear with PIL's antialiasing (its filter widens when
 downscaling), the same filter in training and evaluation. EXIF orientation
 is not applied (nor is it by tfds or the usual ImageNet pipelines).
@@ -62,11 +53,6 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 from PIL import Image
-
-try:    # libjpeg-turbo through a leaner binding than PIL's: the same pixels, less CPU
-  import simplejpeg
-except ImportError:   # pragma: no cover - an optional speed-up; PIL decodes everything
-  simplejpeg = None
 
 AUGMENT_NAMES = ('none', 'cifar', 'inception', 'moco')
 CROP_SCALE = (0.08, 1.0)
@@ -182,36 +168,6 @@ def draft_for(im: Image.Image, mode: str, needed: tuple[float, float]):
   return result[1][2] / width  # box = (0, 0, W / s, H / s)
 
 
-def _draft_scale(size: tuple[int, int], needed: tuple[int, int]) -> int:
-  """The DCT scale Pillow's ``JpegImageFile.draft`` picks for ``needed``."""
-  scale = min(size[0] // needed[0], size[1] // needed[1])
-  return next(s for s in (8, 4, 2, 1) if scale >= s)
-
-
-def fast_decode(im: Image.Image, mode: str,
-                needed: tuple[float, float] | None = None) -> Image.Image:
-  """``im`` decoded by simplejpeg where that gives PIL's own pixels, else ``im``.
-
-  ``mode`` is the mode the caller converts to; ``needed`` the (w, h) it
-  would ask of draft mode (None: no draft). PIL's path is kept where draft
-  mode would change the decode: a DCT-scaled decode, or an RGB JPEG decoded
-  straight to L (libjpeg's Y channel, not PIL's luma conversion).
-  """
-  if (simplejpeg is None or im.format != 'JPEG' or im.mode not in ('RGB', 'L')
-      or not isinstance(getattr(im, 'fp', None), io.BytesIO)):
-    return im
-  if needed is not None:
-    width, height = im.size
-    req = (min(width, max(1, math.ceil(needed[0]))), min(height, max(1, math.ceil(needed[1]))))
-    if _draft_scale(im.size, req) > 1 or (im.mode == 'RGB' and mode == 'L'):
-      return im
-  try:
-    array = simplejpeg.decode_jpeg(im.fp.getvalue(), 'RGB' if im.mode == 'RGB' else 'GRAY')
-  except ValueError:   # e.g. truncated or unusual data: PIL's decoder decides
-    return im
-  return Image.fromarray(array if im.mode == 'RGB' else array[..., 0], im.mode)
-
-
 def _to_array(im: Image.Image, mode: str) -> np.ndarray:
   if im.mode != mode:
     im = im.convert(mode)
@@ -224,12 +180,8 @@ def _crop_resize_image(im: Image.Image, box: Box | None, size: int,
   mode = _target_mode(im.mode, channels)
   width, height = im.size
   top, left, h, w = box if box is not None else (0, 0, height, width)
-  needed = (width * size / w, height * size / h)
-  fast = fast_decode(im, mode, needed if draft else None)
-  if fast is not im:
-    im, k = fast, 1.0
-  else:
-    k = draft_for(im, mode, needed) if draft else 1.0
+  k = (draft_for(im, mode, (width * size / w, height * size / h))
+       if draft else 1.0)
   if im.mode != mode:
     im = im.convert(mode)
   return im.resize((size, size), _RESAMPLE,
@@ -259,8 +211,7 @@ def decode(image: bytes | np.ndarray, channels: int | None = None,
         array.ndim == 3 and array.shape[-1] == channels)):
       return array[..., None] if array.ndim == 2 else array
   im = open_image(image)
-  mode = _target_mode(im.mode, channels)
-  return _to_array(fast_decode(im, mode), mode)
+  return _to_array(im, _target_mode(im.mode, channels))
 
 
 # ----------------------------------------------------------------------------
