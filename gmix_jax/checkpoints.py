@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
+import weakref
 
 import jax
 import numpy as np
@@ -31,11 +33,39 @@ class CheckpointCorruptError(RuntimeError):
   """No checkpoint of the workdir reads back and verifies."""
 
 
+# A checkpoint starts only through `save`, under this gate; `quiesce` (an abort)
+# takes it for good, so none starts while the process ends.
+_SAVE_GATE = threading.Lock()
+_MANAGERS = weakref.WeakSet()        # the run's managers, for `quiesce`
+
+
 def manager(workdir: str, keep: int = 2):
   import orbax.checkpoint as ocp
-  return ocp.CheckpointManager(
+  ckpt = ocp.CheckpointManager(
       os.path.join(workdir, 'checkpoints'),
-      options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
+      # A checkpoint half-written by a killed or aborted run is removed at start.
+      options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                           cleanup_tmp_directories=True))
+  _MANAGERS.add(ckpt)
+  return ckpt
+
+
+def quiesce(timeout: float) -> None:
+  """Before the process ends abruptly (a second Ctrl-C): no checkpoint starts
+  from now on, and the ones being written get up to ``timeout`` seconds to
+  finish (Orbax names a step only once it is whole; what is still unfinished
+  after that is removed by the caller)."""
+  _SAVE_GATE.acquire(timeout=timeout)          # never released: the process is ending
+
+  def finish():
+    for ckpt in list(_MANAGERS):
+      try:
+        ckpt.wait_until_finished()
+      except Exception:  # pylint: disable=broad-except  (its failure is not the abort's)
+        pass
+  waiter = threading.Thread(target=finish, daemon=True)
+  waiter.start()
+  waiter.join(timeout)
 
 
 def loop_item(pending: list[dict], wall_time_sec: float) -> dict:
@@ -53,9 +83,11 @@ def save(ckpt, step: int, state, local_state, loop: dict) -> None:
   is the one written).
   """
   import orbax.checkpoint as ocp
-  ckpt.save(step, args=ocp.args.Composite(
+  items = ocp.args.Composite(
       state=ocp.args.StandardSave(state), loop=ocp.args.JsonSave(loop),
-      digest=ocp.args.JsonSave(digest_lib.record(local_state, loop))))
+      digest=ocp.args.JsonSave(digest_lib.record(local_state, loop)))
+  with _SAVE_GATE:
+    ckpt.save(step, args=items)
 
 
 def _all_agree(ok: bool) -> bool:

@@ -206,7 +206,14 @@ def apply_overrides(config, overrides: list[tuple[str, str]]) -> list[str]:
         key = field[len('model.kwargs.'):]
         if '.' in key:
           raise UsageError(f'--config.{field}: model.kwargs take one level of keys')
-        config.model.kwargs[key] = _literal(raw)
+        try:
+          config.model.kwargs[key] = _literal(raw)
+        except (TypeError, ValueError):       # the file set it with another type
+          current = config.model.kwargs[key]
+          kind = {'int': 'an int', 'bool': 'true or false', 'str': 'a string'}.get(
+              type(current).__name__, f'a {type(current).__name__}')
+          raise UsageError(f"--config.{field}={raw}: expected {kind} like the config file's "
+                           f'{current!r}') from None
   return notes
 
 

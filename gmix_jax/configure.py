@@ -139,6 +139,47 @@ def num_devices(config: ml_collections.ConfigDict) -> int:
   return jax.local_device_count() if n is None else n
 
 
+def _kwarg_kind(hint):
+  """``(test, description)`` for a model field's annotation, or None when it
+  is not one checked here (``Any``, callables, modules)."""
+  import collections.abc  # pylint: disable=g-import-not-at-top
+  import typing  # pylint: disable=g-import-not-at-top
+  number = lambda v, t: isinstance(v, t) and not isinstance(v, bool)
+  if hint is bool:
+    return (lambda v: isinstance(v, bool)), 'true or false'
+  if hint is int:
+    return (lambda v: number(v, int)), 'an int'
+  if hint is float:
+    return (lambda v: number(v, (int, float))), 'a number'
+  if hint is str:
+    return (lambda v: isinstance(v, str)), 'a string'
+  origin, args = typing.get_origin(hint), typing.get_args(hint)
+  if origin in (collections.abc.Sequence, tuple, list) and args and args[0] in (int, float):
+    item = args[0]
+    return ((lambda v: isinstance(v, (tuple, list)) and all(number(x, item) for x in v)),
+            f'a sequence of {item.__name__}s such as (64, 64)')
+  return None
+
+
+def check_model_kwargs(config: ml_collections.ConfigDict) -> None:
+  """Each ``model.kwargs`` value has its constructor field's type (a string
+  where a tuple of ints belongs would only fail inside the model's trace)."""
+  import functools  # pylint: disable=g-import-not-at-top
+  import typing  # pylint: disable=g-import-not-at-top
+  constructor = models.MODELS[config.model.name]
+  while isinstance(constructor, functools.partial):
+    constructor = constructor.func
+  try:
+    hints = typing.get_type_hints(constructor)
+  except Exception:  # pylint: disable=broad-except  (unresolvable annotations: not checked)
+    return
+  for key, value in dict(config.model.kwargs).items():
+    kind = _kwarg_kind(hints.get(key))
+    if kind is not None and not kind[0](value):
+      raise ValueError(f'model.kwargs.{key}={value!r}: expected {kind[1]} '
+                       f'(model.name={config.model.name!r})')
+
+
 def validate_config(config: ml_collections.ConfigDict) -> objectives.Method:
   """Every error a user can make in the config, before any data or compile.
 
@@ -174,6 +215,7 @@ def validate_config(config: ml_collections.ConfigDict) -> objectives.Method:
   if debug_nan is not None and not (isinstance(debug_nan, int) and debug_nan >= 0):
     raise ValueError(f'debug_nan_step must be None or a step >= 0, got {debug_nan!r}')
   check_numbers(config)
+  check_model_kwargs(config)
   try:                                                # the constructor checks its kwargs
     models.get_model(config.model.name, 10, dtype=dtype, **config.model.kwargs)
   except TypeError as e:

@@ -4,15 +4,18 @@
 every config field with its documentation; ``--config=FILE --help`` shows that
 config's values. Rerunning the same command resumes from the workdir's latest
 checkpoint. On SIGTERM the run checkpoints after its current step and exits 0;
-on Ctrl-C (SIGINT) the same, exit code 130. A signal after the last step
-changes nothing (exit 0).
+on Ctrl-C (SIGINT) the same, exit code 130; a second Ctrl-C aborts at once
+(one line, exit 130, the last checkpoint kept). A signal during start-up,
+before anything is written, stops the run there (exit 0 for SIGTERM, 130 for
+SIGINT); a signal after the last step changes nothing (exit 0).
 
 Exit status: 0 done (or preempted by SIGTERM, or help); 2 a bad command line,
-config or dataset, or the ``train`` extra not installed (one line ``error: ...``
-on stderr, before anything compiles; or a dataset record that cannot be read,
-when the run reaches it under ``dataset.bad_records='error'``, its last
-checkpoint kept); 1 a locked workdir, config drift, checkpoints that do not verify or
-a full disk (one line ``error: ...``); 130 stopped by SIGINT.
+config or dataset, or the ``train`` extra not installed, or a workdir that
+cannot be written (one line ``error: ...`` on stderr, before anything compiles;
+or a dataset record that cannot be read, when the run reaches it under
+``dataset.bad_records='error'``, its last checkpoint kept); 1 a locked workdir,
+config drift, checkpoints that do not verify or a full disk (one line
+``error: ...``); 130 stopped by SIGINT.
 """
 from __future__ import annotations
 
@@ -20,10 +23,12 @@ import os
 import shlex
 import signal
 import sys
+import time
 import warnings
 
 from gmix_jax import cli
 from gmix_jax import extras
+from gmix_jax import preemption
 
 
 def _warning(message, category, filename, lineno, line=None):
@@ -35,6 +40,17 @@ def _after_the_run(signum, frame):
   """Outside ``train_and_evaluate`` (its own handlers are gone): the run is
   complete or checkpointed, so a late signal has nothing left to stop."""
   del signum, frame
+
+
+def _start_hook() -> None:
+  """Tests: with ``GMIX_START_HOOK=PATH``, create PATH and wait until it is
+  removed, so that a signal can be sent at a known point of start-up."""
+  path = os.environ.get('GMIX_START_HOOK')
+  if not path:
+    return
+  open(path, 'w').close()
+  while os.path.exists(path):
+    time.sleep(0.01)
 
 
 def _parse(argv: list[str]):
@@ -71,6 +87,8 @@ def result_line(summary: dict, workdir: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
   argv = sys.argv[1:] if argv is None else argv
+  preemption.on_start_up()             # a signal from here on is a request, not a crash
+  _start_hook()
   warnings.formatwarning = _warning    # gmix_jax's warnings as one line each
   try:                                 # a core-only install: say which extra, not a traceback
     extras.require('train', 'python -m gmix_jax.main')
@@ -90,10 +108,14 @@ def main(argv: list[str] | None = None) -> int:
   workdir_errors = (lock.WorkdirLockedError, drift.ConfigDriftError,
                     checkpoints.CheckpointCorruptError, workdir_lib.DiskFullError)
   logging.set_verbosity(logging.WARNING)   # Orbax logs every save at INFO
-  for sig in (signal.SIGTERM, signal.SIGINT):
-    signal.signal(sig, _after_the_run)     # put back by the trainer when it returns
   try:
     summary = train.train_and_evaluate(config, workdir)
+  except preemption.StoppedBeforeStart as e:
+    print(e, file=sys.stderr, flush=True)
+    return 128 + signal.SIGINT if e.signal_name == 'SIGINT' else 0
+  except lock.WorkdirNotWritableError as e:
+    print(f'error: {e}', file=sys.stderr, flush=True)
+    return 2
   except workdir_errors as e:
     print(f'error: {e}', file=sys.stderr, flush=True)
     return 1
@@ -104,6 +126,9 @@ def main(argv: list[str] | None = None) -> int:
       raise
     print(f'error: {" ".join(str(e).split())}', file=sys.stderr)
     return 2
+  finally:
+    for sig in (signal.SIGTERM, signal.SIGINT):
+      signal.signal(sig, _after_the_run)   # the run is over: nothing left to stop
   if summary.get('preempted'):
     command = ' '.join(shlex.quote(a) for a in [sys.executable, '-m', 'gmix_jax.main', *argv])
     print(f"preempted at step {summary['step']}/{summary['steps']} ({summary['signal']}); "

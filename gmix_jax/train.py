@@ -148,8 +148,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   parallel.maybe_initialize_distributed()  # before anything asks JAX for devices
   configure.validate_config(config)
   workdir = os.path.abspath(workdir)
-  os.makedirs(workdir, exist_ok=True)
-  with (Preemption() as preemption, lock.job_lock(workdir),
+  with (Preemption(workdir) as preemption, lock.job_lock(workdir),
         workdir_lib.disk_full_report(workdir) as report):
     s = setup(config, workdir)
     state, objective, extra_update = fresh_state(s)

@@ -14,8 +14,10 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import logging
 import os
 import socket
+import sys
 import time
 import types
 
@@ -188,26 +190,93 @@ def kept_after_failure(workdir: str) -> str:
   return f'{ckpt} and {metrics}'
 
 
+class _QuietFullDisk(logging.Filter):
+  """Drops log records of a full disk: Orbax's background save threads log
+  each failure with its traceback through absl (~100 lines), and asyncio
+  logs the futures they left at exit; the run reports it itself, in one
+  line."""
+
+  reported = False        # once the run has reported it: Orbax's follow-up failures too
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    if self.reported and f'{os.sep}orbax{os.sep}' in (record.pathname or ''):
+      return False          # e.g. its metadata thread, at exit: "cannot schedule new futures"
+    exc = record.exc_info[1] if record.exc_info else None
+    if exc is not None and _full_disk_cause(exc) is not None:
+      return False
+    text = str(record.msg)
+    return not ('No space left on device' in text or 'Disk quota exceeded' in text)
+
+
+def _orbax_aftermath(exc: BaseException | None) -> bool:
+  """An error printed straight to stderr (``sys.excepthook``) by a write that
+  completed after Orbax closed the event loop of a failed save: TensorStore's
+  callback finds ``Event loop is closed``; or the full disk itself."""
+  if exc is None:
+    return False
+  return ((isinstance(exc, RuntimeError) and str(exc) == 'Event loop is closed')
+          or _full_disk_cause(exc) is not None)
+
+
+def _quiet_hooks():
+  """Installs ``sys.excepthook`` / ``sys.unraisablehook`` that drop
+  `_orbax_aftermath`; returns a function that puts the previous ones back."""
+  excepthook, unraisablehook = sys.excepthook, sys.unraisablehook
+
+  def quiet_excepthook(kind, exc, tb):
+    if not _orbax_aftermath(exc):
+      excepthook(kind, exc, tb)
+
+  def quiet_unraisablehook(unraisable):
+    if not _orbax_aftermath(unraisable.exc_value):
+      unraisablehook(unraisable)
+
+  sys.excepthook, sys.unraisablehook = quiet_excepthook, quiet_unraisablehook
+
+  def restore():
+    sys.excepthook, sys.unraisablehook = excepthook, unraisablehook
+  return restore
+
+
 @contextlib.contextmanager
 def disk_full_report(workdir: str):
   """Turns a full disk, anywhere in the body, into one ``DiskFullError``
   naming the path that failed and what was kept. Yields a report whose
   ``ckpt`` (a CheckpointManager, once there is one) gets to finish its
-  pending writes first, so no background thread fails during shutdown."""
+  pending writes first, so no background thread fails during shutdown; the
+  checkpoint that could not be written is removed (it frees space; one whose
+  folder Orbax creates later is removed when the next launch starts) and its
+  logged tracebacks are dropped."""
   report = types.SimpleNamespace(ckpt=None)
+  quiet = _QuietFullDisk()
+  loggers = [logging.getLogger(name) for name in ('absl', 'asyncio')]
+  for logger in loggers:
+    logger.addFilter(quiet)
+  full = False
+  restore_hooks = _quiet_hooks()
   try:
     yield report
   except Exception as e:  # pylint: disable=broad-except
     cause = _full_disk_cause(e)
     if cause is None:
       raise
-    try:
-      if report.ckpt is not None:
-        report.ckpt.wait_until_finished()
-    except Exception:  # pylint: disable=broad-except  (the same full disk)
-      pass
+    full = quiet.reported = True
+    for finish in ('wait_until_finished', 'close'):   # no Orbax thread outlives the run
+      try:
+        if report.ckpt is not None:
+          getattr(report.ckpt, finish)()
+      except Exception:  # pylint: disable=broad-except  (the same full disk)
+        pass
+    from gmix_jax import preemption  # pylint: disable=g-import-not-at-top
+    preemption.discard_partial_checkpoints(workdir)
     path = getattr(cause, 'filename', None) or workdir
+    where = path if path == workdir else f'{path} ({workdir})'
     raise DiskFullError(
-        errno.ENOSPC, f'no space left on the device of {path} ({workdir}). Kept: '
+        errno.ENOSPC, f'no space left on the device of {where}. Kept: '
         f'{kept_after_failure(workdir)}. Free space (or raise the quota) and rerun the same '
         'command to resume from there.') from None
+  finally:
+    if not full:              # after a full disk, Orbax's threads may still log it at exit
+      for logger in loggers:
+        logger.removeFilter(quiet)
+      restore_hooks()

@@ -426,16 +426,19 @@ def test_a_full_disk_is_one_error_naming_the_path_and_what_was_kept(straight, tm
 
 
 def test_sigint_is_a_stop_request_and_a_second_one_aborts():
+  import threading
   from gmix_jax.preemption import Preemption
   before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
-  with Preemption() as p:
+  aborted = threading.Event()
+  with Preemption(on_abort=aborted.set) as p:
     os.kill(os.getpid(), signal.SIGINT)
-    assert p.requested and p.signal_name == 'SIGINT'
-    with pytest.raises(KeyboardInterrupt):
-      os.kill(os.getpid(), signal.SIGINT)
+    assert p.requested and p.signal_name == 'SIGINT' and not aborted.is_set()
     os.kill(os.getpid(), signal.SIGTERM)           # still a request, not the default (exit)
     assert p.signal_name == 'SIGINT'
+    os.kill(os.getpid(), signal.SIGINT)
+    assert aborted.wait(timeout=60), 'the second Ctrl-C did not abort'
   assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+  assert signal.set_wakeup_fd(-1) == -1, 'the wakeup fd was put back'
 
 
 @pytest.mark.slow

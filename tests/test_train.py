@@ -135,7 +135,7 @@ def test_knob_added_at_its_none_default_still_resumes(tmp_path):
     # Sizes: the per-device batch is 20 / 2 devices = 10.
     ('batch_size', 7, r'batch_size=7 must be divisible by the number of devices \(2\)'),
     ('method.sensitivity.chunk', 3, 'sensitivity.chunk=3 must divide the per-device batch 10'),
-    ('num_devices', 64, r'num_devices must be in \[1, 8\]'),
+    ('num_devices', 64, r'num_devices must be None \(all\) or an int in \[1, 8\]'),
     ('model.kwargs', {'depth': 3}, r"model.kwargs \{'depth': 3\} do not fit model.name='mlp'"),
 ])
 def test_bad_config_fails_before_any_work(field, value, message, tmp_path):

@@ -187,9 +187,11 @@ def _write_mnist_jpeg(root: str) -> None:
 def prepare_mnist_jpeg(data_dir: str) -> str:
   """Builds ``mnist_jpeg`` into ``data_dir`` unless there; returns its dir.
 
-  Built in a temporary sibling directory, then renamed into place: the
-  rename is atomic, and fails if another process renamed first, in which
-  case that copy (identical: the build is deterministic) is kept.
+  Built by one process at a time (`lock.preparing`: concurrent launches
+  wait, then read it) in a temporary sibling directory, then renamed into
+  place: the rename is atomic, and fails if another process renamed first
+  (a file system without locks), in which case that copy (identical: the
+  build is deterministic) is kept.
   """
   final = mnist_jpeg_dir(data_dir)
   if os.path.isdir(final):
@@ -200,17 +202,21 @@ def prepare_mnist_jpeg(data_dir: str) -> str:
         '(first use only; nothing is downloaded)', file=sys.stderr, flush=True)
   parent = os.path.dirname(final)
   os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=f'.{MNIST_JPEG_VERSION}.tmp-', dir=parent)
-  try:
-    _write_mnist_jpeg(tmp)
-    os.chmod(tmp, 0o755)  # mkdtemp makes it 0700
+  from gmix_jax import lock  # pylint: disable=g-import-not-at-top
+  with lock.preparing(data_dir, 'mnist_jpeg'):   # concurrent launches build it once
+    if os.path.isdir(final):
+      return final
+    tmp = tempfile.mkdtemp(prefix=f'.{MNIST_JPEG_VERSION}.tmp-', dir=parent)
     try:
-      os.rename(tmp, final)
-    except OSError:
-      if not os.path.isdir(final):
-        raise
-  finally:
-    shutil.rmtree(tmp, ignore_errors=True)
+      _write_mnist_jpeg(tmp)
+      os.chmod(tmp, 0o755)  # mkdtemp makes it 0700
+      try:
+        os.rename(tmp, final)
+      except OSError:
+        if not os.path.isdir(final):
+          raise
+    finally:
+      shutil.rmtree(tmp, ignore_errors=True)
   return final
 
 

@@ -127,12 +127,14 @@ def _open(name: str, split: str, data_dir: str, *, download: bool = False,
         f'TensorFlow is not installed. Prepare it once where TensorFlow is '
         f'available: `tfds build {name} --file_format=array_record '
         f'--data_dir={data_dir}`, then copy {data_dir}/{name} here.')
-  return tfds.data_source(
-      name, download=True,
-      download_and_prepare_kwargs={
-          'download_config': tfds.download.DownloadConfig(
-              try_download_gcs=False)},
-      **kwargs)
+  from gmix_jax import lock  # pylint: disable=g-import-not-at-top
+  with lock.preparing(data_dir, name):   # one builder at a time; the others then read it
+    return tfds.data_source(
+        name, download=True,
+        download_and_prepare_kwargs={
+            'download_config': tfds.download.DownloadConfig(
+                try_download_gcs=False)},
+        **kwargs)
 
 
 def read_arrays(source: Sequence[dict[str, Any]], image_key: str = 'image',

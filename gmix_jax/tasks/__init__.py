@@ -125,5 +125,7 @@ def get(config: ml_collections.ConfigDict) -> Task:
   """
   name, registry = name_of(config), _registry()
   if name not in registry:
-    raise ValueError(f'task.name must be one of {sorted(registry)}, got {name!r}')
+    from gmix_jax import cli  # pylint: disable=g-import-not-at-top
+    raise ValueError(f'task.name must be one of {sorted(registry)}, got {name!r}'
+                     f'{cli.did_you_mean(name, registry)}')
   return registry[name]

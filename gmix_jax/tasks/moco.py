@@ -54,6 +54,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from gmix_jax import cli
 from gmix_jax import configure
 from gmix_jax import contrastive
 from gmix_jax import knn
@@ -266,7 +267,8 @@ class Moco(tasks.Task):
                        'leave the projection MLP without gradient; MoCo v3 is another recipe)')
     if config.method.name not in objectives.PRESETS:
       raise ValueError(f"method.name must be one of {sorted(objectives.PRESETS)} for "
-                       f"task.name='moco', got {config.method.name!r}")
+                       f"task.name='moco', got {config.method.name!r}"
+                       f'{cli.did_you_mean(config.method.name, objectives.PRESETS)}')
     method = self.build_method(config, num_classes=10)
     if config.batch_size > cfg.queue_size:
       raise ValueError(f'task.queue_size={cfg.queue_size} must hold at least one global batch '

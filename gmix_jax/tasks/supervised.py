@@ -19,6 +19,7 @@ import ml_collections
 
 from gmix_jax import accumulation
 from gmix_jax import checkpoints
+from gmix_jax import cli
 from gmix_jax import configure
 from gmix_jax import data as data_lib
 from gmix_jax import evaluation
@@ -49,7 +50,8 @@ class Supervised(tasks.Task):
   def check_config(self, config):
     """``method.name`` and every method knob; SAMix's source run (file level)."""
     if config.method.name not in method_names():
-      raise ValueError(f'method.name must be one of {method_names()}, got {config.method.name!r}')
+      raise ValueError(f'method.name must be one of {method_names()}, got {config.method.name!r}'
+                       f'{cli.did_you_mean(config.method.name, method_names())}')
     method = self.build_method(config, num_classes=10)   # raises on any bad method knob
     if own_step(config):
       samix_cfg = build_samix(config)
