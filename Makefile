@@ -1,6 +1,7 @@
 # gmix_jax developer entry points.
 #   make venv   create .venv (if missing) and install pinned deps + the package (editable)
 #   make test   run the test suite (the README's / CI's test command)
+#   make test-fast  the suite without the tests marked `slow` (the edit-test loop)
 #   make demo   short training run with the default config
 #   make clean  remove .venv, build metadata and caches (keeps workdirs/)
 # Override the interpreter with e.g. `make PYTHON=python3.12 test`.
@@ -15,7 +16,7 @@ CONFIG   ?= configs/default.py
 WORKDIR  ?= workdirs/default
 PYTEST_ARGS ?= -n 2
 
-.PHONY: venv test demo clean
+.PHONY: venv test test-fast demo clean
 
 venv: $(STAMP)
 
@@ -29,6 +30,9 @@ $(STAMP): requirements.txt pyproject.toml | $(VENV_PY)
 
 test: venv
 	$(VENV_PY) -m pytest -q tests$(if $(PYTEST_ARGS), $(PYTEST_ARGS))
+
+test-fast: venv
+	$(VENV_PY) -m pytest -q tests -m "not slow"$(if $(PYTEST_ARGS), $(PYTEST_ARGS))
 
 demo: venv
 	$(VENV_PY) -m gmix_jax.main --config=$(CONFIG) --workdir=$(WORKDIR)

@@ -14,8 +14,7 @@ step s) -> to_iter_dataset(one thread) -> mp_prefetch(N workers)`` (no
 ``mp_prefetch`` for 0 workers: one thread of the main process does the
 work), where a batch is an epoch-permutation slice, one ``__getitems__``
 read, the ``inception`` training transform of `gmix_jax.data.image_ops` per
-record at ``--size`` (224: PIL draft-mode decode, crop, bilinear resize,
-flip), and a ``np.stack`` into uint8 ``[B, 224, 224, 3]``. One worker is one
+record at ``--size`` (224: decode, crop, bilinear resize, flip), and a ``np.stack`` into uint8 ``[B, 224, 224, 3]``. One worker is one
 process with one thread, so images/s per worker is a per-core figure.
 
 Timing: ``--warmup`` batches (worker start-up, and long enough to drain the
@@ -27,7 +26,9 @@ and its worker processes, user + system, over the timed window):
 ``images_per_worker_cpu_s`` = images / the workers' CPU seconds (the main
 process's for 0 workers) is what one worker does with a whole core. Also timed, in the main
 process without grain: full decode only, and the transform alone (so the
-cost of grain and of batching can be read off), per wall and per CPU second. Results are merged into
+cost of grain and of batching can be read off), per wall and per CPU second,
+with PIL (the library's decoder) and, if installed, simplejpeg as the
+decoder (`time_in_process`). Results are merged into
 ``--out`` under ``--label`` (one entry per machine).
 """
 from __future__ import annotations
@@ -115,30 +116,69 @@ def time_pipeline(path: str, workers: int, batch: int, size: int,
   return row
 
 
-def time_in_process(path: str, size: int, n: int = 200) -> dict:
-  """Decode alone and the transform alone, main process, no grain."""
+def time_in_process(path: str, size: int, n: int = 64, rounds: int = 9) -> dict:
+  """Decode alone and the transform alone, main process, no grain.
+
+  Per decoder: ``pil``, the library's transform (PIL decodes, crops,
+  resizes, flips) and, when the ``simplejpeg`` package is installed,
+  ``simplejpeg``: its decode (libjpeg-turbo with the accurate IDCT and fancy
+  upsampling, as PIL's: the same pixels, checked here) handed to PIL as an
+  array, then the library's own crop + resize and PIL's flip, i.e. what a
+  change of decoder would give. The kinds alternate in ``rounds`` rounds of
+  ``n`` records (order flipped every round); figures are medians over rounds,
+  and ``transform_simplejpeg_over_pil_cpu`` is the median of the per-round
+  ratios of CPU time per image (< 1: simplejpeg cheaper).
+  """
   from PIL import Image
   from gmix_jax.data import image_ops
   from gmix_jax.data import jpeg_sources
   src = jpeg_sources.JpegRecordSource(path)
   records = [src[i % len(src)] for i in range(n)]
-  start, cpu = time.perf_counter(), time.process_time()
-  for r in records:
-    np.asarray(Image.open(io.BytesIO(r['image'])).convert('RGB'))
-  decode = n / (time.perf_counter() - start)
-  decode_cpu = n / (time.process_time() - cpu)
-  transform = image_ops.make_record_transform('inception', size, True,
-                                              channels=3)
-  rng = np.random.default_rng(0)
-  start, cpu = time.perf_counter(), time.process_time()
-  for r in records:
-    transform(r, rng)
-  crop = n / (time.perf_counter() - start)
-  crop_cpu = n / (time.process_time() - cpu)
-  return {'full_decode_per_s': round(decode, 1),
-          'transform_per_s': round(crop, 1),
-          'full_decode_per_cpu_s': round(decode_cpu, 1),
-          'transform_per_cpu_s': round(crop_cpu, 1)}
+  transform = image_ops.make_record_transform('inception', size, True, channels=3)
+  kinds = {('decode', 'pil'): lambda r, rng: np.asarray(
+               Image.open(io.BytesIO(r['image'])).convert('RGB')),
+           ('transform', 'pil'): transform}
+  try:
+    import simplejpeg
+  except ImportError:
+    simplejpeg = None
+  if simplejpeg is not None:
+    def transform_simplejpeg(r, rng):
+      im = Image.fromarray(simplejpeg.decode_jpeg(r['image'], 'RGB'))
+      box = image_ops.random_resized_crop_box(rng, im.height, im.width)
+      out = image_ops._crop_resize_image(im, box, size, 3, draft=False)  # pylint: disable=protected-access
+      if rng.random() < 0.5:
+        out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+      return np.asarray(out)
+    kinds[('decode', 'simplejpeg')] = lambda r, rng: simplejpeg.decode_jpeg(r['image'], 'RGB')
+    kinds[('transform', 'simplejpeg')] = transform_simplejpeg
+    same = all(np.array_equal(transform(r, np.random.default_rng(i))['image'],
+                              transform_simplejpeg(r, np.random.default_rng(i)))
+               for i, r in enumerate(records[:16]))
+
+  def per_second(fn):
+    rng = np.random.default_rng(0)
+    start, cpu = time.perf_counter(), time.process_time()
+    for r in records:
+      fn(r, rng)
+    return n / (time.perf_counter() - start), n / (time.process_time() - cpu)
+
+  runs = {k: [] for k in kinds}
+  for i in range(rounds):
+    for k in (list(kinds) if i % 2 == 0 else list(kinds)[::-1]):
+      runs[k].append(per_second(kinds[k]))
+  med = lambda xs: round(float(np.median(xs)), 1)
+  out = {'rounds': rounds, 'records_per_round': n}
+  for (what, decoder), xs in runs.items():
+    name = 'full_decode' if what == 'decode' else 'transform'
+    out[f'{name}_{decoder}_per_s'] = med([x[0] for x in xs])
+    out[f'{name}_{decoder}_per_cpu_s'] = med([x[1] for x in xs])
+  if simplejpeg is not None:
+    out['simplejpeg_output_identical'] = bool(same)
+    out['transform_simplejpeg_over_pil_cpu'] = round(float(np.median(
+        [p[1] / f[1] for f, p in zip(runs[('transform', 'simplejpeg')],
+                                     runs[('transform', 'pil')])])), 3)
+  return out
 
 
 def cpu_seconds() -> tuple[float, float] | None:

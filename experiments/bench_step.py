@@ -1,35 +1,63 @@
-"""Compiled train-step time and memory per method, relative to ERM, in one process.
+"""Cost of a compiled train step relative to a baseline, timed in back-to-back pairs.
 
-  python experiments/bench_step.py [--model cnn] [--batch 128] [--steps 30] [--devices 1] [--chunk 32]
-  python experiments/bench_step.py --methods erm,samix,samix_p     # any preset or SAMix name
-  python experiments/bench_step.py --methods gmix --accum 1,2,4      # gradient accumulation K
-  python experiments/bench_step.py --model resnet18 --input 32,32,3 --batch 128,256 \\
-      --optax-sam --chunks 8,16,32,64,128 --out experiments/bench_step_gpu.json   # on a GPU
+  python experiments/bench_step.py                                  # presets and estimators vs SAM
+  python experiments/bench_step.py --methods gmix,bgmix --set sensitivity.estimator=first_order
+  python experiments/bench_step.py --methods mixup,gmix,gmix:sharpness.rule=asam --baseline mixup,sam
+  python experiments/bench_step.py --methods bgmix:first_order,bgmix:shared --baseline sam --pairs 40
+  python experiments/bench_step.py --methods erm,samix,samix_p --baseline erm   # SAMix
+  python experiments/bench_step.py --methods gmix --accum 1,2,4 --baseline gmix  # accumulation K
+  python experiments/bench_step.py --model resnet18 --input 32,32,3 --chunk 16 --optax-sam  # GPU
 
-Same model, batch and optimizer for every method; the step is the library's
-own (`parallel.make_per_device_step` under `jit(shard_map)`), timed as the
-median of ``--steps`` calls after two warm-up calls, each ended by
-``block_until_ready``. Memory is XLA's own account of the compiled step
-(``Compiled.memory_analysis()``): ``temp`` is the scratch the step needs
-beyond its inputs and outputs (activations, per-example gradients), which
-is what grows with the batch or the sensitivity chunk; it does not depend on
-what else the process has allocated, unlike the allocator's peak.
+Why pairs. On a shared machine the speed of a step drifts with the other
+jobs' load by far more than the differences being measured; timing methods
+one after another turns that drift into fake ratios (under load the old
+version of this script put G-Mix at 2.49x SAM when it costs 1.01x). Here
+every row is timed as ``--pairs`` pairs (baseline step, method step) run
+back to back, the order alternating from pair to pair, and the figure is the
+median over pairs of the per-pair ratio, both for the process CPU time of
+the step (``time.process_time`` around the call and its
+``block_until_ready``: all of XLA's threads, insensitive to how many cores
+the other jobs leave us) and for wall time. p25/p75 of the per-pair ratios
+give the spread. The 1-minute load average is recorded before and after
+every row (``os.getloadavg``); report it with the figures.
 
-``--optax-sam`` also times a plain SAM step built two ways on the same model
-and batch — ``optax.chain(gmix_jax.transforms.sam(ρ), sgd)`` and
-``optax.contrib.sam(sgd, chain(normalize, sgd(ρ)), opaque_mode=True)`` —
-alternating the two so drift hits both. ``--chunks`` times BG-Mix with the
-``per_example`` estimator at each chunk size (memory should follow the
-chunk, not the batch). ``--accum 1,2,4`` runs every method with each number
-of micro-batches K (``make_objective(..., accumulation_steps=K)``; temp
-memory should fall with K). Prints markdown tables; ``--out FILE`` writes JSON,
-rewritten after every row so a run cut short keeps what it measured.
+Methods (``--methods``, comma-separated rows): a preset (`objectives.PRESETS`)
+or a SAMix name (`samix.METHODS`), optionally followed by ``:``-separated
+overrides of the method's configs, ``FIELD=VALUE`` with FIELD as in
+``--config.method.FIELD`` (``sensitivity.estimator=first_order``,
+``sharpness.rule=asam``, ``sharpness.rho=0.1``, ``partition.gamma=0.25``;
+values are Python literals or bare strings); a bare word is short for
+``sensitivity.estimator=WORD``. ``--set FIELD=VALUE`` (repeatable) applies to
+every row but not to the baseline. A ``bgmix``/``dgmix`` row that sets no
+estimator is expanded over ``--estimators``. ``--chunk`` is the
+``sensitivity.chunk`` of split rows whose estimator is ``per_example`` or
+``first_order`` unless they set it (0, the whole batch, for the others). The baseline (``--baseline``, default
+``sam``; ``sam,mixup,erm`` pairs every row with each) is a row spec too, and
+a row equal to it is still paired with it: its ratio, ~1.00, shows the noise
+floor.
+
+Same model, batch and optimizer (SGD, momentum 0.9) for every row; the step
+is the library's own (``parallel.make_per_device_step`` under
+``jit(shard_map)``), compiled once, warmed up by ``--warmup`` calls. Memory
+is XLA's account of the compiled step (``Compiled.memory_analysis()``):
+``temp`` is the scratch the step needs beyond its inputs and outputs, what
+grows with the batch or the sensitivity chunk. ``--accum 1,2,4`` runs every
+row with each number of micro-batches K. ``--optax-sam`` adds
+``optax.contrib.sam`` (opaque mode) paired against ``optax.chain(
+gmix_jax.transforms.sam(rho), sgd)`` in a hand-written step. Prints a
+markdown line per row as it is measured and a table at the end; ``--out
+FILE`` writes JSON, rewritten after every row so a run cut short keeps what
+it measured.
 """
+from __future__ import annotations
+
 import argparse
+import ast
 import json
 import os
 import platform
 import statistics
+import sys
 import time
 
 import jax
@@ -39,6 +67,76 @@ import optax
 
 from gmix_jax import losses, models, objectives, parallel, samix, transforms
 
+CHUNKED_ESTIMATORS = ('per_example', 'first_order')
+
+
+# ----------------------------------------------------------------------------
+# Row specs: NAME[:FIELD=VALUE[:...]]
+# ----------------------------------------------------------------------------
+
+
+def _value(text: str):
+  try:
+    return ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    return text
+
+
+def parse_override(item: str) -> tuple[str, str, object]:
+  """``'sensitivity.estimator=first_order'`` -> ``('sensitivity', 'estimator', 'first_order')``;
+  a bare word is an estimator; a leading ``method.`` is dropped."""
+  if '=' not in item:
+    return 'sensitivity', 'estimator', item
+  key, text = item.split('=', 1)
+  key = key.strip()
+  if key.startswith('method.'):
+    key = key[len('method.'):]
+  if key.count('.') != 1:
+    raise ValueError(f'override {item!r}: expected FIELD=VALUE with FIELD like '
+                     f'sensitivity.estimator or sharpness.rule')
+  config, field = key.split('.')
+  return config, field, _value(text.strip())
+
+
+def parse_spec(spec: str, extra: list[str] = ()) -> tuple[str, dict]:
+  """``'bgmix:first_order:partition.gamma=0.25'`` -> ``('bgmix', {config: {field: value}})``."""
+  name, *items = spec.split(':')
+  overrides: dict = {}
+  for item in [*items, *extra]:
+    config, field, value = parse_override(item)
+    overrides.setdefault(config, {})[field] = value
+  return name, overrides
+
+
+def expand_rows(methods: str, sets: list[str], estimators: str, chunk: int) -> list[tuple[str, str, dict]]:
+  """``(label, name, overrides)`` per row: ``bgmix``/``dgmix`` rows without an
+  estimator expanded over ``estimators``; ``chunk`` for the chunked estimators."""
+  rows = []
+  for spec in (m for m in methods.split(',') if m):
+    name, overrides = parse_spec(spec, sets)
+    variants = [(spec, overrides)]
+    if name in ('bgmix', 'dgmix') and 'estimator' not in overrides.get('sensitivity', {}):
+      variants = [(f'{spec}:{e}', {**overrides, 'sensitivity': {**overrides.get('sensitivity', {}),
+                                                               'estimator': e}})
+                  for e in estimators.split(',') if e]
+    for label, o in variants:
+      rows.append((label, name, with_chunk(name, o, chunk)))
+  return rows
+
+
+def with_chunk(name: str, overrides: dict, chunk: int) -> dict:
+  sens = overrides.get('sensitivity', {})
+  if name in samix.METHODS or 'chunk' in sens:
+    return overrides
+  method = objectives.get_method(name, 10, **overrides)   # also checks the overrides early
+  chunked = method.partition.rule != 'none' and method.sensitivity.estimator in CHUNKED_ESTIMATORS
+  return {**overrides, 'sensitivity': {**sens, 'chunk': chunk if chunked else 0}}
+
+
+# ----------------------------------------------------------------------------
+# Steps: each a `run()` that does one compiled step and returns its output
+# ----------------------------------------------------------------------------
+
 
 def _memory(compiled) -> dict:
   m = compiled.memory_analysis()
@@ -47,18 +145,6 @@ def _memory(compiled) -> dict:
   mib = lambda v: float(v) / 2 ** 20
   return {'temp_mib': mib(m.temp_size_in_bytes), 'args_mib': mib(m.argument_size_in_bytes),
           'out_mib': mib(m.output_size_in_bytes)}
-
-
-def _time(fn, carry, steps):
-  """Median and p90 seconds of ``carry = fn(carry)`` after two warm-up calls."""
-  times = []
-  for i in range(steps + 2):
-    t = time.perf_counter()
-    carry = fn(carry)
-    jax.block_until_ready(carry)
-    if i >= 2:
-      times.append(time.perf_counter() - t)
-  return statistics.median(times), float(np.percentile(times, 90)), carry
 
 
 def _random_batch(batch, input_shape, num_classes):
@@ -81,19 +167,20 @@ def _samix_parts(name, model_name, module, apply_fn, input_shape, num_classes, p
                restore=lambda workdir: (0, {'extra': jax.device_get(source)}))
 
 
-def bench(method_name, model_name, module, input_shape, num_classes, batch, steps, n_dev, overrides,
-          accumulation_steps=1):
+def build_step(name, overrides, model_name, module, input_shape, num_classes, batch, n_dev,
+               accumulation_steps=1):
+  """``(run, info)``: ``run()`` advances the row's own state by one compiled step."""
   apply_fn = models.make_apply_fn(module)
   optimizer = optax.sgd(0.05, momentum=0.9)
   params, model_state = models.init_model(module, jax.random.PRNGKey(0), input_shape)
-  if method_name in samix.METHODS:
-    if accumulation_steps != 1:
-      raise ValueError(f'--accum applies to the presets, not to {method_name}')
-    objective, extra, extra_update = _samix_parts(method_name, model_name, module, apply_fn, input_shape,
+  if name in samix.METHODS:
+    if accumulation_steps != 1 or overrides:
+      raise ValueError(f'{name}: overrides and --accum apply to the presets only')
+    objective, extra, extra_update = _samix_parts(name, model_name, module, apply_fn, input_shape,
                                                   num_classes, params, model_state)
     stale = False
   else:
-    method = objectives.get_method(method_name, num_classes, **overrides)
+    method = objectives.get_method(name, num_classes, **overrides)
     objective = objectives.make_objective(method, apply_fn, accumulation_steps=accumulation_steps)
     extra, extra_update = None, None
     stale = method.partition.rule != 'none' and method.sensitivity.estimator == 'stale'
@@ -106,129 +193,197 @@ def bench(method_name, model_name, module, input_shape, num_classes, batch, step
   data = parallel.global_batch_to_device(_random_batch(batch, input_shape, num_classes), mesh, 'batch')
   t = time.perf_counter()
   compiled = step.lower(state, data).compile()
-  compile_s = time.perf_counter() - t
-  med, p90, _ = _time(lambda s: compiled(s, data)[0], state, steps)
-  return {'median_ms': med * 1e3, 'p90_ms': p90 * 1e3, 'compile_s': compile_s, **_memory(compiled)}
+  info = {'compile_s': time.perf_counter() - t, **_memory(compiled)}
+  carry = [state]
+
+  def run():
+    carry[0] = compiled(carry[0], data)[0]
+    return carry[0]
+  return run, info
 
 
-def bench_optax_sam(module, input_shape, num_classes, batch, steps, rho=0.05, lr=0.05):
-  """Our SAM transform vs optax.contrib.sam (opaque mode), same step otherwise."""
+def build_sam_transform_step(kind, module, input_shape, num_classes, batch, rho=0.05, lr=0.05):
+  """A hand-written SAM step with ``optax.chain(transforms.sam(rho), sgd)``
+  (``kind='ours'``) or ``optax.contrib.sam`` in opaque mode (``'optax'``)."""
   apply_fn = models.make_apply_fn(module)
   params, model_state = models.init_model(module, jax.random.PRNGKey(0), input_shape)
   data = jax.device_put(_random_batch(batch, input_shape, num_classes))
 
-  def loss_fn(p, model_state, batch):
-    logits, new_state = apply_fn(p, model_state, batch['x'], True)
-    labels = losses.as_soft_labels(batch['y'], num_classes)
-    return losses.soft_cross_entropy(logits, labels).mean(), new_state
+  def loss_fn(p, ms, b):
+    logits, new_state = apply_fn(p, ms, b['x'], True)
+    return losses.soft_cross_entropy(logits, losses.as_soft_labels(b['y'], num_classes)).mean(), new_state
 
-  def make_step(opt):
-    def step(carry, batch):
-      p, s, ms = carry
-      (_, new_ms), g = jax.value_and_grad(loss_fn, has_aux=True)(p, ms, batch)
-      grad_fn = lambda q, _: jax.grad(lambda q: loss_fn(q, ms, batch)[0])(q)
-      u, s = opt.update(g, s, p, grad_fn=grad_fn)
-      return optax.apply_updates(p, u), s, new_ms
-    return opt, jax.jit(step, donate_argnums=0)
+  if kind == 'ours':
+    opt = optax.chain(transforms.sam(rho), optax.sgd(lr))
+  else:
+    opt = optax.contrib.sam(optax.sgd(lr), optax.chain(optax.contrib.normalize(), optax.sgd(rho)),
+                            sync_period=2, opaque_mode=True)
 
-  variants = {
-      'gmix_jax.transforms.sam': make_step(optax.chain(transforms.sam(rho), optax.sgd(lr))),
-      'optax.contrib.sam (opaque)': make_step(optax.contrib.sam(
-          optax.sgd(lr), optax.chain(optax.contrib.normalize(), optax.sgd(rho)),
-          sync_period=2, opaque_mode=True)),
-  }
-  # Each variant gets its own copies: the steps donate their carry.
-  carries = {k: jax.tree.map(jnp.copy, (params, opt.init(params), model_state))
-             for k, (opt, _) in variants.items()}
-  times = {k: [] for k in variants}
-  for k, (_, step) in variants.items():       # compile + warm up
-    for _ in range(2):
-      carries[k] = step(carries[k], data)
-    jax.block_until_ready(carries[k])
-  for _ in range(steps):                       # alternate, so drift hits both
-    for k, (_, step) in variants.items():
-      t = time.perf_counter()
-      carries[k] = step(carries[k], data)
-      jax.block_until_ready(carries[k])
-      times[k].append(time.perf_counter() - t)
-  return [{'variant': k, 'median_ms': statistics.median(v) * 1e3,
-           'p90_ms': float(np.percentile(v, 90)) * 1e3} for k, v in times.items()]
+  def step(c, b):
+    p, s, ms = c
+    (_, new_ms), g = jax.value_and_grad(loss_fn, has_aux=True)(p, ms, b)
+    grad_fn = lambda q, _: jax.grad(lambda q: loss_fn(q, ms, b)[0])(q)
+    u, s = opt.update(g, s, p, grad_fn=grad_fn)
+    return optax.apply_updates(p, u), s, new_ms
+
+  carry = [jax.tree.map(jnp.copy, (params, opt.init(params), model_state))]
+  t = time.perf_counter()
+  compiled = jax.jit(step, donate_argnums=0).lower(carry[0], data).compile()
+  info = {'compile_s': time.perf_counter() - t, **_memory(compiled)}
+
+  def run():
+    carry[0] = compiled(carry[0], data)
+    return carry[0]
+  return run, info
+
+
+# ----------------------------------------------------------------------------
+# Paired timing
+# ----------------------------------------------------------------------------
+
+
+def timed(run, reps: int = 1) -> tuple[float, float]:
+  """``(wall s, process CPU s)`` per step of ``reps`` blocked steps."""
+  w, c = time.perf_counter(), time.process_time()
+  for _ in range(reps):
+    jax.block_until_ready(run())
+  return (time.perf_counter() - w) / reps, (time.process_time() - c) / reps
+
+
+def paired(base, run, pairs: int, reps: int = 1) -> dict:
+  """Per-pair ratios (row / baseline) of back-to-back steps, order alternating."""
+  wall, cpu, base_wall, base_cpu = [], [], [], []
+  for i in range(pairs):
+    if i % 2 == 0:
+      wb, cb = timed(base, reps)
+      wr, cr = timed(run, reps)
+    else:
+      wr, cr = timed(run, reps)
+      wb, cb = timed(base, reps)
+    wall.append(wr), cpu.append(cr), base_wall.append(wb), base_cpu.append(cb)
+  q = lambda xs: [float(np.percentile(xs, p)) for p in (25, 50, 75)]
+  return {'pairs': pairs,
+          'cpu_ratio': q([r / b for r, b in zip(cpu, base_cpu)]),
+          'wall_ratio': q([r / b for r, b in zip(wall, base_wall)]),
+          'cpu_ms': statistics.median(cpu) * 1e3, 'wall_ms': statistics.median(wall) * 1e3,
+          'base_cpu_ms': statistics.median(base_cpu) * 1e3,
+          'base_wall_ms': statistics.median(base_wall) * 1e3}
+
+
+def markdown_row(row: dict, baselines: list[str]) -> str:
+  cells = [row['method'], str(row['batch']), f"{row['cpu_ms']:.1f}", f"{row['wall_ms']:.1f}"]
+  for b in baselines:
+    r = row['vs'][b]
+    cells += [f"{r['cpu_ratio'][1]:.2f} ({r['cpu_ratio'][0]:.2f}-{r['cpu_ratio'][2]:.2f})",
+              f"{r['wall_ratio'][1]:.2f}"]
+  cells += [f"{row.get('temp_mib', float('nan')):.0f}",
+            f"{row['load_before']:.1f} / {row['load_after']:.1f}"]
+  return '| ' + ' | '.join(cells) + ' |'
+
+
+def markdown_header(baselines: list[str]) -> str:
+  cols = ['method', 'batch', 'CPU ms', 'wall ms']
+  for b in baselines:
+    cols += [f'CPU × {b} (p25-p75)', f'wall × {b}']
+  cols += ['temp MiB', 'load before / after']
+  return '| ' + ' | '.join(cols) + ' |\n' + '| ' + ' | '.join('---' for _ in cols) + ' |'
 
 
 def main():
-  p = argparse.ArgumentParser()
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument('--model', default='cnn')
   p.add_argument('--width', type=int, default=32)
   p.add_argument('--batch', default='128', help='one or more global batch sizes, comma-separated')
-  p.add_argument('--steps', type=int, default=30)
-  p.add_argument('--devices', type=int, default=1)
   p.add_argument('--input', default='28,28,1')
-  p.add_argument('--methods', default='erm,mixup,sam,gmix,bgmix,dgmix')
-  p.add_argument('--estimators', default='per_example,first_order,shared,stale')
-  p.add_argument('--chunk', type=int, default=32, help='sensitivity.chunk (0 = whole batch)')
-  p.add_argument('--chunks', default='', help='BG-Mix per_example at each of these chunk sizes')
-  p.add_argument('--accum', default='1', help='accumulation_steps K, one or more, comma-separated')
-  p.add_argument('--optax-sam', action='store_true', help='also time our SAM vs optax.contrib.sam')
+  p.add_argument('--devices', type=int, default=1)
+  p.add_argument('--methods', default='erm,mixup,sam,gmix,bgmix,dgmix',
+                 help='rows: NAME[:FIELD=VALUE...] (a bare word after ":" is an estimator)')
+  p.add_argument('--set', action='append', default=[], metavar='FIELD=VALUE',
+                 help='override for every row (not the baseline), e.g. sensitivity.estimator=first_order')
+  p.add_argument('--baseline', default='sam', help='row spec(s) to pair with, e.g. sam or sam,mixup,erm')
+  p.add_argument('--estimators', default='per_example,first_order,shared,stale',
+                 help='expansion of bgmix/dgmix rows that set no estimator')
+  p.add_argument('--chunk', type=int, default=1, help='sensitivity.chunk of per_example/first_order rows')
+  p.add_argument('--chunks', default='', help='also BG-Mix per_example at each of these chunks')
+  p.add_argument('--accum', default='1', help='accumulation_steps K of the rows, comma-separated')
+  p.add_argument('--pairs', type=int, default=20)
+  p.add_argument('--reps', type=int, default=1, help='steps per half of a pair')
+  p.add_argument('--warmup', type=int, default=3)
+  p.add_argument('--optax-sam', action='store_true', help='also optax.contrib.sam vs transforms.sam')
   p.add_argument('--out', default=None)
   a = p.parse_args()
   input_shape = tuple(int(v) for v in a.input.split(','))
-  kwargs = {'width': a.width} if a.model in ('cnn',) else {}
-  module = models.get_model(a.model, 10, **kwargs)
+  module = models.get_model(a.model, 10, **({'width': a.width} if a.model == 'cnn' else {}))
+  try:      # bad names or overrides: one line, before anything compiles
+    rows = expand_rows(a.methods, a.set, a.estimators, a.chunk)
+    for b in (b for b in a.baseline.split(',') if b):
+      with_chunk(*parse_spec(b), a.chunk)
+  except ValueError as e:
+    p.error(str(e))
+  rows += [(f'bgmix:per_example:sensitivity.chunk={c}', 'bgmix',
+            {'sensitivity': {'estimator': 'per_example', 'chunk': int(c)}})
+           for c in a.chunks.split(',') if c]
+  baselines = [b for b in a.baseline.split(',') if b]
+  accums = [int(k) for k in a.accum.split(',')]
   device = (f'{jax.devices()[0].device_kind} x{a.devices} '
             f'({platform.processor() or platform.machine()}, {os.cpu_count()} cores)')
-  result = {'device': device, 'jax': jax.__version__, 'args': vars(a), 'rows': [],
-            'chunks': [], 'optax_sam': []}
+  result = {'device': device, 'jax': jax.__version__, 'args': vars(a), 'baselines': baselines,
+            'load_at_start': os.getloadavg(), 'rows': []}
+  print(f'{a.model} width {a.width}, {device}, jax {jax.__version__}; {a.pairs} pairs per row, '
+        f'{a.reps} step(s) per half; load average at start {os.getloadavg()[0]:.2f}', flush=True)
 
   def save():
     if a.out:
       with open(a.out, 'w') as f:
         json.dump(result, f, indent=2)
 
-  for batch in (int(b) for b in a.batch.split(',')):
-    for name in (m for m in a.methods.split(',') if m):
-      variants = [('', {})]
-      if name in ('bgmix', 'dgmix'):
-        variants = [(f' ({e})', {'sensitivity': {'estimator': e, 'chunk': a.chunk if e in ('per_example', 'first_order') else 0}})
-                    for e in a.estimators.split(',')]
-      accums = [int(k) for k in a.accum.split(',')]
-      for (suffix, overrides), k in ((v, k) for v in variants for k in accums):
-        suffix += f' K={k}' if accums != [1] else ''
-        r = bench(name, a.model, module, input_shape, 10, batch, a.steps, a.devices, overrides, k)
-        result['rows'].append({'method': name + suffix, 'batch': batch, 'accum': k, **r})
-        print(f"batch {batch} {name + suffix:24s} {r['median_ms']:8.1f} ms  "
-              f"temp {r.get('temp_mib', float('nan')):8.1f} MiB  compile {r['compile_s']:.0f} s", flush=True)
-        save()
-    for chunk in (int(c) for c in a.chunks.split(',') if c):
-      r = bench('bgmix', a.model, module, input_shape, 10, batch, a.steps, a.devices,
-                {'sensitivity': {'estimator': 'per_example', 'chunk': chunk}})
-      result['chunks'].append({'batch': batch, 'chunk': chunk, **r})
-      print(f"batch {batch} bgmix per_example chunk {chunk:4d} {r['median_ms']:8.1f} ms  "
-            f"temp {r.get('temp_mib', float('nan')):8.1f} MiB", flush=True)
-      save()
-    if a.optax_sam:
-      for r in bench_optax_sam(module, input_shape, 10, batch, a.steps):
-        result['optax_sam'].append({'batch': batch, **r})
-        print(f"batch {batch} {r['variant']:28s} {r['median_ms']:8.1f} ms", flush=True)
-        save()
+  def warm(run):
+    for _ in range(a.warmup):
+      jax.block_until_ready(run())
+    return run
 
-  print(f'\n{a.model} width {a.width}, chunk {a.chunk}, {device}, jax {jax.__version__}, '
-        f'median of {a.steps} steps\n')
-  ratio = lambda v, ref: f'{v / ref:.2f}' if ref else 'n/a'
-  print('| batch | method | ms/step (median) | p90 | × ERM | × SAM | temp MiB |\n'
-        '| --- | --- | --- | --- | --- | --- | --- |')
-  for r in result['rows']:
-    ref = {x['method']: x['median_ms'] for x in result['rows'] if x['batch'] == r['batch']}
-    print(f"| {r['batch']} | {r['method']} | {r['median_ms']:.1f} | {r['p90_ms']:.1f} | "
-          f"{ratio(r['median_ms'], ref.get('erm'))} | {ratio(r['median_ms'], ref.get('sam'))} | "
-          f"{r.get('temp_mib', float('nan')):.0f} |")
-  if result['chunks']:
-    print('\n| batch | per_example chunk | ms/step | temp MiB |\n| --- | --- | --- | --- |')
-    for r in result['chunks']:
-      print(f"| {r['batch']} | {r['chunk']} | {r['median_ms']:.1f} | {r.get('temp_mib', float('nan')):.0f} |")
-  if result['optax_sam']:
-    print('\n| batch | SAM step | ms/step | p90 |\n| --- | --- | --- | --- |')
-    for r in result['optax_sam']:
-      print(f"| {r['batch']} | {r['variant']} | {r['median_ms']:.1f} | {r['p90_ms']:.1f} |")
+  print(markdown_header(baselines), flush=True)
+  for batch in (int(b) for b in a.batch.split(',')):
+    base_runs = {}
+    for b in baselines:
+      name, overrides = parse_spec(b)
+      base_runs[b] = warm(build_step(name, with_chunk(name, overrides, a.chunk), a.model, module,
+                                     input_shape, 10, batch, a.devices)[0])
+    todo = [(label + (f' K={k}' if accums != [1] else ''), k,
+             lambda name=name, o=o, k=k: build_step(name, o, a.model, module, input_shape, 10, batch,
+                                                    a.devices, k))
+            for label, name, o in rows for k in accums]
+    if a.optax_sam:
+      ours = warm(build_sam_transform_step('ours', module, input_shape, 10, batch)[0])
+      todo.append(('optax.contrib.sam (opaque) vs transforms.sam', 1,
+                   lambda: build_sam_transform_step('optax', module, input_shape, 10, batch)))
+    for label, k, build in todo:
+      run, info = build()
+      warm(run)
+      row = {'method': label, 'batch': batch, 'accum': k, **info, 'load_before': os.getloadavg()[0],
+             'vs': {}}
+      pairs_with = {'ours': ours} if label.startswith('optax.contrib') else base_runs
+      for b, base in pairs_with.items():
+        row['vs'][b] = paired(base, run, a.pairs, a.reps)
+      first = row['vs'][next(iter(pairs_with))]
+      row.update(cpu_ms=first['cpu_ms'], wall_ms=first['wall_ms'], load_after=os.getloadavg()[0])
+      result['rows'].append(row)
+      print(markdown_row(row, list(pairs_with)), flush=True)
+      save()
+  result['load_at_end'] = os.getloadavg()
+  print(f"\nload average (1, 5, 15 min) at start {tuple(round(x, 2) for x in result['load_at_start'])}, "
+        f"at end {tuple(round(x, 2) for x in result['load_at_end'])}; median over {a.pairs} pairs "
+        f'of the per-pair ratio (p25-p75 in brackets)\n')
+  print(markdown_header(baselines))
+  for row in result['rows']:
+    if set(row['vs']) == set(baselines):
+      print(markdown_row(row, baselines))
+  for row in result['rows']:
+    if set(row['vs']) != set(baselines):
+      r = row['vs']['ours']
+      print(f"\n{row['method']}: CPU × {r['cpu_ratio'][1]:.2f} ({r['cpu_ratio'][0]:.2f}-"
+            f"{r['cpu_ratio'][2]:.2f}), wall × {r['wall_ratio'][1]:.2f}; "
+            f"{r['cpu_ms']:.1f} vs {r['base_cpu_ms']:.1f} CPU ms")
   save()
 
 

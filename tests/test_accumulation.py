@@ -76,6 +76,7 @@ def method_of(name):
   return objectives.get_method(preset, toy.C, **overrides)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('name', list(CASES))
 def test_k4_equals_k1(x64, name):
   g1, _, m1 = run(method_of(name), 1)
@@ -95,6 +96,7 @@ def test_one_eps_per_micro_batch_would_fail(x64):
   assert rel_diff(g_bad, g1) > 1e-3
 
 
+@pytest.mark.slow
 def test_batchnorm_state_averages_the_micro_batches(x64):
   """Documented exception: batch statistics per micro-batch, running ones averaged."""
   method = objectives.get_method('erm', toy.C)
@@ -176,6 +178,7 @@ def test_config_field_is_validated():
     configure.validate_config(samix_config)
 
 
+@pytest.mark.slow
 def test_k2_equals_k1_under_shard_map(x64):
   """On 8 devices (the scan carry is device-varying there), with global m."""
   from gmix_jax import parallel

@@ -46,6 +46,7 @@ def test_config_help_shows_that_configs_values(capsys):
   assert "model.kwargs = {'hidden_sizes': (256, 256)}" in out
 
 
+@pytest.mark.slow
 def test_help_and_config_from_another_directory(tmp_path):
   """configs/X.py resolves against the repository when the cwd has no such file,
   and its ``from configs import common`` works there too (a fresh process)."""

@@ -155,6 +155,7 @@ def _source_indices(tfds_name, split, data_dir):
   return np.array([src[i]['source_index'] for i in range(len(src))])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('name', list(_OFFLINE))
 def test_offline_builder_shapes_and_fixed_split(offline_dir, name):
   tfds_name, shape, n_train, n_test = _OFFLINE[name]
@@ -195,6 +196,7 @@ def test_digits_images_match_sklearn(offline_dir):
   np.testing.assert_array_equal(y, src.target[idx])
 
 
+@pytest.mark.slow
 def test_offline_builders_are_cached_and_reproducible(offline_dir, tmp_path):
   files = [os.path.join(r, f) for r, _, fs in os.walk(offline_dir)
            for f in fs]

@@ -63,6 +63,7 @@ def send(proc, sig):
 
 
 # -- The workdir lock cannot be bypassed by deleting .lock -----------------------------
+@pytest.mark.slow
 def test_deleting_the_lock_file_does_not_free_the_workdir(tmp_path):
   with lock.WorkdirLock(str(tmp_path)):
     os.unlink(tmp_path / '.lock')
@@ -73,6 +74,7 @@ def test_deleting_the_lock_file_does_not_free_the_workdir(tmp_path):
   assert again.returncode == 0 and 'locked' in again.stdout, again.stderr
 
 
+@pytest.mark.slow
 def test_a_replaced_lock_file_does_not_free_the_workdir(tmp_path):
   with lock.WorkdirLock(str(tmp_path)):
     os.rename(tmp_path / '.lock', tmp_path / 'old-lock')
@@ -141,6 +143,7 @@ def test_a_read_only_workdir_is_one_error_line(kind, tmp_path, read_only, capsys
   assert 'Traceback' not in err and sorted(str(p) for p in ro.rglob('*')) == before
 
 
+@pytest.mark.slow
 def test_a_real_read_only_mount_is_one_error_line(tmp_path):
   """The same on a read-only tmpfs, where the machine allows mounting (root
   with CAP_SYS_ADMIN, as on CI); skipped elsewhere."""
@@ -181,6 +184,7 @@ with Preemption() as p:
 '''
 
 
+@pytest.mark.slow
 def test_two_ctrl_c_while_the_main_thread_is_in_c_code_abort(tmp_path):
   """Python runs its handler once for two signals that came while the main
   thread was busy in C; the second Ctrl-C must abort all the same."""
@@ -204,6 +208,7 @@ def test_two_ctrl_c_while_the_main_thread_is_in_c_code_abort(tmp_path):
       'aborted (second Ctrl-C)'), err
 
 
+@pytest.mark.slow
 def test_a_second_ctrl_c_aborts_in_one_line_keeping_the_last_checkpoint(tmp_path):
   """Two Ctrl-C in a row while a run checkpoints every step. If the first one's
   stop ends the run before the second arrives (a loaded machine), try again:
@@ -317,6 +322,7 @@ print(len(train), len(test), flush=True)
 '''
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('name', ['digits', 'mnist_jpeg'])
 def test_concurrent_first_use_of_an_offline_dataset(name, tmp_path):
   """Four launches of a sweep prepare the same empty data_dir at once: each
@@ -361,6 +367,7 @@ def fill(folder):
         f.write(b'\0')
 
 
+@pytest.mark.slow
 def test_a_full_disk_during_checkpoints_is_one_line_and_keeps_the_last_one(tmp_path):
   from gmix_jax import train
   data = tmp_path / 'data'

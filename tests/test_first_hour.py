@@ -15,6 +15,7 @@ def _tiny(tmp_path, workdir):
           '--config.plots=False']
 
 
+@pytest.mark.slow
 def test_rerunning_a_finished_run_says_it_trained_nothing(capsys, tmp_path):
   argv = _tiny(tmp_path, tmp_path / 'wd')
   assert main.main(argv) == 0
@@ -36,6 +37,7 @@ def test_mnist_jpeg_first_preparation_prints_one_line(capsys, tmp_path, monkeypa
   assert capsys.readouterr().err == ''
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('url', ['gs://bucket/tfds', 's3://b/d', 'file:///tmp/tfds'])
 def test_a_url_data_dir_is_one_error_line(capsys, tmp_path, url):
   code = main.main(['--config=configs/mnist_jpeg.py:erm', f'--workdir={tmp_path / "wd"}',

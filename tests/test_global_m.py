@@ -70,6 +70,7 @@ def train(rule_name, wrapper, n_dev):
 
 # pmap only for the two rules that used per-device quantities (its wrapper
 # shares the per-device step, proven equal to shard_map in test_parallel).
+@pytest.mark.slow
 @pytest.mark.parametrize('rule_name,wrapper', [
     ('sam', 'shard_map'), ('asam', 'shard_map'), ('gsam', 'shard_map'), ('esam', 'shard_map'),
     ('gsam', 'pmap'), ('esam', 'pmap')])
@@ -108,6 +109,7 @@ def run_sharded(opt, data, params):
   return jax.device_get(params)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('name', sorted(FACTORIES))
 def test_transform_global_ascent_8_devices_equal_1(x64, name):
   data = batches(jnp.float64)
@@ -123,6 +125,7 @@ def test_transform_global_ascent_8_devices_equal_1(x64, name):
   assert_close(got, p)
 
 
+@pytest.mark.slow
 def test_transform_per_device_under_shard_map_is_per_device(x64):
   name = 'gsam'
   """The documented way (pcast) gives the mean of the per-device directions,
@@ -145,6 +148,7 @@ def test_transform_per_device_under_shard_map_is_per_device(x64):
   assert not np.allclose(glob['w1'], got['w1'], rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_transform_rejects_replicated_params_under_shard_map():
   opt = transforms.sam(0.05, batch_axis_name=AXIS)
   params = toy.init_mlp(jax.random.PRNGKey(0))

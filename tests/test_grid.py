@@ -36,6 +36,7 @@ def build(mix, sharp, part):
       sharpness=SharpnessRule(sharp), partition=objectives.PartitionConfig(part))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('mix,sharp,part', list(itertools.product(MIXING, SHARPNESS, PARTITION)))
 def test_two_training_steps_or_a_clear_rejection(mix, sharp, part):
   if (mix, sharp, part) in REJECTED:

@@ -8,10 +8,13 @@ transform on the host, normalises on device with ImageNet's constants.
 import json
 import os
 
+import pytest
+
 from configs import common
 from gmix_jax import train
 
 
+@pytest.mark.slow
 def test_mock_imagenet2012_two_steps_and_an_evaluation(tmp_path, mock_tfds):
   c = common.base()
   c.dataset.name = 'imagenet2012'

@@ -136,6 +136,7 @@ def try_lock_in_child(workdir, hold_and_die=False):
                         env={**os.environ, 'PYTHONPATH': REPO}, timeout=60)
 
 
+@pytest.mark.slow
 def test_the_lock_refuses_a_second_holder_and_dies_with_its_process(tmp_path):
   from gmix_jax import lock
   with lock.WorkdirLock(str(tmp_path)):
@@ -296,6 +297,7 @@ def test_a_corrupt_checkpoint_is_set_aside_and_the_previous_one_restored(
     assert f'checkpoint 10 in {wd}/checkpoints: ' in err and 'resuming from checkpoint 9' in err
 
 
+@pytest.mark.slow
 def test_when_no_checkpoint_verifies_nothing_is_touched(straight, tmp_path):
   wd = copy_run(straight, tmp_path)
   for step, case in ((10, 'flipped_bit'), (9, 'truncated_file'), (6, 'missing_digest')):
@@ -309,6 +311,7 @@ def test_when_no_checkpoint_verifies_nothing_is_touched(straight, tmp_path):
   assert tree_hashes(wd) == before
 
 
+@pytest.mark.slow
 def test_bit_flip_resumes_from_the_previous_checkpoint_equal_to_the_uninterrupted_run(
     straight, tmp_path):
   """Through the CLI; a SIGTERM once the summary is written still exits 0."""
@@ -331,6 +334,7 @@ def test_bit_flip_resumes_from_the_previous_checkpoint_equal_to_the_uninterrupte
   assert summary['total_wall_time_sec'] > summary['wall_time_sec'] > 0
 
 
+@pytest.mark.slow
 def test_summary_is_strict_json_with_provenance(straight, tmp_path):
   summary = strict_load(straight['wd'] / 'summary.json')
   assert summary['seed'] == 0 and len(summary['config_hash']) == 64
@@ -342,6 +346,7 @@ def test_summary_is_strict_json_with_provenance(straight, tmp_path):
   assert strict_load(path) == {'ece': None, 'a': [None, 1.5]}
 
 
+@pytest.mark.slow
 def test_config_drift_is_refused_and_leaves_every_file_as_it_was(straight, tmp_path):
   wd = copy_run(straight, tmp_path)
   before = tree_hashes(wd)
@@ -366,6 +371,7 @@ def test_config_drift_is_refused_and_leaves_every_file_as_it_was(straight, tmp_p
   assert after['metrics.jsonl'] == before['metrics.jsonl']
 
 
+@pytest.mark.slow
 def test_a_second_launch_is_refused_and_sigint_checkpoints_resumably(straight, tmp_path):
   wd, data, epochs = tmp_path / 'wd', straight['data'], 1000        # 10000 steps: stopped early
   first = launch(wd, data, epochs=epochs)
@@ -392,6 +398,7 @@ def test_a_second_launch_is_refused_and_sigint_checkpoints_resumably(straight, t
   assert (wd / '.lock').read_text() == ''
 
 
+@pytest.mark.slow
 def test_a_full_disk_is_one_error_naming_the_path_and_what_was_kept(straight, tmp_path,
                                                                    monkeypatch):
   wd = copy_run(straight, tmp_path)
@@ -434,6 +441,7 @@ def test_sigint_is_a_stop_request_and_a_second_one_aborts():
   assert signal.set_wakeup_fd(-1) == -1, 'the wakeup fd was put back'
 
 
+@pytest.mark.slow
 def test_a_different_device_count_is_drift(tmp_path):
   c = tiny_config('erm', 'digits', tmp_path / 'data')
   workdir_lib.write_config(str(tmp_path), c)

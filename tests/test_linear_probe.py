@@ -31,6 +31,7 @@ def probe_config(pretrained, workdir):
   return c
 
 
+@pytest.mark.slow
 def test_only_the_probe_trains_and_the_summary_is_supervised(pretrained, tmp_path):
   summary = train.train_and_evaluate(probe_config(pretrained, pretrained / 'moco'),
                                      str(tmp_path / 'probe'))
@@ -59,6 +60,7 @@ def _damage(wd):
   open(path, 'wb').write(raw)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('case,message', [
     ('missing', 'no such directory'),
     ('unfinished', 'the run is not finished'),

@@ -24,6 +24,7 @@ def _tiny_overrides(tmp_path):
           '--config.plots=False']
 
 
+@pytest.mark.slow
 def test_piped_progress_is_one_plain_line_per_record(tmp_path):
   """progress=True with stdout and stderr piped (a pod's log): no carriage
   return, and one line per metrics.jsonl record, at that record's step."""
@@ -56,6 +57,7 @@ def test_a_terminal_gets_the_tqdm_bar():
   assert isinstance(progress.make_bar(10, 1, io.StringIO()), progress.PlainProgress)
 
 
+@pytest.mark.slow
 def test_tensorboard_events_hold_every_scalar_of_metrics_jsonl(tmp_path):
   c = common.base()
   c.dataset.name, c.dataset.data_dir, c.dataset.examples_per_class = 'digits', str(tmp_path / 'd'), 4
@@ -96,6 +98,7 @@ def test_a_resumed_run_purges_the_events_past_its_checkpoint(tmp_path):
   np.testing.assert_allclose(scalars['train/loss'], [(1, 1.5), (2, 1.2), (3, 0.9)], rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_tensorboard_without_its_extra_is_one_error_line(capsys, tmp_path, monkeypatch):
   monkeypatch.setitem(extras.EXTRAS, 'tensorboard', {'no_such_module_tbx': 'tensorboardX'})
   code = main.main(['--config=configs/digits.py:gmix', f'--workdir={tmp_path / "wd"}',

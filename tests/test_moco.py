@@ -219,6 +219,7 @@ def tiny_config(data_dir, method='erm'):
   return c
 
 
+@pytest.mark.slow
 def test_moco_end_to_end_reports_knn_and_names_the_task(tmp_path):
   with pytest.warns(UserWarning, match='queue_size=64 capped to 32'):
     summary = train.train_and_evaluate(tiny_config(tmp_path / 'data', 'mixup'),

@@ -23,6 +23,7 @@ def config(data_dir):
   return c
 
 
+@pytest.mark.slow
 def test_moco_sigkill_mid_epoch_then_resume_is_exact(tmp_path):
   data = tmp_path / 'data'
   train.train_and_evaluate(config(data), str(tmp_path / 'straight'))

@@ -52,6 +52,7 @@ def test_figure_panels_are_labelled(sensitivity, sharp, panels):
   plt.close(fig)
 
 
+@pytest.mark.slow
 def test_a_tiny_run_records_schedule_clocks_and_writes_the_plot(tmp_path):
   c = common.base()
   c.dataset.name, c.dataset.data_dir, c.dataset.examples_per_class = 'digits', str(tmp_path / 'd'), 4

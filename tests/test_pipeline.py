@@ -233,6 +233,7 @@ if __name__ == '__main__':   # spawned workers re-import __main__
 '''
 
 
+@pytest.mark.slow
 def test_two_workers_give_the_same_batches_and_close_cleanly(tmp_path):
   """Outside absl.app.run (flags unparsed), with workers spawned and closed."""
   script = tmp_path / 'read.py'

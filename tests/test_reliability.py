@@ -93,6 +93,7 @@ def assert_same_run(workdir, reference):
   assert_same_state(state, reference['state'][1])
 
 
+@pytest.mark.slow
 def test_sigkill_mid_epoch_then_resume_is_exact(reference, tmp_path):
   """Killed while two Grain workers read ahead; resumed (in process, no workers)
   from the step alone: the reference ran without workers too."""
@@ -110,6 +111,7 @@ def test_sigkill_mid_epoch_then_resume_is_exact(reference, tmp_path):
   assert_same_run(wd, reference)
 
 
+@pytest.mark.slow
 def test_sigterm_checkpoints_exits_zero_and_resumes_exactly(reference, tmp_path):
   wd = tmp_path / 'preempted'
   proc = launch(wd, reference['data'], '--config.dataset.workers=2')
@@ -146,6 +148,7 @@ def nan_config(data, policy, nan_step):
   return c
 
 
+@pytest.mark.slow
 def test_nan_policy_skip_leaves_the_state_unchanged_and_counts(data, tmp_path):
   wd = str(tmp_path / 'wd')
   handler = signal.getsignal(signal.SIGTERM)
@@ -165,6 +168,7 @@ def test_nan_policy_skip_leaves_the_state_unchanged_and_counts(data, tmp_path):
   assert np.isfinite(summary['final_test_loss'])
 
 
+@pytest.mark.slow
 def test_nan_policy_stop_keeps_the_last_good_checkpoint(data, tmp_path):
   wd = str(tmp_path / 'wd')
   with pytest.raises(FloatingPointError, match=r'non-finite loss or gradient at step 2 .*'
@@ -190,6 +194,7 @@ def free_port():
     return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_processes_equal_one_process_with_four_devices(data, tmp_path):
   one = multiprocess_config(data)
   one.num_devices = 4
@@ -220,6 +225,7 @@ def test_two_processes_equal_one_process_with_four_devices(data, tmp_path):
 
 
 # -- Determinism ----------------------------------------------------------------------
+@pytest.mark.slow
 def test_same_seed_and_config_give_identical_runs(data, tmp_path):
   for name in ('a', 'b'):
     train.train_and_evaluate(tiny_config('gmix', 'digits', data), str(tmp_path / name))
@@ -228,6 +234,7 @@ def test_same_seed_and_config_give_identical_runs(data, tmp_path):
                     train.restore_state(str(tmp_path / 'b'))[1])
 
 
+@pytest.mark.slow
 def test_global_m_sam_does_not_depend_on_the_device_count(data, tmp_path):
   params = {}
   for n in (1, 2, 4):

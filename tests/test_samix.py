@@ -276,6 +276,7 @@ def samix_run(data, tmp_path_factory):
   return root
 
 
+@pytest.mark.slow
 def test_samix_end_to_end_resume_is_exact(samix_run, data, tmp_path):
   straight = str(samix_run / 'straight')
   records = read_metrics(straight)
@@ -289,6 +290,7 @@ def test_samix_end_to_end_resume_is_exact(samix_run, data, tmp_path):
   assert_same_state(train.restore_state(str(tmp_path / 'resumed'))[1], state)
 
 
+@pytest.mark.slow
 def test_samix_p_loads_freezes_and_resumes_exactly(samix_run, data, tmp_path):
   source = str(samix_run / 'straight')
   config = lambda: e2e_config('samix_p', data, source_workdir=source)
@@ -327,6 +329,7 @@ def test_bad_samix_config_fails_before_any_work(method, edit, message, tmp_path)
   assert not os.path.exists(tmp_path / 'data'), 'no data was prepared'
 
 
+@pytest.mark.slow
 def test_samix_p_refuses_an_incompatible_source(samix_run, data, tmp_path):
   other = e2e_config('samix_p', data, source_workdir=str(samix_run / 'straight'))
   other.model.kwargs = {'width': 8, 'norm': 'none'}

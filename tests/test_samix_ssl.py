@@ -191,6 +191,7 @@ def test_task_step_pmap_equals_shard_map_and_fills_the_queue():
     np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_task_end_to_end_on_digits(tmp_path):
   import json
   import os

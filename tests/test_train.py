@@ -41,6 +41,7 @@ def read_metrics(workdir):
     return [json.loads(line) for line in f]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('method', METHODS)
 def test_two_steps_on_digits(method, tmp_path):
   summary = train.train_and_evaluate(tiny_config(method, 'digits', tmp_path / 'data'), str(tmp_path / 'wd'))
@@ -54,12 +55,14 @@ def test_two_steps_on_digits(method, tmp_path):
     assert 'sensitivity' in records[0]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('method', METHODS)
 def test_two_steps_on_mock_cifar10(method, tmp_path, mock_tfds):
   summary = train.train_and_evaluate(tiny_config(method, 'cifar10', tmp_path / 'data'), str(tmp_path / 'wd'))
   assert summary['steps'] == 2 and summary['num_test'] == 12
 
 
+@pytest.mark.slow
 def test_pmap_and_stale_estimator_run(tmp_path):
   c = tiny_config('bgmix', 'digits', tmp_path / 'data')
   c.parallel = 'pmap'
@@ -68,6 +71,7 @@ def test_pmap_and_stale_estimator_run(tmp_path):
   assert summary['parallel'] == 'pmap' and summary['steps'] == 2
 
 
+@pytest.mark.slow
 def test_resume_continues_at_the_right_step_and_matches_uninterrupted(tmp_path):
   def config(stop_at=None):
     c = tiny_config('gmix', 'digits', tmp_path / 'data')
@@ -84,6 +88,7 @@ def test_resume_continues_at_the_right_step_and_matches_uninterrupted(tmp_path):
   assert resumed['final_test_accuracy'] == straight['final_test_accuracy']
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('rule', ['looksam', 'fsam'])
 def test_resume_keeps_the_sharpness_rule_state(rule, tmp_path):
   """LookSAM's g_v and F-SAM's m live in TrainState.extra: a resumed run
@@ -118,6 +123,7 @@ def test_msam_without_momentum_and_samix_with_a_stateful_rule_fail_early(tmp_pat
     configure.validate_config(c)
 
 
+@pytest.mark.slow
 def test_incompatible_checkpoint_is_never_overwritten(tmp_path):
   train.train_and_evaluate(tiny_config('erm', 'digits', tmp_path / 'data'), str(tmp_path / 'wd'))
   before = sorted(os.listdir(tmp_path / 'wd' / 'checkpoints'))
@@ -126,6 +132,7 @@ def test_incompatible_checkpoint_is_never_overwritten(tmp_path):
   assert sorted(os.listdir(tmp_path / 'wd' / 'checkpoints')) == before
 
 
+@pytest.mark.slow
 def test_knob_added_at_its_none_default_still_resumes(tmp_path):
   """A workdir written before a knob existed resumes when the knob is None."""
   train.train_and_evaluate(tiny_config('erm', 'digits', tmp_path / 'data'), str(tmp_path / 'wd'))

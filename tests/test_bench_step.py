@@ -1,0 +1,62 @@
+"""experiments/bench_step.py: row specs and the paired timing's bookkeeping (no speed asserted)."""
+import pytest
+
+from experiments import bench_step
+
+
+def test_parse_spec_overrides_and_estimator_shorthand():
+  name, o = bench_step.parse_spec('bgmix:first_order:partition.gamma=0.25:method.sharpness.rule=asam',
+                                  ['sharpness.rho=0.1'])
+  assert name == 'bgmix'
+  assert o == {'sensitivity': {'estimator': 'first_order'}, 'partition': {'gamma': 0.25},
+               'sharpness': {'rule': 'asam', 'rho': 0.1}}
+  with pytest.raises(ValueError, match='FIELD=VALUE'):
+    bench_step.parse_spec('gmix:rho=0.1')
+
+
+def test_expand_rows_estimators_and_chunk():
+  rows = bench_step.expand_rows('sam,bgmix,dgmix:stale', [], 'per_example,shared', 4)
+  assert [r[0] for r in rows] == ['sam', 'bgmix:per_example', 'bgmix:shared', 'dgmix:stale']
+  chunks = {label: o['sensitivity']['chunk'] for label, _, o in rows}
+  assert chunks == {'sam': 0, 'bgmix:per_example': 4, 'bgmix:shared': 0, 'dgmix:stale': 0}
+  # --set reaches every row; an explicit chunk is kept.
+  rows = bench_step.expand_rows('gmix,gmix:partition.rule=binary,bgmix:sensitivity.chunk=8',
+                                ['sensitivity.estimator=first_order'], 'shared', 1)
+  assert [(r[0], r[2]['sensitivity']) for r in rows] == [
+      ('gmix', {'estimator': 'first_order', 'chunk': 0}),
+      ('gmix:partition.rule=binary', {'estimator': 'first_order', 'chunk': 1}),
+      ('bgmix:sensitivity.chunk=8', {'estimator': 'first_order', 'chunk': 8})]
+
+
+def test_paired_alternates_order_and_takes_per_pair_ratios(monkeypatch):
+  calls = []
+  # Fake clocks: the baseline step costs 1 s, the row 3 s, and every second
+  # pair runs on a "loaded" machine at twice the cost: each pair's ratio is
+  # still 3, so p25 = median = p75 = 3.
+  cost = {'base': 1.0, 'row': 3.0}
+  now = [0.0]
+  pair_of = lambda: len(calls) // 2
+  def run_of(kind):
+    def run():
+      now[0] += cost[kind] * (2 if pair_of() % 2 else 1)
+      calls.append(kind)
+    return run
+  monkeypatch.setattr(bench_step.time, 'perf_counter', lambda: now[0])
+  monkeypatch.setattr(bench_step.time, 'process_time', lambda: now[0])
+  monkeypatch.setattr(bench_step.jax, 'block_until_ready', lambda x: x)
+  r = bench_step.paired(run_of('base'), run_of('row'), pairs=4)
+  assert calls == ['base', 'row', 'row', 'base', 'base', 'row', 'row', 'base']
+  assert r['cpu_ratio'] == [3.0, 3.0, 3.0] and r['wall_ratio'] == [3.0, 3.0, 3.0]
+  assert r['pairs'] == 4 and r['base_cpu_ms'] == pytest.approx(1500.0)
+
+
+@pytest.mark.parametrize('argv,message', [
+    (['--methods', 'gmix:sharpness.foo=1'], 'sharpness field'),
+    (['--baseline', 'nosuch'], 'method.name must be one of'),
+])
+def test_bad_rows_are_one_error_before_compiling(argv, message, monkeypatch, capsys):
+  monkeypatch.setattr(bench_step.sys, 'argv', ['bench_step.py', *argv])
+  monkeypatch.setattr(bench_step, 'build_step', lambda *a, **k: pytest.fail('compiled'))
+  with pytest.raises(SystemExit) as e:
+    bench_step.main()
+  assert e.value.code == 2 and message in capsys.readouterr().err
