@@ -30,8 +30,10 @@ values are Python literals or bare strings); a bare word is short for
 ``sensitivity.estimator=WORD``. ``--set FIELD=VALUE`` (repeatable) applies to
 every row but not to the baseline. A ``bgmix``/``dgmix`` row that sets no
 estimator is expanded over ``--estimators``. ``--chunk`` is the
-``sensitivity.chunk`` of split rows whose estimator is ``per_example`` or
-``first_order`` unless they set it (0, the whole batch, for the others). The baseline (``--baseline``, default
+``sensitivity.chunk`` of split rows whose estimator is ``per_example``
+unless they set it (0, the whole batch, for the others: ``first_order`` is one
+ghost-norm pass over the whole batch, docs/methods.md § 3.1, which chunks
+would only split). The baseline (``--baseline``, default
 ``sam``; ``sam,mixup,erm`` pairs every row with each) is a row spec too, and
 a row equal to it is still paired with it: its ratio, ~1.00, shows the noise
 floor.
@@ -67,7 +69,7 @@ import optax
 
 from gmix_jax import losses, models, objectives, parallel, samix, transforms
 
-CHUNKED_ESTIMATORS = ('per_example', 'first_order')
+CHUNKED_ESTIMATORS = ('per_example',)
 
 
 # ----------------------------------------------------------------------------
@@ -303,7 +305,7 @@ def main():
   p.add_argument('--baseline', default='sam', help='row spec(s) to pair with, e.g. sam or sam,mixup,erm')
   p.add_argument('--estimators', default='per_example,first_order,shared,stale',
                  help='expansion of bgmix/dgmix rows that set no estimator')
-  p.add_argument('--chunk', type=int, default=1, help='sensitivity.chunk of per_example/first_order rows')
+  p.add_argument('--chunk', type=int, default=1, help='sensitivity.chunk of per_example rows')
   p.add_argument('--chunks', default='', help='also BG-Mix per_example at each of these chunks')
   p.add_argument('--accum', default='1', help='accumulation_steps K of the rows, comma-separated')
   p.add_argument('--pairs', type=int, default=20)

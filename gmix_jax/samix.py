@@ -80,6 +80,18 @@ DEFAULT_FEATURE_LAYER = {
 }
 
 
+def check_common_knobs(cfg) -> None:
+  """The knobs supervised SAMix and SAMix-SSL share (``method.samix.*``)."""
+  for field in ('alpha', 'mixblock_lr'):
+    if not getattr(cfg, field) > 0:
+      raise ValueError(f'method.samix.{field} must be > 0, got {getattr(cfg, field)}')
+  for field in ('eta', 'mask_weight', 'clean_weight'):
+    if not getattr(cfg, field) >= 0:
+      raise ValueError(f'method.samix.{field} must be >= 0, got {getattr(cfg, field)}')
+  if cfg.mixblock_dim < 1:
+    raise ValueError(f'method.samix.mixblock_dim must be >= 1, got {cfg.mixblock_dim}')
+
+
 @dataclasses.dataclass(frozen=True)
 class SAMixConfig:
   """SAMix's knobs (config section ``method.samix``).
@@ -112,16 +124,9 @@ class SAMixConfig:
   feature_layer: Optional[str] = None
 
   def __post_init__(self):
-    for field in ('alpha', 'mixblock_lr'):
-      if not getattr(self, field) > 0:
-        raise ValueError(f'method.samix.{field} must be > 0, got {getattr(self, field)}')
-    for field in ('eta', 'mask_weight', 'clean_weight'):
-      if not getattr(self, field) >= 0:
-        raise ValueError(f'method.samix.{field} must be >= 0, got {getattr(self, field)}')
+    check_common_knobs(self)
     if not 0.0 <= self.momentum <= 1.0:
       raise ValueError(f'method.samix.momentum must be in [0, 1], got {self.momentum}')
-    if self.mixblock_dim < 1:
-      raise ValueError(f'method.samix.mixblock_dim must be >= 1, got {self.mixblock_dim}')
     if self.pretrained and not self.source_workdir:
       raise ValueError('method.samix.source_workdir must be set for samix_p: the workdir of a '
                        'finished samix run (with the same model and dataset) whose mixblock and '

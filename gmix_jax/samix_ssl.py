@@ -72,17 +72,10 @@ class SAMixSSLConfig:
   feature_layer: Optional[str] = None
 
   def __post_init__(self):
-    for field in ('alpha', 'mixblock_lr'):
-      if not getattr(self, field) > 0:
-        raise ValueError(f'method.samix.{field} must be > 0, got {getattr(self, field)}')
-    for field in ('eta', 'mask_weight', 'clean_weight'):
-      if not getattr(self, field) >= 0:
-        raise ValueError(f'method.samix.{field} must be >= 0, got {getattr(self, field)}')
+    samix.check_common_knobs(self)
     if self.mixblock_loss not in MIXBLOCK_LOSSES:
       raise ValueError(f'method.samix.mixblock_loss must be one of {list(MIXBLOCK_LOSSES)}, '
                        f'got {self.mixblock_loss!r}')
-    if self.mixblock_dim < 1:
-      raise ValueError(f'method.samix.mixblock_dim must be >= 1, got {self.mixblock_dim}')
 
 
 def mixblock_loss(cfg: SAMixSSLConfig, phi, mixblock: samix.MixBlock, momentum_fn: Callable,

@@ -30,7 +30,6 @@ import jax
 import jax.numpy as jnp
 
 from gmix_jax import accumulation
-from gmix_jax import ghost_norm
 from gmix_jax import losses
 from gmix_jax import sharpness
 
@@ -114,6 +113,17 @@ def per_example(apply_fn: ApplyFn, params: PyTree, model_state: PyTree,
   return _chunked_vmap(one, chunk, x, y)
 
 
+def _ghost_norm():
+  """The ``ghost_norm`` module, or None without Flax: it finds the layers
+  through Flax linen, and the core (this module) installs without Flax. A
+  model that is not Flax linen is vmapped by ``ghost_norm`` anyway."""
+  try:
+    from gmix_jax import ghost_norm  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return None
+  return ghost_norm
+
+
 def first_order(apply_fn: ApplyFn, params: PyTree, model_state: PyTree,
                 x: jax.Array, y: jax.Array, rho, chunk: int = 0,
                 ghost: bool = True) -> jax.Array:
@@ -124,7 +134,8 @@ def first_order(apply_fn: ApplyFn, params: PyTree, model_state: PyTree,
   ``ghost=False``: vmapped per-example gradients (the reference).
   """
   params = jax.lax.stop_gradient(params)
-  if ghost:
+  ghost_norm = _ghost_norm() if ghost else None
+  if ghost_norm is not None:
     sq = lambda xs, ys: ghost_norm.squared_norms(apply_fn, params, model_state, xs, ys,
                                                  losses.soft_cross_entropy)
     return rho * jnp.sqrt(_chunked(sq, chunk, x, y))

@@ -24,7 +24,7 @@ def test_expand_rows_estimators_and_chunk():
                                 ['sensitivity.estimator=first_order'], 'shared', 1)
   assert [(r[0], r[2]['sensitivity']) for r in rows] == [
       ('gmix', {'estimator': 'first_order', 'chunk': 0}),
-      ('gmix:partition.rule=binary', {'estimator': 'first_order', 'chunk': 1}),
+      ('gmix:partition.rule=binary', {'estimator': 'first_order', 'chunk': 0}),
       ('bgmix:sensitivity.chunk=8', {'estimator': 'first_order', 'chunk': 8})]
 
 
