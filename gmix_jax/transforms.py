@@ -89,10 +89,7 @@ def sharpness_aware(rule: sharpness.SharpnessRule, rho: ScalarOrSchedule, *,
 
   def update_fn(updates, state, params=None, *, grad_fn=None, **extra_args):
     del extra_args
-    if params is None or grad_fn is None:
-      raise ValueError(f'the {rule.name} transform needs params and grad_fn=(params, i) -> grads')
-    if batch_axis_name is not None:
-      _check_per_device(params, batch_axis_name, rule.name)
+    _check_call(rule.name, params, grad_fn, batch_axis_name)
     key, next_key = jax.random.split(jax.random.wrap_key_data(state.rng))
     rho_t = rho(state.count) if callable(rho) else rho
     direction, _ = sharpness.sharpness_gradient(
@@ -105,6 +102,20 @@ def sharpness_aware(rule: sharpness.SharpnessRule, rho: ScalarOrSchedule, *,
                                      jax.random.key_data(next_key))
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _check_call(name: str, params, grad_fn, batch_axis_name: Optional[str]) -> None:
+  """What every sharpness transform's ``update`` needs from its caller."""
+  if params is None or grad_fn is None:
+    raise ValueError(f'the {name} transform needs params and grad_fn=(params, i) -> grads')
+  if batch_axis_name is not None:
+    _check_per_device(params, batch_axis_name, name)
+
+
+def _wide_zeros(params):
+  """Zeros shaped like ``params`` in at least float32 (a rule's stored direction)."""
+  return jax.tree.map(
+      lambda p: jnp.zeros(jnp.shape(p), jnp.promote_types(p.dtype, jnp.float32)), params)
 
 
 def _checked(grad_fn, params, name: str):
@@ -270,15 +281,11 @@ def looksam(rho: ScalarOrSchedule = 0.05, k: int = 5, alpha: float = 0.7, *,
   glob = (lambda t: _mean(t, batch_axis_name)) if global_ascent else (lambda t: t)
 
   def init_fn(params):
-    wide = lambda p: jnp.zeros(jnp.shape(p), jnp.promote_types(p.dtype, jnp.float32))
-    return LookSAMState(count=jnp.zeros((), jnp.int32), g_v=jax.tree.map(wide, params))
+    return LookSAMState(count=jnp.zeros((), jnp.int32), g_v=_wide_zeros(params))
 
   def update_fn(updates, state, params=None, *, grad_fn=None, **extra_args):
     del extra_args
-    if params is None or grad_fn is None:
-      raise ValueError('the looksam transform needs params and grad_fn=(params, i) -> grads')
-    if batch_axis_name is not None:
-      _check_per_device(params, batch_axis_name, 'looksam')
+    _check_call('looksam', params, grad_fn, batch_axis_name)
     rho_t = rho(state.count) if callable(rho) else rho
     axes = _branch_axes((updates, params, state), batch_axis_name)
 
@@ -344,15 +351,11 @@ def fsam(rho: ScalarOrSchedule = 0.05, sigma: float = 1.0, lam: float = 0.95, *,
                                  m='global' if global_ascent else 'device')
 
   def init_fn(params):
-    wide = lambda p: jnp.zeros(jnp.shape(p), jnp.promote_types(p.dtype, jnp.float32))
-    return FSAMState(count=jnp.zeros((), jnp.int32), m=jax.tree.map(wide, params))
+    return FSAMState(count=jnp.zeros((), jnp.int32), m=_wide_zeros(params))
 
   def update_fn(updates, state, params=None, *, grad_fn=None, **extra_args):
     del extra_args
-    if params is None or grad_fn is None:
-      raise ValueError('the fsam transform needs params and grad_fn=(params, i) -> grads')
-    if batch_axis_name is not None:
-      _check_per_device(params, batch_axis_name, 'fsam')
+    _check_call('fsam', params, grad_fn, batch_axis_name)
     rho_t = rho(state.count) if callable(rho) else rho
     first = state.count == 0
     direction, _ = sharpness.sharpness_gradient(
@@ -420,10 +423,7 @@ def msam(optimizer: optax.GradientTransformation, rho: float = 0.3, *,
     return MSAMState(inner)
 
   def update_fn(updates, state, params=None, *, grad_fn=None, **extra_args):
-    if params is None or grad_fn is None:
-      raise ValueError('the msam transform needs params and grad_fn=(params, i) -> grads')
-    if batch_axis_name is not None:
-      _check_per_device(params, batch_axis_name, 'msam')
+    _check_call('msam', params, grad_fn, batch_axis_name)
     del extra_args
     eps = sharpness.momentum_perturbation(sharpness.optimizer_momentum(state.inner), rho)
     grads, _ = _checked(grad_fn, params, 'msam')(sharpness.add(params, eps))

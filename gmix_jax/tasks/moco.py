@@ -252,6 +252,13 @@ def init_extra(params, model_state, k: int, dim: int, seed: int):
 # ----------------------------------------------------------------------------
 # The task.
 # ----------------------------------------------------------------------------
+def check_queue(config, queue_size: int) -> None:
+  """The queue holds at least one global batch of keys."""
+  if config.batch_size > queue_size:
+    raise ValueError(f'task.queue_size={queue_size} must hold at least one global batch '
+                     f'(batch_size={config.batch_size})')
+
+
 REFUSED_MODELS = ('vit',)   # their head is zero-initialised: ReLU(0) gives no gradient to the MLP
 
 
@@ -270,9 +277,7 @@ class Moco(tasks.Task):
                        f"task.name='moco', got {config.method.name!r}"
                        f'{cli.did_you_mean(config.method.name, objectives.PRESETS)}')
     method = self.build_method(config, num_classes=10)
-    if config.batch_size > cfg.queue_size:
-      raise ValueError(f'task.queue_size={cfg.queue_size} must hold at least one global batch '
-                       f'(batch_size={config.batch_size})')
+    check_queue(config, cfg.queue_size)
     return method
 
   def build_method(self, config, num_classes):

@@ -137,9 +137,7 @@ class SAMixSSL(moco.Moco):
       raise ValueError(f"accumulation_steps={k_acc} is not implemented for task.name="
                        "'samix_ssl'; use accumulation_steps=1")
     method = self.build_method(config, num_classes=10)
-    if config.batch_size > mcfg.queue_size:
-      raise ValueError(f'task.queue_size={mcfg.queue_size} must hold at least one global batch '
-                       f'(batch_size={config.batch_size})')
+    moco.check_queue(config, mcfg.queue_size)
     return method
 
   def build_method(self, config, num_classes):
