@@ -1,5 +1,6 @@
-"""Pytest setup: 8 fake CPU devices, set before JAX is imported anywhere, and
-a persistent XLA compilation cache shared by the session's processes."""
+"""Pytest setup: 8 fake CPU devices, set before JAX is imported anywhere; a
+persistent XLA compilation cache shared by the session's processes; the
+longest test modules scheduled first under xdist."""
 import os
 
 os.environ["XLA_FLAGS"] = (
@@ -59,8 +60,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # versions, so a changed program is a miss (compiled and checked as before);
 # only XLA's backend compile is skipped, tracing and lowering still run, and
 # programs with host callbacks are never cached. The cache lives in pytest's
-# cache folder (`--cache-clear` empties it, `-p no:cacheprovider` turns it off)
-# and is passed to subprocesses and xdist workers through the environment.
+# cache folder (`--cache-clear` empties it, `-p no:cacheprovider` turns it off,
+# JAX_COMPILATION_CACHE_DIR names another) and reaches subprocesses and xdist
+# workers through the environment.
 CACHE_LIMIT_BYTES = 2 << 30      # pruned to half this, oldest first, at the start
 
 
@@ -87,18 +89,70 @@ def _prune(folder, limit):
 
 
 def pytest_configure(config):
-  if os.environ.get('JAX_COMPILATION_CACHE_DIR') or getattr(config, 'cache', None) is None:
-    return                       # the user's own cache, or no pytest cache (then none)
-  folder = str(config.cache.mkdir('jax_compilation_cache'))
-  if not hasattr(config, 'workerinput'):         # the controller (or the only process)
-    _prune(folder, CACHE_LIMIT_BYTES)
+  folder = os.environ.get('JAX_COMPILATION_CACHE_DIR')      # the user's own, if set
+  if not folder:
+    if getattr(config, 'cache', None) is None:
+      return                                                 # -p no:cacheprovider: none
+    folder = str(config.cache.mkdir('jax_compilation_cache'))
+    if not hasattr(config, 'workerinput'):   # the controller (or the only process)
+      _prune(folder, CACHE_LIMIT_BYTES)
+    os.environ['JAX_COMPILATION_CACHE_DIR'] = folder
   # Every program: the suite's are small and compile in well under JAX's 1 s default.
-  for key, value in (('JAX_COMPILATION_CACHE_DIR', folder),
-                     ('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0'),
-                     ('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '-1')):
-    os.environ[key] = value
+  os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
+  os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '-1')
   if 'jax' in sys.modules:       # imported by a plugin: set it there too
     import jax
     jax.config.update('jax_compilation_cache_dir', folder)
-    jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
-    jax.config.update('jax_persistent_cache_min_entry_size_bytes', -1)
+    jax.config.update('jax_persistent_cache_min_compile_time_secs',
+                      float(os.environ['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS']))
+    jax.config.update('jax_persistent_cache_min_entry_size_bytes',
+                      int(os.environ['JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES']))
+
+
+# -- Scheduling under xdist: the longest modules first ---------------------------
+# `--dist loadfile` (pyproject.toml) sends a module's tests to one worker, so a
+# module-scoped fixture (a trained workdir) is built once, and hands modules
+# out in collection order (`--no-loadscope-reorder`): a long module collected
+# last (alphabetically, test_train.py) would leave the other worker idle at the
+# end. Modules are sorted by their tests' seconds in the last run that ran them
+# (kept in pytest's cache), else by MODULE_SECONDS (CPU-seconds measured one
+# module at a time on the 2-core machine), longest first; a module's tests keep
+# their order.
+MODULE_SECONDS = {
+    'test_train.py': 150, 'test_reliability.py': 120, 'test_faults.py': 110,
+    'test_integrity.py': 100, 'test_samix.py': 90, 'test_grid.py': 70,
+    'test_accumulation.py': 63, 'test_global_m.py': 60, 'test_moco_resume.py': 50,
+    'test_linear_probe.py': 45, 'test_supervised_unchanged.py': 35,
+    'test_first_hour.py': 30, 'test_bad_records.py': 25,
+}
+DURATIONS_KEY = 'gmix_jax/test_seconds'
+
+
+def _module_seconds(config):
+  learned = config.cache.get(DURATIONS_KEY, {}) if getattr(config, 'cache', None) else {}
+  measured = {}
+  for nodeid, s in learned.items():
+    module = os.path.basename(nodeid.split('::')[0])
+    measured[module] = measured.get(module, 0.0) + s
+  return {**MODULE_SECONDS, **measured}
+
+
+def pytest_collection_modifyitems(config, items):
+  seconds = _module_seconds(config)
+  items.sort(key=lambda item: -seconds.get(item.path.name, 0.0))   # stable
+
+
+_seconds = {}
+
+
+def pytest_runtest_logreport(report):
+  _seconds[report.nodeid] = _seconds.get(report.nodeid, 0.0) + report.duration
+
+
+def pytest_sessionfinish(session):
+  config = session.config
+  if hasattr(config, 'workerinput') or getattr(config, 'cache', None) is None or not _seconds:
+    return
+  stored = config.cache.get(DURATIONS_KEY, {})
+  stored.update({nodeid: round(s, 2) for nodeid, s in _seconds.items()})
+  config.cache.set(DURATIONS_KEY, stored)
