@@ -161,6 +161,7 @@ def base() -> ml_collections.ConfigDict:
   c.dataset.image_size = placeholder(int)  # crop size (needed by 'inception'); None = the stored size
   c.dataset.workers = 0                    # Grain worker processes (0: read in this process)
   c.dataset.bad_records = 'error'          # unreadable record: 'error' (stop, name it) | 'skip' (replace, count)
+  c.dataset.train_split = placeholder(str)  # None = 'train'; a tfds union, e.g. 'unlabelled+train' (SSL)
 
   c.model = ml_collections.ConfigDict()
   c.model.name = 'cnn'                     # see gmix_jax.models.MODELS

@@ -222,6 +222,11 @@ def validate_config(config: ml_collections.ConfigDict) -> objectives.Method:
     raise ValueError(f'model.kwargs {dict(config.model.kwargs)} do not fit '
                      f'model.name={config.model.name!r}: {e}') from e
   method = task.check_config(config)                 # method.name and every method knob
+  split = data_lib.inputs.train_split(config)
+  if split != 'train' and not task.label_free:
+    raise ValueError(f'dataset.train_split={split!r} is for the self-supervised tasks, whose loss '
+                     f'reads no labels (task.name in {tasks.label_free_names()}); '
+                     f"task.name={task.name!r} trains on the labelled 'train' split")
   if method.sharpness.name in ('looksam', 'fsam', 'msam') and (
       tasks.get(config).name != 'supervised' or config.method.name not in objectives.PRESETS):
     raise ValueError(f'sharpness.rule={method.sharpness.name!r} is implemented for the composed '

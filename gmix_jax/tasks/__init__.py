@@ -13,6 +13,8 @@ without knowing which task it is. It says
                 digested, restored and placed on the devices like the rest)
                 and updated inside the compiled step by ``extra_update``;
   views         what a data record becomes (one view, or two augmented views);
+  label_free    whether its loss reads no labels, so that it may train on a
+                ``dataset.train_split`` union holding unlabelled records;
   build_model   the module it trains;
   evaluate      its evaluation record, ``summary_metrics`` and ``progress``
                 what the summary and the progress bar show of it;
@@ -77,6 +79,8 @@ class Task:
 
   # What a data record becomes: 1 view (``x``), or 2 (``x``, ``x2``).
   views: int = 1
+  # The loss reads no labels: dataset.train_split may add unlabelled splits.
+  label_free: bool = False
 
   def build_optimizer(self, config: ml_collections.ConfigDict, steps_per_epoch: int):
     """The optax transformation of the parameters (a task may freeze some)."""
@@ -109,6 +113,11 @@ def _registry() -> dict[str, Task]:
 
 def names() -> list[str]:
   return sorted(_registry())
+
+
+def label_free_names() -> list[str]:
+  """The tasks that may train on unlabelled records (``Task.label_free``)."""
+  return sorted(n for n, t in _registry().items() if t.label_free)
 
 
 def name_of(config: ml_collections.ConfigDict) -> str:

@@ -125,6 +125,7 @@ def make_extra_update(mcfg, mixblock_opt, total_steps: int):
 class SAMixSSL(moco.Moco):
   name = 'samix_ssl'
   views = 2
+  label_free = True
 
   def check_config(self, config):
     mcfg, scfg = get_configs(config)
