@@ -16,8 +16,10 @@ work), where a batch is an epoch-permutation slice, one ``__getitems__``
 read, the ``inception`` training transform of `gmix_jax.data.image_ops` per
 record at ``--size`` (224: decode, crop, bilinear resize, flip), and a ``np.stack`` into uint8 ``[B, 224, 224, 3]``. One worker is one
 process with one thread, so images/s per worker is a per-core figure. Each
-worker count runs once per ``--decoders`` entry (`gmix_jax.data.fast_jpeg`:
-``simplejpeg``, the default, and ``pil``, the fallback), back to back.
+worker count runs ``--repeats`` times per ``--decoders`` entry
+(`gmix_jax.data.fast_jpeg`: ``simplejpeg``, the default, and ``pil``, the
+fallback), the decoders alternating; rows give medians over the repeats and
+the median per-repeat ratio of CPU rates (`pipeline_rows`).
 
 Timing: ``--warmup`` batches (worker start-up, and long enough to drain the
 batches buffered meanwhile, so the timed part is steady state), then the
@@ -203,6 +205,37 @@ def time_in_process(path: str, size: int, n: int = 64, rounds: int = 9) -> dict:
   return out
 
 
+def pipeline_rows(path: str, workers: int, args) -> list[dict]:
+  """One row per decoder for ``workers``: ``--repeats`` runs of each, the
+  decoders alternating (order flipped every repeat), medians over the runs
+  (the per-run figures kept), and for the default decoder the median of the
+  per-repeat ratios of its images per worker CPU-second to PIL's."""
+  decoders = args.decoders.split(',')
+  runs = {d: [] for d in decoders}
+  for rep in range(args.repeats):
+    for decoder in (decoders if rep % 2 == 0 else decoders[::-1]):
+      set_decoder(decoder)
+      runs[decoder].append(time_pipeline(path, workers, args.batch, args.size,
+                                         args.warmup or 4 + 3 * workers,
+                                         args.batches or 16 + 8 * workers))
+      print(decoder, runs[decoder][-1], flush=True)
+  rows = []
+  for decoder, xs in runs.items():
+    row = {'decoder': decoder, 'workers': workers, 'repeats': len(xs)}
+    for key in xs[0]:
+      if key != 'workers':
+        row[key] = round(float(np.median([x[key] for x in xs])), 2)
+    key = 'images_per_worker_cpu_s'
+    if key in xs[0]:
+      row[key + '_runs'] = [x[key] for x in xs]
+      if decoder != 'pil' and 'pil' in runs:
+        row[key + '_over_pil'] = round(float(np.median(
+            [x[key] / p[key] for x, p in zip(xs, runs['pil'])])), 3)
+    rows.append(row)
+    print(row, flush=True)
+  return rows
+
+
 def cpu_seconds() -> tuple[float, float] | None:
   """CPU seconds (user + system) of this process and of its live children
   (the grain workers); None without psutil."""
@@ -234,6 +267,8 @@ def main(argv=None) -> None:
   p.add_argument('--decoders', default='simplejpeg,pil',
                  help='JPEG decoders of the pipeline rows, in this order per '
                  'worker count (simplejpeg: the library default)')
+  p.add_argument('--repeats', type=int, default=3,
+                 help='pipeline runs per decoder and worker count (alternating)')
   p.add_argument('--images', type=int, default=256,
                  help='distinct JPEGs generated (the records cycle them)')
   p.add_argument('--records', type=int, default=4096)
@@ -269,13 +304,7 @@ def main(argv=None) -> None:
            'pipeline': []}
   print(entry['in_process'], flush=True)
   for w in [int(x) for x in args.workers.split(',')]:
-    for decoder in args.decoders.split(','):
-      set_decoder(decoder)
-      row = {'decoder': decoder, **time_pipeline(
-          path, w, args.batch, args.size, args.warmup or 4 + 3 * w,
-          args.batches or 16 + 8 * w)}
-      entry['pipeline'].append(row)
-      print(row, flush=True)
+    entry['pipeline'].extend(pipeline_rows(path, w, args))
   set_decoder('simplejpeg')
 
   entry['machine']['load_avg_at_end'] = [round(x, 2) for x in os.getloadavg()]

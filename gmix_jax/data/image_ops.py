@@ -37,6 +37,10 @@ Channels: ``channels=None`` keeps what the image has (grayscale -> 1, RGB ->
 3 for datasets that mix grayscale and colour JPEGs (ImageNet) so the shape
 is static.
 
+Decoding: a colour JPEG read as RGB is decoded by libjpeg-turbo through
+simplejpeg (`fast_jpeg`, `decode_crop_resize`), the same pixels as PIL's
+decoder at less CPU; PIL decodes everything else and is the fallback.
+
 Resampling is bilinear with PIL's antialiasing (its filter widens when
 downscaling), the same filter in training and evaluation. EXIF orientation
 is not applied (nor is it by tfds or the usual ImageNet pipelines).
