@@ -12,7 +12,8 @@ import optax
 import pytest
 
 import ssl_samix_p_config
-from gmix_jax import checkpoints, contrastive, main, models, parallel, samix, samix_ssl, tasks
+from gmix_jax import checkpoints, configure, contrastive, main, models, parallel, samix
+from gmix_jax import samix_ssl, tasks
 from gmix_jax import train
 from gmix_jax.tasks import samix_ssl as samix_ssl_task
 from test_linear_probe import _damage
@@ -183,3 +184,20 @@ def test_source_workdir_unset_is_a_clear_error():
   with pytest.raises(ValueError, match='task.source_workdir must name the workdir of a finished '
                                        'samix_ssl run'):
     tasks.get(c).check_config(c)
+
+
+def test_the_cpu_config_validates_and_asks_for_its_source():
+  from configs import ssl_mnist_jpeg
+  c = ssl_mnist_jpeg.get_config('samix_ssl_p')
+  assert c.task.name == 'samix_ssl_p' and c.task.proj_dim == ssl_mnist_jpeg.get_config().task.proj_dim
+  with pytest.raises(ValueError, match='task.source_workdir must name'):
+    configure.validate_config(c)
+
+
+def test_the_mixblock_training_knobs_are_reported_unread():
+  c = ssl_samix_p_config.get_config('samix_ssl_p')
+  c.task.eta = 0.5
+  c.task.mixblock_lr = 0.01
+  task = tasks.get(c)
+  unread = task.ignored_knobs(c, configure.composed_method(c, 10))
+  assert [m.split('=')[0] for m in unread] == ['task.eta', 'task.mixblock_lr'], unread

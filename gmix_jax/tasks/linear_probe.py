@@ -2,7 +2,8 @@
 
 The usual protocol of self-supervised papers (MoCo, He et al. 2020 § 4.1;
 the official ``main_lincls.py``): the encoder of a finished pretraining run
-(``task.pretrained``: a ``moco`` or ``samix_ssl`` workdir; its query encoder)
+(``task.pretrained``: a ``moco``, ``samix_ssl`` or ``samix_ssl_p`` workdir;
+its query encoder)
 is frozen, BatchNorm included (inference mode, its running statistics, kept
 with the frozen parameters in ``params['frozen_state']``), and
 one Dense layer on the backbone's pooled features (the input of its
@@ -21,8 +22,8 @@ augmentation as configured (``cifar`` / ``inception``). The method must be
 The pretrained workdir is checked like a checkpoint before anything trains:
 it exists, holds a ``config.json`` of an SSL task, is finished (its
 ``summary.json`` exists and its newest checkpoint is its last step), and
-that checkpoint verifies against its digest; otherwise one error names
-``task.pretrained`` and what is wrong.
+that checkpoint verifies against its digest (``tasks.source_run``);
+otherwise one error names ``task.pretrained`` and what is wrong.
 """
 from __future__ import annotations
 
