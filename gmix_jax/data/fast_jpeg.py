@@ -4,7 +4,7 @@ PIL decodes a JPEG with libjpeg-turbo's accurate integer IDCT and its
 "fancy" (smooth) chroma upsampling; ``simplejpeg.decode_jpeg`` with its
 defaults (``fastdct=False``, ``fastupsample=False``) runs the same library
 with the same settings, so both give the same pixels (tested in
-tests/test_image_ops.py), and simplejpeg skips PIL's file-object reads and
+tests/test_fast_jpeg.py), and simplejpeg skips PIL's file-object reads and
 per-row unpacking. It decodes straight into 4-byte ``RGBX`` pixels, PIL's own
 layout for ``RGB`` images, which `Image.frombuffer` then wraps without a copy;
 the crop + resize of `image_ops` runs on that image as it would on PIL's.
