@@ -24,10 +24,9 @@ Inception crops (docs/data.md, "Input throughput"): worst 44.0 dB, median
 46.7 dB over 400 crops of the benchmark's noisy 500 x 375 JPEGs; over 300
 crops each of two photographs (scikit-learn's ``china.jpg`` and
 ``flower.jpg``, 427 x 640), worst 36.2 / 44.9 dB, median 42.9 / 48.2 dB (the
-worst: a reduction by exactly 2, where the box's and the triangle's shapes
-differ most). Treating that as the same augmentation is an assumption, not
-tested on what a network learns: an RMS difference of about 1.6-4 grey levels
-of 255 is small beside the changes the augmentation itself makes (random
+worst crops reduce the width by exactly 2). Treating that as the same
+augmentation is an assumption, not tested on what a network learns: an RMS
+difference of about 1-4 grey levels of 255 is small beside the changes the augmentation itself makes (random
 crop, scale and flip).
 
 OpenCV runs one thread here (`cv2.setNumThreads(1)` on first use): an input
