@@ -214,3 +214,28 @@ def test_cli_rejects_a_bad_decode_before_training(capsys, tmp_path):
   assert code == 2
   assert err.startswith("error: dataset.decode must be one of ['exact', 'fast'], got 'turbo'")
   assert not (tmp_path / 'w').exists()
+
+
+@needs_cv2
+def test_the_training_stream_takes_the_knob(counted):
+  """``TrainData.decode`` (``dataset.decode``) reaches the per-record
+  transform of the training stream; the evaluation stream stays exact."""
+  from gmix_jax.data import inputs, normalize, sources
+  records = [{'image': _encode(_image(90 + i, 120, i)), 'label': i % 2} for i in range(6)]
+  split = sources.Split('jpegs', 'train', records, 2, 255, channels=3)
+  batch, data = {}, {}
+  for decode in ('fast', 'exact'):
+    data[decode] = inputs.TrainData(
+        name='jpegs', train=split, test=split, train_ids=np.arange(6), input_shape=(56, 56, 3),
+        normalizer=normalize.Normalizer(np.full(3, 0.5), np.full(3, 0.25), 255),
+        augment='inception', image_size=56, workers=0, decode=decode)
+    with data[decode].train_batches(global_batch=6, seed=0, num_steps=1, start_step=0,
+                            process_index=0, process_count=1) as it:
+      batch[decode] = next(iter(it))['x']
+  assert len(counted) == 6
+  assert batch['fast'].shape == batch['exact'].shape == (6, 56, 56, 3)
+  for a, b in zip(batch['fast'], batch['exact']):
+    assert fast_resize.PSNR_BOUND_DB <= _psnr(a, b) < np.inf
+  with data['fast'].ordered_batches('test', global_batch=6, process_index=0, process_count=1) as it:
+    next(iter(it))
+  assert len(counted) == 6

@@ -130,6 +130,7 @@ class TrainData:
   workers: int
   bad_records: str = 'error'   # a record that cannot be read: 'error' | 'skip' (`pipeline`)
   stream: sources.Split | None = None
+  decode: str = 'exact'   # the training crop's resize: 'exact' | 'fast' (`fast_resize`)
 
   @property
   def num_classes(self) -> int:
