@@ -44,8 +44,8 @@ decoder at less CPU; PIL decodes everything else and is the fallback.
 Resampling is bilinear with PIL's antialiasing (its filter widens when
 downscaling), the same filter in training and evaluation; opt-in
 (``decode_mode='fast'``, ``dataset.decode``), the Inception training crop is
-resized by OpenCV instead (`fast_resize`: faster, not the same pixels). EXIF orientation
-is not applied (nor is it by tfds or the usual ImageNet pipelines).
+resized by OpenCV instead (`fast_resize`: faster, not the same pixels). EXIF
+orientation is not applied (nor is it by tfds or the usual ImageNet pipelines).
 
 Randomness comes only from the ``np.random.Generator`` passed per record, so
 the same generator state gives the same output.
@@ -287,10 +287,11 @@ def inception_train(image, rng: np.random.Generator, size: int,
                     ) -> np.ndarray:
   """Random-resized crop (`random_resized_crop_box`) to size, then flip.
 
-  ``decode_mode='fast'`` (``dataset.decode``): a colour JPEG read as RGB that `decode_crop_resize`
-  would decode in full (no draft) is resized by `fast_resize` instead of PIL
-  (the same crop box and flip from ``rng``; pixels within its PSNR bound of
-  the exact path); anything else takes the exact path.
+  ``decode_mode='fast'`` (``dataset.decode``): a colour JPEG read as RGB
+  that `decode_crop_resize` would decode in full (no draft) is resized by
+  `fast_resize` instead of PIL (the same crop box and flip from ``rng``;
+  pixels within its PSNR bound of the exact path); anything else takes the
+  exact path.
   """
   box_of = lambda h, w: random_resized_crop_box(rng, h, w)
   fast = decode_mode == 'fast' and channels != 1
