@@ -21,6 +21,7 @@ EXTRAS = {
         'absl': 'absl-py', 'tqdm': 'tqdm', 'matplotlib': 'matplotlib', 'PIL': 'pillow',
         'grain': 'grain', 'tensorflow_datasets': 'tensorflow-datasets',
         'array_record': 'array-record', 'sklearn': 'scikit-learn', 'mlxtend': 'mlxtend',
+        'simplejpeg': 'simplejpeg',
     },
     'tensorboard': {'tensorboardX': 'tensorboardX'},
     'fast-decode': {'cv2': 'opencv-python-headless'},
