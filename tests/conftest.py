@@ -115,15 +115,15 @@ def pytest_configure(config):
 # out in collection order (`--no-loadscope-reorder`): a long module collected
 # last (alphabetically, test_train.py) would leave the other worker idle at the
 # end. Modules are sorted by their tests' seconds in the last run that ran them
-# (kept in pytest's cache), else by MODULE_SECONDS (CPU-seconds measured one
-# module at a time on the 2-core machine), longest first; a module's tests keep
+# (kept in pytest's cache), else by MODULE_SECONDS (CPU-seconds of one module
+# run alone on the 2-core machine), longest first; a module's tests keep
 # their order.
-MODULE_SECONDS = {
-    'test_train.py': 150, 'test_reliability.py': 120, 'test_faults.py': 110,
-    'test_integrity.py': 100, 'test_samix.py': 90, 'test_grid.py': 70,
-    'test_accumulation.py': 63, 'test_global_m.py': 60, 'test_moco_resume.py': 50,
-    'test_linear_probe.py': 45, 'test_supervised_unchanged.py': 35,
-    'test_first_hour.py': 30, 'test_bad_records.py': 25,
+MODULE_SECONDS = {     # measured (user + sys, -n 0); ~: estimated
+    'test_samix.py': 210, 'test_train.py': 150, 'test_reliability.py': 130,
+    'test_faults.py': 78, 'test_accumulation.py': 63, 'test_bad_records.py': 25,
+    'test_integrity.py': 100, 'test_grid.py': 70, 'test_global_m.py': 60,  # ~
+    'test_moco_resume.py': 50, 'test_linear_probe.py': 45,  # ~
+    'test_supervised_unchanged.py': 35, 'test_first_hour.py': 30,  # ~
 }
 DURATIONS_KEY = 'gmix_jax/test_seconds'
 
