@@ -120,10 +120,10 @@ def pytest_configure(config):
 # their order.
 MODULE_SECONDS = {     # measured (user + sys, -n 0); ~: estimated
     'test_samix.py': 210, 'test_train.py': 150, 'test_reliability.py': 130,
-    'test_faults.py': 78, 'test_accumulation.py': 63, 'test_bad_records.py': 25,
-    'test_integrity.py': 100, 'test_grid.py': 70, 'test_global_m.py': 60,  # ~
-    'test_moco_resume.py': 50, 'test_linear_probe.py': 45,  # ~
-    'test_supervised_unchanged.py': 35, 'test_first_hour.py': 30,  # ~
+    'test_faults.py': 78, 'test_grid.py': 70,  # ~
+    'test_accumulation.py': 63, 'test_global_m.py': 37, 'test_supervised_unchanged.py': 35,
+    'test_integrity.py': 31, 'test_first_hour.py': 30,  # ~
+    'test_moco_resume.py': 29, 'test_bad_records.py': 25, 'test_linear_probe.py': 19,
 }
 DURATIONS_KEY = 'gmix_jax/test_seconds'
 

@@ -114,6 +114,11 @@ def test_a_class_without_training_examples_is_warned(tmp_path):
 def test_bad_data_stops_the_trainer_before_anything_compiles(case, message, tmp_path, monkeypatch):
   def no_jit(*a, **k):
     raise AssertionError('jax.jit called before the data was validated')
+  # Every task module imported first: their module-level @jax.jit (gmix_jax.knn)
+  # is not compilation, and whether an earlier test imported them depends on the
+  # order the tests run in.
+  from gmix_jax import tasks
+  tasks.names()
   monkeypatch.setattr(jax, 'jit', no_jit)
   c = tiny_config('erm', 'digits', tmp_path / 'data')
   c.dataset.name = write_npz(tmp_path / 'd.npz', case)
