@@ -15,9 +15,14 @@ Rows (configs/ssl_mnist_jpeg.py, each seed in ``--seeds``):
 
 Every run is ``python -m gmix_jax.main`` in ``ROOT/NAME_sSEED`` (under
 ``nice -n 5``, no progress bar); a run whose ``summary.json`` exists is not
-run again, so an interrupted table resumes by running the same command. At
-most ``--jobs`` runs at a time, in seed order (all rows of seed 0 first), a
-probe as soon as its pretraining has finished. The 1-minute load average is
+run again, so an interrupted table resumes by running the same command (a
+run still training in its workdir, its lock held, is waited for, not
+launched twice). At most ``--jobs`` runs at a time (those waited for
+included), a probe as soon as its pretraining has finished, in this order:
+every row of the first seed (longest first), then the floor and ceiling of
+the others, then their pretrainings cheapest first (MoCo, + mixup, + cutmix, then + mixup +
+SAM, then SAMix-SSL), so a table cut short holds every row once and the cheap
+rows over several seeds. The 1-minute load average is
 sampled while they run and written with the table (``ROOT/table.md``).
 Mean ± sample standard deviation (n − 1) over the seeds that finished; the
 ``n`` column says how many.
@@ -25,6 +30,7 @@ Mean ± sample standard deviation (n − 1) over the seeds that finished; the
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import os
 import statistics
@@ -35,6 +41,8 @@ import time
 ROOT_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = 'configs/ssl_mnist_jpeg.py'
 METHODS = ('moco', 'moco_mixup', 'moco_cutmix', 'moco_gmix', 'samix_ssl')
+COST = {'random': 0, 'supervised': 0, 'moco': 1, 'moco_mixup': 1, 'moco_cutmix': 1,
+        'moco_gmix': 2, 'samix_ssl': 3}      # rank of a row's pretraining cost (one epoch)
 
 
 def jobs(root: str, seeds: list[int]) -> list[dict]:
@@ -44,17 +52,37 @@ def jobs(root: str, seeds: list[int]) -> list[dict]:
   for s in seeds:
     for m in METHODS:
       pre = f'{m}_s{s}'
-      out.append({'name': pre, 'after': None, 'argv': [f'--config={CONFIG}:{m}']})
-      out.append({'name': f'{pre}_probe', 'after': pre,
+      out.append({'name': pre, 'after': None, 'row': m, 'seed': s,
+                  'argv': [f'--config={CONFIG}:{m}']})
+      out.append({'name': f'{pre}_probe', 'after': pre, 'row': m, 'seed': s,
                   'argv': [f'--config={CONFIG}:linear_probe',
                            f'--config.task.pretrained={os.path.join(root, pre)}']})
-    out.append({'name': f'random_s{s}_probe', 'after': None,
+    out.append({'name': f'random_s{s}_probe', 'after': None, 'row': 'random', 'seed': s,
                 'argv': [f'--config={CONFIG}:linear_probe', '--config.task.pretrained=random']})
-    out.append({'name': f'supervised_s{s}', 'after': None, 'argv': [f'--config={CONFIG}:supervised']})
+    out.append({'name': f'supervised_s{s}', 'after': None, 'row': 'supervised', 'seed': s,
+                'argv': [f'--config={CONFIG}:supervised']})
     for j in out[-2 * len(METHODS) - 2:]:
       j['argv'] += [f'--workdir={os.path.join(root, j["name"])}', f'--config.seed={s}',
                     '--config.progress=False']
-  return out
+  # The first seed's longest runs first (they set the end); stable: a probe
+  # stays right after its pretraining.
+  first = lambda j: j['seed'] == seeds[0]
+  return sorted(out, key=lambda j: (not first(j), -COST[j['row']] if first(j) else COST[j['row']]))
+
+
+def busy(root: str, name: str) -> bool:
+  """Whether a run (another launch of this script, say) trains in that
+  workdir now: its ``.lock`` is held (gmix_jax.lock)."""
+  path = os.path.join(root, name, '.lock')
+  if not os.path.exists(path):
+    return False
+  with open(path) as f:
+    try:
+      fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+      return True
+    fcntl.flock(f, fcntl.LOCK_UN)
+  return False
 
 
 def command(job: dict) -> list[str]:
@@ -77,6 +105,7 @@ def run_all(root: str, todo: list[dict], max_jobs: int) -> list[float]:
   failed: set[str] = set()
   loads = []
   while pending or running:
+    pending = [j for j in pending if summary(root, j['name']) is None]   # (finished elsewhere)
     for name, proc in list(running.items()):
       if proc.poll() is not None:
         del running[name]
@@ -84,14 +113,17 @@ def run_all(root: str, todo: list[dict], max_jobs: int) -> list[float]:
         print(f'{time.strftime("%H:%M:%S")} {"done" if ok else "FAILED"} {name}', flush=True)
         if not ok:
           failed.add(name)
+    elsewhere = [j for j in pending if busy(root, j['name'])]
     for j in list(pending):
-      if len(running) >= max_jobs:
+      if len(running) + len(elsewhere) >= max_jobs:
         break
+      if j in elsewhere:
+        continue
       if j['after'] in failed:
         pending.remove(j)
         failed.add(j['name'])
         continue
-      if j['after'] is not None and (j['after'] in running or summary(root, j['after']) is None):
+      if j['after'] is not None and summary(root, j['after']) is None:
         continue
       pending.remove(j)
       os.makedirs(root, exist_ok=True)
