@@ -90,6 +90,9 @@ class Supervised(tasks.Task):
                        'state); use sam, asam, gsam or esam')
     return objectives.get_method('erm', num_classes, sharpness=sharp)
 
+  def drives_rules(self, config):
+    return not own_step(config)       # the composed objective drives every rule
+
   def ignored_knobs(self, config, method):
     if own_step(config):
       return []                    # other sections are rejected; samix knobs are all read
@@ -106,7 +109,11 @@ class Supervised(tasks.Task):
       # LookSAM's g_v / F-SAM's m live in TrainState.extra (checkpointed with it).
       extra = objectives.rule_state_init(method.sharpness, params)
       update = objectives.rule_state_update(method.sharpness) if extra is not None else None
-      return tasks.StepParts(objective, extra, update)
+      driver = objectives.rule_driver(method.sharpness)
+      phases = {p: configure.build_objective(config, method, apply_fn, total_steps, p)
+                for p in driver.phases} or None
+      return tasks.StepParts(objective, extra, update, objective_inputs=driver.objective_inputs,
+                             phases=phases, phase=driver.phase)
     objective, extra, extra_update = samix.build(
         build_samix(config), config.model.name, module, apply_fn, tuple(ds.input_shape),
         ds.num_classes, total_steps, params, model_state,
