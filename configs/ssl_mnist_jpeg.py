@@ -1,4 +1,4 @@
-"""MoCo v2 pretraining on mnist_jpeg (offline JPEGs), small BN CNN, 32 px. CPU, a few minutes.
+"""MoCo v2 pretraining on mnist_jpeg (offline JPEGs), small BN CNN, 32 px. CPU, minutes.
 
   python -m gmix_jax.main --config=configs/ssl_mnist_jpeg.py:moco --workdir=workdirs/ssl_moco
 
@@ -17,13 +17,15 @@ encoder), head 512 → 128, a queue of 3840 keys (30 batches: below the 4000
 images, MoCo's false-negative caution), m = 0.99 (MoCo's CIFAR demo value
 for short runs; 0.999 is the ImageNet value), SGD lr 0.06 (MoCo's CIFAR demo:
 0.06 for batch 512, weight decay 5e-4, cosine), 8 epochs of batch 128, the
-kNN monitor every 4 epochs. Sized so that the table of docs/ssl.md (5
-methods x 3 seeds, their probes, the floor and the ceiling:
-experiments/ssl_table.py) runs in under an hour on a shared 2-core CPU: one
-epoch of ``moco`` took about 40 s there at load average 3-5, ``moco_gmix``
-(two passes) about 2.5 min and ``samix_ssl`` (mixblock, three encoder
-passes) about 3 min at load average 10-12 (compilation and one kNN monitor
-included). The published recipes train for hundreds of epochs
+kNN monitor every 4 epochs. Sized for the table of docs/ssl.md (5 methods x
+3 seeds, their probes, the floor and the ceiling: experiments/ssl_table.py)
+on a shared 2-core CPU: one epoch of ``moco`` took about 40 s there at load
+average 3-5, ``moco_gmix`` (two passes) about 2.5 min and ``samix_ssl``
+(mixblock, three encoder passes) about 3 min at load average 10-12
+(compilation and one kNN monitor included); at load 9-17 the 8-epoch runs
+took 5-8 min (``moco``) to 12 min (``samix_ssl``), a probe 2-6 min, and
+every row's seed 0 plus the cheaper rows' seeds 1-2 took 68 min, two runs
+at a time. The published recipes train for hundreds of epochs
 (configs/ssl.py); this one is a demo of the code path at toy scale.
 
 Then the linear probe on the frozen backbone (gmix_jax/tasks/linear_probe.py):
