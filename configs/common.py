@@ -53,7 +53,7 @@ def method(name: str) -> ml_collections.ConfigDict:
           'rho_minus': f(),         # decomposed: ρ⁻ of the other subset (None = ρ)
       },
       'sensitivity': {              # per-example s_i for the split, docs/methods.md § 3
-          'estimator': s(),         # per_example | first_order | shared | stale
+          'estimator': s(),         # per_example | first_order | shared | shared_prev | stale
           'rho': f(),               # ρ of the sensitivity probe (None = the sharpness ρ)
           'chunk': i(),             # examples per vmapped chunk (0 = whole batch); memory ∝ chunk
           'refresh_every': i(),     # stale: epochs between refreshes of the score table
