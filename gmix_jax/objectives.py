@@ -917,7 +917,7 @@ def step_state_update(method: Method):
   """``extra_update`` for ``step_state_init``'s state: the rule's part by
   ``rule_state_update``; ``'ascent'`` ← ḡ/(‖ḡ‖ + eps_norm) with ḡ the
   device average of the step's clean gradients (the objective's
-  ``extra_grads['ascent']``), kept in its own dtype."""
+  ``extra_grads['ascent']``), normalised in the stored dtype (at least float32)."""
   rule_update = (rule_state_update(method.sharpness)
                  if method.sharpness.name in sharpness.STATEFUL_RULES else None)
 
@@ -926,8 +926,9 @@ def step_state_update(method: Method):
     if rule_update is not None:
       new.update(rule_update(extra, averaged, params, model_state, step))
     if method.keeps_ascent:
-      new['ascent'] = jax.tree.map(lambda u, old: u.astype(old.dtype),
-                                   sharpness.normalize(averaged['ascent']), extra['ascent'])
+      # Normalised in the stored (at least float32) dtype, not a bf16 gradient's.
+      new['ascent'] = sharpness.normalize(jax.tree.map(
+          lambda g, old: g.astype(old.dtype), averaged['ascent'], extra['ascent']))
     return new
   return update
 
