@@ -97,9 +97,9 @@ def task(name: str = 'supervised') -> ml_collections.ConfigDict:
         'name': name,
         'pretrained': s(),          # linear_probe: workdir of a finished moco / samix_ssl run
     })
-  if name not in ('moco', 'samix_ssl'):
+  if name not in ('moco', 'samix_ssl', 'samix_ssl_p'):
     return ml_collections.ConfigDict({'name': name})
-  samix_ssl = {} if name != 'samix_ssl' else {   # gmix_jax.samix_ssl.SAMixSSLConfig
+  samix_ssl = {} if name == 'moco' else {   # gmix_jax.samix_ssl.SAMixSSLConfig
       'alpha': f(),                 # λ ~ Beta(α, α) (2)
       'eta': f(),                   # η: the queue's weight in the mixblock's BCE (0.1)
       'mask_weight': f(),           # β: mask-area regulariser (0.1)
@@ -109,8 +109,10 @@ def task(name: str = 'supervised') -> ml_collections.ConfigDict:
       'mixblock_dim': i(),          # the mixblock's attention width (32)
       'feature_layer': s(),         # the momentum encoder's layer feeding the mixblock
   }
+  if name == 'samix_ssl_p':         # SAMix^P-SSL: the finished samix_ssl run whose mixblock is frozen
+    samix_ssl['source_workdir'] = s()
   return ml_collections.ConfigDict({
-      'name': name,                 # supervised | moco | samix_ssl
+      'name': name,                 # supervised | moco | samix_ssl | samix_ssl_p
       'queue_size': i(),            # K negatives (65536), capped below the training-set size
       'temperature': f(),           # InfoNCE τ (0.2, MoCo v2)
       'momentum': f(),              # key encoder momentum m (0.999)
@@ -161,6 +163,7 @@ def base() -> ml_collections.ConfigDict:
   c.dataset.image_size = placeholder(int)  # crop size (needed by 'inception'); None = the stored size
   c.dataset.workers = 0                    # Grain worker processes (0: read in this process)
   c.dataset.bad_records = 'error'          # unreadable record: 'error' (stop, name it) | 'skip' (replace, count)
+  c.dataset.train_split = placeholder(str)  # None = 'train'; a tfds union, e.g. 'unlabelled+train' (SSL)
 
   c.model = ml_collections.ConfigDict()
   c.model.name = 'cnn'                     # see gmix_jax.models.MODELS

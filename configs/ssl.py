@@ -17,10 +17,10 @@ The part after ``:`` is ``DATASET[,METHOD]``, METHOD one of configs/common.py
                 the MoCo authors' CIFAR-10 demo: K = 4096, weight decay 5e-4);
                 no single published CIFAR recipe of the MoCo v2 paper exists,
                 so they cannot be confirmed against one source.
-  stl10         ResNet-18, 96 px, otherwise as CIFAR. The usual recipe pretrains on
-                ``unlabelled`` + ``train``; the data layer reads one labelled
-                ``train`` split today, so this preset pretrains on ``train`` only
-                (5000 images) — a known shortfall.
+  stl10         ResNet-18, 96 px, otherwise as CIFAR. Pretrains on tfds ``stl10``'s
+                ``unlabelled`` + ``train`` (100,000 + 5,000 images, the SSL papers'
+                protocol; ``dataset.train_split='unlabelled+train'``); the kNN
+                monitor's memory bank is the labelled ``train``, its queries ``test``.
 """
 from configs import common
 
@@ -52,6 +52,8 @@ def get_config(arg: str = 'cifar10'):
   else:
     c.dataset.name = 'tfds:stl10' if dataset == 'stl10' else dataset
     c.dataset.image_size = 96 if dataset == 'stl10' else 32
+    if dataset == 'stl10':
+      c.dataset.train_split = 'unlabelled+train'
     c.dataset.workers = 4
     c.model.name = 'resnet18'
     c.optimizer.weight_decay = 5e-4

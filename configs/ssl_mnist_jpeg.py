@@ -30,6 +30,8 @@ from configs import common
 
 
 def get_config(method: str = 'moco'):
+  if method == 'samix_ssl_p':
+    return samix_ssl_p()
   if method == 'linear_probe':
     return linear_probe()
   c = common.ssl(method)
@@ -67,4 +69,21 @@ def linear_probe():
   c.optimizer.nesterov = False
   c.optimizer.weight_decay = 0.0
   c.eval_batch_size = 500
+  return c
+
+
+def samix_ssl_p():
+  """SAMix^P-SSL (task ``samix_ssl_p``): the ``moco`` recipe above, the query
+  view mixed by the frozen mixblock of a finished ``:samix_ssl`` run:
+
+    python -m gmix_jax.main --config=configs/ssl_mnist_jpeg.py:samix_ssl_p \
+        --workdir=workdirs/ssl_samix_p --config.task.source_workdir=workdirs/ssl_samix
+
+  The source must share the data, model, head and mixblock input (checked)."""
+  c = get_config('moco')
+  moco_task = c.task
+  c.task = common.task('samix_ssl_p')
+  for field in ('queue_size', 'momentum', 'proj_hidden', 'proj_dim'):
+    c.task[field] = moco_task[field]
+  c.task.feature_layer = 'conv1'          # the CNN's middle stage (8x8 maps at 32 px)
   return c

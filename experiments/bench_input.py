@@ -15,7 +15,11 @@ step s) -> to_iter_dataset(one thread) -> mp_prefetch(N workers)`` (no
 work), where a batch is an epoch-permutation slice, one ``__getitems__``
 read, the ``inception`` training transform of `gmix_jax.data.image_ops` per
 record at ``--size`` (224: decode, crop, bilinear resize, flip), and a ``np.stack`` into uint8 ``[B, 224, 224, 3]``. One worker is one
-process with one thread, so images/s per worker is a per-core figure.
+process with one thread, so images/s per worker is a per-core figure. Each
+worker count runs ``--repeats`` times per ``--decoders`` entry
+(`gmix_jax.data.fast_jpeg`: ``simplejpeg``, the default, and ``pil``, the
+fallback), the decoders alternating; rows give medians over the repeats and
+the median per-repeat ratio of CPU rates (`pipeline_rows`).
 
 Timing: ``--warmup`` batches (worker start-up, and long enough to drain the
 batches buffered meanwhile, so the timed part is steady state), then the
@@ -27,8 +31,7 @@ and its worker processes, user + system, over the timed window):
 process's for 0 workers) is what one worker does with a whole core. Also timed, in the main
 process without grain: full decode only, and the transform alone (so the
 cost of grain and of batching can be read off), per wall and per CPU second,
-with PIL (the library's decoder) and, if installed, simplejpeg as the
-decoder (`time_in_process`). Results are merged into
+with each decoder (`time_in_process`). Results are merged into
 ``--out`` under ``--label`` (one entry per machine).
 """
 from __future__ import annotations
@@ -116,45 +119,63 @@ def time_pipeline(path: str, workers: int, batch: int, size: int,
   return row
 
 
+def set_decoder(name: str) -> None:
+  """Selects the library's JPEG decoder in this process and in worker
+  processes started after the call (`fast_jpeg`: 'simplejpeg' or 'pil')."""
+  from gmix_jax.data import fast_jpeg
+  os.environ[fast_jpeg.ENV] = name
+  fast_jpeg.simplejpeg = fast_jpeg._load_simplejpeg()  # pylint: disable=protected-access
+  assert fast_jpeg.decoder() == name, f'{name} is not installed'
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+  mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
+  return float('inf') if mse == 0 else 10 * np.log10(255.0 ** 2 / mse)
+
+
 def time_in_process(path: str, size: int, n: int = 64, rounds: int = 9) -> dict:
   """Decode alone and the transform alone, main process, no grain.
 
-  Per decoder: ``pil``, the library's transform (PIL decodes, crops,
-  resizes, flips) and, when the ``simplejpeg`` package is installed,
-  ``simplejpeg``: its decode (libjpeg-turbo with the accurate IDCT and fancy
-  upsampling, as PIL's: the same pixels, checked here) handed to PIL as an
-  array, then the library's own crop + resize and PIL's flip, i.e. what a
-  change of decoder would give. The kinds alternate in ``rounds`` rounds of
-  ``n`` records (order flipped every round); figures are medians over rounds,
-  and ``transform_simplejpeg_over_pil_cpu`` is the median of the per-round
-  ratios of CPU time per image (< 1: simplejpeg cheaper).
+  Kinds: ``decode_pil`` (PIL's decode into an array), ``decode_simplejpeg``;
+  the library's ``inception`` training transform with each decoder
+  (``transform_pil``: PIL decodes, crops, resizes, flips;
+  ``transform_simplejpeg``: the default, `fast_jpeg` decodes into a PIL image
+  without a copy, then the same crop, resize and flip), and
+  ``transform_fastdct``, the default with libjpeg-turbo's fast integer IDCT
+  (not the library's: it changes pixels; its PSNR against PIL is reported).
+  The kinds alternate in ``rounds`` rounds of ``n`` records (order flipped
+  every round); figures are medians over rounds, and ``*_over_pil_cpu`` is
+  the median of the per-round ratios of CPU time per image of a transform to
+  PIL's (< 1: cheaper). ``*_identical`` / ``*_min_psnr_db``: the outputs of 16
+  records against PIL's under the same generator.
   """
   from PIL import Image
+  import simplejpeg
+  from gmix_jax.data import fast_jpeg
   from gmix_jax.data import image_ops
   from gmix_jax.data import jpeg_sources
   src = jpeg_sources.JpegRecordSource(path)
   records = [src[i % len(src)] for i in range(n)]
   transform = image_ops.make_record_transform('inception', size, True, channels=3)
-  kinds = {('decode', 'pil'): lambda r, rng: np.asarray(
+
+  open_rgb = fast_jpeg.open_rgb
+
+  def fastdct_open(b):
+    array = simplejpeg.decode_jpeg(b, 'RGBX', fastdct=True)
+    return Image.frombuffer('RGBX', array.shape[1::-1], array, 'raw', 'RGBX', 0, 1)
+
+  def with_decoder(module, opener):
+    def run(r, rng):   # two attribute stores: negligible next to a decode
+      fast_jpeg.simplejpeg, fast_jpeg.open_rgb = module, opener
+      return transform(r, rng)['image']
+    return run
+
+  kinds = {'decode_pil': lambda r, rng: np.asarray(
                Image.open(io.BytesIO(r['image'])).convert('RGB')),
-           ('transform', 'pil'): transform}
-  try:
-    import simplejpeg
-  except ImportError:
-    simplejpeg = None
-  if simplejpeg is not None:
-    def transform_simplejpeg(r, rng):
-      im = Image.fromarray(simplejpeg.decode_jpeg(r['image'], 'RGB'))
-      box = image_ops.random_resized_crop_box(rng, im.height, im.width)
-      out = image_ops._crop_resize_image(im, box, size, 3, draft=False)  # pylint: disable=protected-access
-      if rng.random() < 0.5:
-        out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-      return np.asarray(out)
-    kinds[('decode', 'simplejpeg')] = lambda r, rng: simplejpeg.decode_jpeg(r['image'], 'RGB')
-    kinds[('transform', 'simplejpeg')] = transform_simplejpeg
-    same = all(np.array_equal(transform(r, np.random.default_rng(i))['image'],
-                              transform_simplejpeg(r, np.random.default_rng(i)))
-               for i, r in enumerate(records[:16]))
+           'decode_simplejpeg': lambda r, rng: simplejpeg.decode_jpeg(r['image'], 'RGB'),
+           'transform_pil': with_decoder(None, open_rgb),
+           'transform_simplejpeg': with_decoder(simplejpeg, open_rgb),
+           'transform_fastdct': with_decoder(simplejpeg, fastdct_open)}
 
   def per_second(fn):
     rng = np.random.default_rng(0)
@@ -163,22 +184,56 @@ def time_in_process(path: str, size: int, n: int = 64, rounds: int = 9) -> dict:
       fn(r, rng)
     return n / (time.perf_counter() - start), n / (time.process_time() - cpu)
 
+  out = {'rounds': rounds, 'records_per_round': n}
+  ref = [kinds['transform_pil'](r, np.random.default_rng(i)) for i, r in enumerate(records[:16])]
+  for k in ('transform_simplejpeg', 'transform_fastdct'):
+    got = [kinds[k](r, np.random.default_rng(i)) for i, r in enumerate(records[:16])]
+    out[f'{k}_identical'] = all(np.array_equal(a, b) for a, b in zip(got, ref))
+    out[f'{k}_min_psnr_db'] = round(float(min(psnr(a, b) for a, b in zip(got, ref))), 2)
   runs = {k: [] for k in kinds}
   for i in range(rounds):
     for k in (list(kinds) if i % 2 == 0 else list(kinds)[::-1]):
       runs[k].append(per_second(kinds[k]))
+  fast_jpeg.simplejpeg, fast_jpeg.open_rgb = simplejpeg, open_rgb
   med = lambda xs: round(float(np.median(xs)), 1)
-  out = {'rounds': rounds, 'records_per_round': n}
-  for (what, decoder), xs in runs.items():
-    name = 'full_decode' if what == 'decode' else 'transform'
-    out[f'{name}_{decoder}_per_s'] = med([x[0] for x in xs])
-    out[f'{name}_{decoder}_per_cpu_s'] = med([x[1] for x in xs])
-  if simplejpeg is not None:
-    out['simplejpeg_output_identical'] = bool(same)
-    out['transform_simplejpeg_over_pil_cpu'] = round(float(np.median(
-        [p[1] / f[1] for f, p in zip(runs[('transform', 'simplejpeg')],
-                                     runs[('transform', 'pil')])])), 3)
+  for k, xs in runs.items():
+    out[f'{k}_per_s'] = med([x[0] for x in xs])
+    out[f'{k}_per_cpu_s'] = med([x[1] for x in xs])
+  for k in ('transform_simplejpeg', 'transform_fastdct'):
+    out[f'{k}_over_pil_cpu'] = round(float(np.median(
+        [p[1] / f[1] for f, p in zip(runs[k], runs['transform_pil'])])), 3)
   return out
+
+
+def pipeline_rows(path: str, workers: int, args) -> list[dict]:
+  """One row per decoder for ``workers``: ``--repeats`` runs of each, the
+  decoders alternating (order flipped every repeat), medians over the runs
+  (the per-run figures kept), and for the default decoder the median of the
+  per-repeat ratios of its images per worker CPU-second to PIL's."""
+  decoders = args.decoders.split(',')
+  runs = {d: [] for d in decoders}
+  for rep in range(args.repeats):
+    for decoder in (decoders if rep % 2 == 0 else decoders[::-1]):
+      set_decoder(decoder)
+      runs[decoder].append(time_pipeline(path, workers, args.batch, args.size,
+                                         args.warmup or 4 + 3 * workers,
+                                         args.batches or 16 + 8 * workers))
+      print(decoder, runs[decoder][-1], flush=True)
+  rows = []
+  for decoder, xs in runs.items():
+    row = {'decoder': decoder, 'workers': workers, 'repeats': len(xs)}
+    for key in xs[0]:
+      if key != 'workers':
+        row[key] = round(float(np.median([x[key] for x in xs])), 2)
+    key = 'images_per_worker_cpu_s'
+    if key in xs[0]:
+      row[key + '_runs'] = [x[key] for x in xs]
+      if decoder != 'pil' and 'pil' in runs:
+        row[key + '_over_pil'] = round(float(np.median(
+            [x[key] / p[key] for x, p in zip(xs, runs['pil'])])), 3)
+    rows.append(row)
+    print(row, flush=True)
+  return rows
 
 
 def cpu_seconds() -> tuple[float, float] | None:
@@ -209,6 +264,11 @@ def machine() -> dict:
 def main(argv=None) -> None:
   p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   p.add_argument('--workers', default='0,1,2')
+  p.add_argument('--decoders', default='simplejpeg,pil',
+                 help='JPEG decoders of the pipeline rows, in this order per '
+                 'worker count (simplejpeg: the library default)')
+  p.add_argument('--repeats', type=int, default=3,
+                 help='pipeline runs per decoder and worker count (alternating)')
   p.add_argument('--images', type=int, default=256,
                  help='distinct JPEGs generated (the records cycle them)')
   p.add_argument('--records', type=int, default=4096)
@@ -244,11 +304,8 @@ def main(argv=None) -> None:
            'pipeline': []}
   print(entry['in_process'], flush=True)
   for w in [int(x) for x in args.workers.split(',')]:
-    row = time_pipeline(path, w, args.batch, args.size,
-                        args.warmup or 4 + 3 * w,
-                        args.batches or 16 + 8 * w)
-    entry['pipeline'].append(row)
-    print(row, flush=True)
+    entry['pipeline'].extend(pipeline_rows(path, w, args))
+  set_decoder('simplejpeg')
 
   entry['machine']['load_avg_at_end'] = [round(x, 2) for x in os.getloadavg()]
   results = {}

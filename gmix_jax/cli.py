@@ -380,7 +380,8 @@ def method_defaults(config) -> dict[str, tuple[Any, bool]]:
 
 def help_text(config=None) -> str:
   """The ``--help`` page; with ``config``, that config's values beside the field docs."""
-  from gmix_jax import models, objectives, samix, tasks
+  from gmix_jax import models, objectives, tasks
+  from gmix_jax.tasks import supervised
   docs = field_docs()
   lines = [USAGE, '',
            'Trains one config; rerunning the same command resumes from the workdir\'s latest',
@@ -396,7 +397,7 @@ def help_text(config=None) -> str:
   lines += ['', 'tasks (task.name; a config without a task section is supervised):',
             '  ' + ', '.join(tasks.names()), '',
             'method presets (method.name, or FILE:NAME):',
-            '  ' + ', '.join([*objectives.PRESETS, *samix.METHODS]), '',
+            '  ' + ', '.join(supervised.method_names()), '',
             'models (model.name) and their model.kwargs (constructor defaults):']
   lines += [f'  {name:16s}{_model_kwargs(ctor)}' for name, ctor in models.MODELS.items()]
   from gmix_jax import mixing
@@ -415,7 +416,7 @@ def help_text(config=None) -> str:
     lines.append('this config\'s values (field = value  # doc; a method knob left at None shows '
                  'the value its preset runs with):')
     defaults = method_defaults(config)
-    presets = [*objectives.PRESETS, *samix.METHODS]
+    presets = supervised.method_names()
     if config.method.name not in presets:
       lines.append(f'  (method.name={config.method.name!r} is not a method preset'
                    f'{did_you_mean(config.method.name, presets)})')

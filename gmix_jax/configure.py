@@ -26,6 +26,7 @@ from gmix_jax import mixing
 from gmix_jax import models
 from gmix_jax import objectives
 from gmix_jax import precision
+from gmix_jax import sharpness
 from gmix_jax import tasks
 
 PARALLEL_MODES = ('shard_map', 'pmap')
@@ -222,16 +223,12 @@ def validate_config(config: ml_collections.ConfigDict) -> objectives.Method:
     raise ValueError(f'model.kwargs {dict(config.model.kwargs)} do not fit '
                      f'model.name={config.model.name!r}: {e}') from e
   method = task.check_config(config)                 # method.name and every method knob
-  if method.sharpness.name in ('looksam', 'fsam', 'msam') and (
-      tasks.get(config).name != 'supervised' or config.method.name not in objectives.PRESETS):
-    raise ValueError(f'sharpness.rule={method.sharpness.name!r} is implemented for the composed '
-                     f'supervised methods ({sorted(objectives.PRESETS)}), not for method.name='
-                     f'{config.method.name!r} (its step keeps its own state); use sam, asam, '
-                     'gsam or esam')
-  if method.sharpness.name == 'msam' and config.optimizer.name == 'sgd' and \
-      not config.optimizer.momentum:
-    raise ValueError("sharpness.rule='msam' perturbs along the optimizer's momentum: set "
-                     'optimizer.momentum > 0 (e.g. 0.9) or use optimizer.name=adam/adamw')
+  split = data_lib.inputs.train_split(config)
+  if split != 'train' and not task.label_free:
+    raise ValueError(f'dataset.train_split={split!r} is for the self-supervised tasks, whose loss '
+                     f'reads no labels (task.name in {tasks.label_free_names()}); '
+                     f"task.name={task.name!r} trains on the labelled 'train' split")
+  check_rule_driven(config, task, method.sharpness)
   local = jax.local_device_count()
   n_dev = num_devices(config)
   if isinstance(n_dev, bool) or not isinstance(n_dev, int) or not 1 <= n_dev <= local:
@@ -251,6 +248,21 @@ def validate_config(config: ml_collections.ConfigDict) -> objectives.Method:
 
 def _finite(value) -> bool:
   return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_rule_driven(config, task, rule) -> None:
+  """A rule that needs more than its objective (``objectives.RuleDriver``:
+  state, phases, objective inputs) only where the task's step drives it;
+  one that reads the optimizer's momentum only with an optimizer that keeps one."""
+  driver = objectives.rule_driver(rule)
+  if not driver.plain and not task.drives_rules(config):
+    raise ValueError(f'sharpness.rule={rule.name!r} is implemented for the composed supervised '
+                     f'methods ({sorted(objectives.PRESETS)}), not for method.name='
+                     f'{config.method.name!r} with task.name={task.name!r} (its step keeps its '
+                     f'own state); use {", ".join(objectives.plain_rules())}')
+  if driver.needs_momentum and config.optimizer.name == 'sgd' and not config.optimizer.momentum:
+    raise ValueError(f"sharpness.rule={rule.name!r} perturbs along the optimizer's momentum: set "
+                     'optimizer.momentum > 0 (e.g. 0.9) or use optimizer.name=adam/adamw')
 
 
 def check_numbers(config: ml_collections.ConfigDict) -> None:
@@ -279,19 +291,12 @@ class IgnoredKnobWarning(UserWarning):
 
 
 # Which resolved choice a knob belongs to: (section, knob) -> (choice, values that read it).
-# The mixing policies' own knobs come from the registry (``_knob_owners``).
+# The mixing policies' and sharpness rules' own knobs come from their modules
+# (``_knob_owners``: ``mixing.POLICIES``, ``sharpness.RULE_KNOBS``).
 _KNOB_OWNERS = {
     ('mixing', 'eta'): ('mixing.policy', ('mixupe',)),
     ('mixing', 'tau'): ('mixing.policy', ('mixupe',)),
     ('mixing', 'mixupe_version'): ('mixing.policy', ('mixupe',)),
-    ('sharpness', 'asam_eta'): ('sharpness.rule', ('asam',)),
-    ('sharpness', 'asam_biases'): ('sharpness.rule', ('asam',)),
-    ('sharpness', 'gsam_alpha'): ('sharpness.rule', ('gsam',)),
-    ('sharpness', 'esam_beta'): ('sharpness.rule', ('esam',)),
-    ('sharpness', 'looksam_k'): ('sharpness.rule', ('looksam',)),
-    ('sharpness', 'looksam_alpha'): ('sharpness.rule', ('looksam',)),
-    ('sharpness', 'fsam_sigma'): ('sharpness.rule', ('fsam',)),
-    ('sharpness', 'fsam_lambda'): ('sharpness.rule', ('fsam',)),
     ('partition', 'bgmix_rule'): ('partition.rule', ('binary',)),
     ('partition', 'mix_subset'): ('partition.rule', ('binary', 'decomposed')),
     ('partition', 'partners'): ('partition.rule', ('binary', 'decomposed')),
@@ -309,6 +314,9 @@ def _knob_owners() -> dict:
     readers = [name for name, spec in mixing.POLICIES.items() if knob in spec.knobs]
     readers += ['mixupe'] if knob in mixing.POLICIES['mixup'].knobs else []
     owners['mixing', knob] = ('mixing.policy', tuple(readers))
+  for rule, knobs in sharpness.RULE_KNOBS.items():
+    for knob in knobs:
+      owners['sharpness', knob] = ('sharpness.rule', (rule,))
   return owners
 
 

@@ -249,6 +249,12 @@ class Method:
     return self.sharpness.name in sharpness.STATEFUL_RULES or self.keeps_ascent
 
   @property
+  def uses_stale_scores(self) -> bool:
+    """Whether the step reads a score table kept in the train state (a split
+    with the ``stale`` estimator, refreshed by the trainer)."""
+    return self.partition.rule != 'none' and sensitivity.keeps_table(self.sensitivity)
+
+  @property
   def sensitivity_rho(self) -> float:
     if self.sensitivity.rho is not None:
       return self.sensitivity.rho
@@ -894,8 +900,9 @@ def rule_step_kwargs(rule: sharpness.SharpnessRule, params) -> tuple[Optional[di
   kwargs = {}
   if extra is not None:
     kwargs['extra_update'] = rule_state_update(rule)
-  if rule.name == 'msam':
-    kwargs['objective_inputs'] = msam_inputs
+  inputs = rule_driver(rule).objective_inputs
+  if inputs is not None:
+    kwargs['objective_inputs'] = inputs
   return extra, kwargs
 
 
@@ -950,3 +957,61 @@ def msam_inputs(state) -> dict:
   """``objective_inputs`` for MSAM: the optimizer's momentum v from the
   train state's ``opt_state`` (``sharpness.optimizer_momentum``)."""
   return {'momentum': sharpness.optimizer_momentum(state.opt_state)}
+
+
+# ----------------------------------------------------------------------------
+# How the trainer drives a rule's step (beyond calling its objective).
+# ----------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class RuleDriver:
+  """What a step needs from the trainer for one sharpness rule.
+
+  Attributes:
+    objective_inputs: ``state -> dict`` added to the objective's batch
+      (``parallel.make_per_device_step``), or None.
+    phases: names of separately compiled programs (``make_objective(...,
+      looksam_phase=NAME)``); empty: one program.
+    phase: host-side ``step -> one of phases`` (only with phases).
+    keeps_state: the rule carries state in ``TrainState.extra``
+      (``rule_state_init`` / ``rule_state_update``).
+    needs_momentum: the rule reads the optimizer's momentum buffer, so a
+      momentum-free SGD is refused before anything compiles.
+  """
+  objective_inputs: Optional[Callable] = None
+  phases: tuple[str, ...] = ()
+  phase: Optional[Callable[[int], str]] = None
+  keeps_state: bool = False
+  needs_momentum: bool = False
+
+  @property
+  def plain(self) -> bool:
+    """Nothing but the objective: any task's step can drive the rule."""
+    return not (self.objective_inputs or self.phases or self.keeps_state)
+
+
+def _looksam_driver(rule: sharpness.SharpnessRule) -> RuleDriver:
+  # Two programs chosen on the host by the step number, not a lax.cond: XLA on
+  # CPU runs a gradient inside a conditional an order of magnitude slower.
+  k = rule.looksam_k
+  return RuleDriver(phases=('full', 'cheap'), keeps_state=True,
+                    phase=lambda step: 'full' if step % k == 0 else 'cheap')
+
+
+# rule name -> (rule -> RuleDriver); a rule not listed is plain.
+RULE_DRIVERS: dict[str, Callable[[sharpness.SharpnessRule], RuleDriver]] = {
+    'looksam': _looksam_driver,
+    'fsam': lambda rule: RuleDriver(keeps_state=True),
+    'msam': lambda rule: RuleDriver(objective_inputs=msam_inputs, needs_momentum=True),
+}
+
+
+def rule_driver(rule: sharpness.SharpnessRule) -> RuleDriver:
+  """The ``RuleDriver`` of ``rule`` (``RULE_DRIVERS``; plain when unlisted)."""
+  make = RULE_DRIVERS.get(rule.name)
+  return make(rule) if make is not None else RuleDriver()
+
+
+def plain_rules() -> list[str]:
+  """The active rules any task's step can drive."""
+  return [r for r in sharpness.RULES
+          if r != 'none' and rule_driver(sharpness.SharpnessRule(r)).plain]

@@ -11,6 +11,8 @@ from typing import Any
 
 import numpy as np
 
+from gmix_jax import tasks
+
 # Record fields that measure the clock, not the run: they differ between two
 # runs of the same config (and between a resumed run and an uninterrupted one).
 WALL_CLOCK_FIELDS = ('examples_per_sec', 'wall_time_sec', 'timestamp')
@@ -39,7 +41,7 @@ def read_metrics(workdir: str) -> tuple[list[dict], list[dict]]:
 def curves_title(info: dict) -> str:
   """``method · dataset · model · seed s — test accuracy a %, ECE e`` from a summary."""
   names = {k: str(info[k]) for k in ('method', 'dataset', 'model') if k in info}
-  if info.get('task', 'supervised') != 'supervised':     # a task other than the default: named
+  if info.get('task', tasks.DEFAULT) != tasks.DEFAULT:   # a task other than the default: named
     names = {'task': str(info['task']), **names}
   if names.get('dataset', '').startswith('npz:'):       # a user's file: its name, not its path
     names['dataset'] = 'npz:' + os.path.basename(names['dataset'][len('npz:'):])

@@ -433,25 +433,39 @@ def check_source(cfg: SAMixConfig, config_json: Mapping) -> None:
     raise ValueError(f'{where}: no config.json in {src} (not a gmix_jax workdir)')
   with open(path) as f:
     old = json.load(f)
-
-  def get(d, dotted):
-    for k in dotted.split('.'):
-      d = d.get(k) if isinstance(d, dict) else None
-    return d
+  get = config_field
   if get(old, 'method.name') != 'samix':
     raise ValueError(f"{where}: that run's method.name is {get(old, 'method.name')!r}; "
                      "samix_p needs a 'samix' run")
-  changed = [k for k in COMPATIBLE_FIELDS if get(old, k) != get(config_json, k)]
-  # The mixblock's input and width, as resolved (None = the default).
-  model = get(config_json, 'model.name')
-  resolved = {'feature_layer': lambda v: v or DEFAULT_FEATURE_LAYER.get(model),
-              'mixblock_dim': lambda v: v or SAMixConfig.mixblock_dim}
-  for k, resolve in resolved.items():
-    if resolve(get(old, f'method.samix.{k}')) != resolve(get(config_json, f'method.samix.{k}')):
-      changed.append(f'method.samix.{k}')
+  changed = changed_fields(old, config_json, COMPATIBLE_FIELDS,
+                           mixblock_resolvers(config_json, 'method.samix'))
   if changed:
     raise ValueError(f'{where}: that run differs in {", ".join(changed)}; its mixblock and '
                      'encoder cannot be used with this config')
+
+
+def config_field(d: Mapping, dotted: str):
+  """``d['a']['b']`` for ``'a.b'``; None where a level is missing."""
+  for k in dotted.split('.'):
+    d = d.get(k) if isinstance(d, Mapping) else None
+  return d
+
+
+def mixblock_resolvers(config_json: Mapping, section: str) -> dict[str, Callable]:
+  """``{'SECTION.feature_layer': resolve, 'SECTION.mixblock_dim': resolve}``:
+  the mixblock's input and width as a run resolves them (None = the default)."""
+  model = config_field(config_json, 'model.name')
+  return {f'{section}.feature_layer': lambda v: v or DEFAULT_FEATURE_LAYER.get(model),
+          f'{section}.mixblock_dim': lambda v: v or SAMixConfig.mixblock_dim}
+
+
+def changed_fields(old: Mapping, new: Mapping, fields, resolved: Mapping[str, Callable]) -> list:
+  """The dotted ``fields`` that differ between two runs' configs, then those
+  of ``resolved`` that differ after resolving (``{field: resolve}``)."""
+  changed = [k for k in fields if config_field(old, k) != config_field(new, k)]
+  changed += [k for k, resolve in resolved.items()
+              if resolve(config_field(old, k)) != resolve(config_field(new, k))]
+  return changed
 
 
 def load_source(cfg: SAMixConfig, template: PyTree, restore: Callable) -> PyTree:

@@ -78,6 +78,11 @@ class SAMixSSLConfig:
                        f'got {self.mixblock_loss!r}')
 
 
+def mask_of(mixblock: samix.MixBlock, phi, feats, perm, lam, image_hw):
+  """s = φ(f_i, f_π(i), λ) ``[B, H, W]``: the partner's pixel weight."""
+  return mixblock.apply({'params': phi}, feats, feats[perm], lam, tuple(image_hw))
+
+
 def mixblock_loss(cfg: SAMixSSLConfig, phi, mixblock: samix.MixBlock, momentum_fn: Callable,
                   key_vars, feats, x, perm, lam, keys, queue, temperature: float):
   """L_φ and its parts ``(loss, (mask, main, reg))`` for a batch.
@@ -88,7 +93,7 @@ def mixblock_loss(cfg: SAMixSSLConfig, phi, mixblock: samix.MixBlock, momentum_f
   here: the gradient reaches φ only, through the mask.
   """
   key_vars, feats, keys, queue = jax.lax.stop_gradient((key_vars, feats, keys, queue))
-  mask = mixblock.apply({'params': phi}, feats, feats[perm], lam, x.shape[1:3])
+  mask = mask_of(mixblock, phi, feats, perm, lam, x.shape[1:3])
   q_mix = momentum_fn(key_vars, samix.mix_images(x, x[perm], mask))
   if cfg.mixblock_loss == 'eta_bce':
     loss, (main, reg) = contrastive.samix_ssl_mixblock_loss(
@@ -152,14 +157,43 @@ def losses_and_grads(cfg: SAMixSSLConfig, params, model_state, phi, key_vars, *,
   mb = lambda p: mixblock_loss(cfg, p, mixblock, momentum_fn, key_vars, feats, x, perm, lam,
                                keys, queue, temperature)
   (l_mb, (mask, main, reg)), phi_grads = jax.value_and_grad(mb, has_aux=True)(phi)
+  grads, new_state, metrics = _backbone_gradient(cfg, params, model_state, query_fn, x, perm,
+                                                 lam, mask, keys, queue, temperature, rule,
+                                                 k_sharp, axis_name)
+  metrics.update(mixblock_loss=l_mb, mixblock_main=main, mask_gap=reg)
+  return grads, phi_grads, new_state, metrics
+
+
+def _backbone_gradient(cfg, params, model_state, query_fn, x, perm, lam, mask, keys, queue,
+                       temperature, rule, k_sharp, axis_name):
+  """∇_θ L_θ (through ``rule`` when active), the new model state and the metrics."""
   bb = lambda p: backbone_loss(cfg, p, model_state, query_fn, x, perm, lam, mask, keys, queue,
                                temperature)
   (loss, (new_state, clean, mixed)), grads = jax.value_and_grad(bb, has_aux=True)(params)
-  metrics = {'loss': loss, 'clean_loss': clean, 'mix_loss': mixed, 'mixblock_loss': l_mb,
-             'mixblock_main': main, 'mask_gap': reg, 'mask_mean': jnp.mean(mask)}
+  metrics = {'loss': loss, 'clean_loss': clean, 'mix_loss': mixed, 'mask_mean': jnp.mean(mask)}
   if rule.active:
     grad_fn = lambda p: jax.value_and_grad(bb, has_aux=True)(p)[::-1]
     grads, (loss_p, _) = sharpness.sharpness_gradient(rule, grad_fn, params, grads, rng=k_sharp,
                                                       axis_name=axis_name)
     metrics['perturbed_loss'] = loss_p
-  return grads, phi_grads, new_state, metrics
+  return grads, new_state, metrics
+
+
+def frozen_mask_grads(cfg: SAMixSSLConfig, params, model_state, phi, mixer_vars, *,
+                      mixblock: samix.MixBlock, query_fn: Callable, features_fn: Callable, x,
+                      keys, queue, rng, temperature: float,
+                      rule: sharpness.SharpnessRule = sharpness.SharpnessRule('none'),
+                      axis_name: Optional[str] = None):
+  """SAMix^P-SSL: ``(grads_θ, new_model_state, metrics)`` with the mask of a
+  *frozen* mixblock φ on a frozen encoder's features (``mixer_vars``, the
+  source run's momentum encoder): L_θ only, no L_φ, nothing reaches φ.
+
+  λ and π are drawn as in `losses_and_grads` (same ``rng`` split), so for
+  equal φ and features the mask is SAMix-SSL's.
+  """
+  k_draw, k_sharp = jax.random.split(rng)
+  lam, perm = draw(cfg, k_draw, x.shape[0])
+  phi, mixer_vars = jax.lax.stop_gradient((phi, mixer_vars))
+  mask = mask_of(mixblock, phi, features_fn(mixer_vars, x), perm, lam, x.shape[1:3])
+  return _backbone_gradient(cfg, params, model_state, query_fn, x, perm, lam, mask, keys, queue,
+                            temperature, rule, k_sharp, axis_name)

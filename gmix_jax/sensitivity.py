@@ -216,6 +216,20 @@ def scores(config: SensitivityConfig, apply_fn: ApplyFn, params: PyTree,
   return jax.lax.stop_gradient(s.astype(jnp.promote_types(s.dtype, jnp.float32)))
 
 
+def keeps_table(config: SensitivityConfig) -> bool:
+  """Whether the estimator reads a score table kept in the train state
+  (``stale``: refreshed every ``refresh_every`` epochs by the trainer)."""
+  return config.estimator == 'stale'
+
+
+def refresh_config(config: SensitivityConfig) -> SensitivityConfig:
+  """The estimator that scores the training set for a refresh: ``stale``'s
+  table is filled with exact per-example scores; others score as configured."""
+  if not keeps_table(config):
+    return config
+  return SensitivityConfig('per_example', chunk=config.chunk)
+
+
 def lookup(table: jax.Array, index: jax.Array) -> jax.Array:
   """Stale scores of the batch's examples: ``table[index]``."""
   return table[index]

@@ -43,6 +43,10 @@ DEFAULT_RHO = {'none': 0.0, 'sam': 0.05, 'asam': 0.5, 'gsam': 0.05, 'esam': 0.05
 # Rules whose state is a vector carried from step to step (TrainState.extra in
 # the trainer): LookSAM's g_v, F-SAM's gradient EMA m. MSAM reads the optimizer's.
 STATEFUL_RULES = ('looksam', 'fsam')
+# The knobs only one rule reads (the others are warned about when set).
+RULE_KNOBS = {'asam': ('asam_eta', 'asam_biases'), 'gsam': ('gsam_alpha',),
+              'esam': ('esam_beta',), 'looksam': ('looksam_k', 'looksam_alpha'),
+              'fsam': ('fsam_sigma', 'fsam_lambda')}
 M_MODES = ('device', 'global')
 ASAM_BIASES = ('unscaled', 'scaled')
 RHO_SCHEDULES = ('constant', 'lr')

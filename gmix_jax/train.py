@@ -151,11 +151,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   with (Preemption(workdir) as preemption, lock.job_lock(workdir),
         workdir_lib.disk_full_report(workdir) as report):
     s = setup(config, workdir)
-    state, objective, extra_update = fresh_state(s)
+    state, parts = fresh_state(s)
     state, loop = restore_or_start(s, state, t_start)
     finished_before = int(jax.device_get(state.step)) >= s.total_steps   # nothing to train
     report.ckpt = loop.ckpt          # its pending writes end before a full disk is reported
-    state, placed = place(s, state, objective, extra_update)
+    state, placed = place(s, state, parts)
     state, step, stopped = run_loop(s, placed, state, loop, preemption)
     loop.ckpt.wait_until_finished()
     loop.writer.close()
@@ -190,7 +190,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Setup:
       optimizer=task.build_optimizer(config, steps_per_epoch),
       steps_per_epoch=steps_per_epoch, total_steps=config.num_epochs * steps_per_epoch,
       n_dev=n_dev, relaunch_changes=relaunch_changes,
-      use_stale=method.partition.rule != 'none' and method.sensitivity.estimator == 'stale',
+      use_stale=method.uses_stale_scores,
       lr_at=_lr_at(configure.build_lr_schedule(config, steps_per_epoch)))
 
 
@@ -203,21 +203,20 @@ def _lr_at(schedule) -> Callable:
 
 
 def fresh_state(s: Setup):
-  """``(state, objective, extra_update)``: the initial TrainState and the
-  per-device objective (a method with its own state builds both)."""
+  """``(state, parts)``: the initial TrainState and the task's
+  ``tasks.StepParts`` (objectives normalising the batch on device)."""
   config = s.config
   params, model_state = models.init_model(s.module, jax.random.PRNGKey(config.seed),
                                           s.ds.input_shape)
   parts = s.task.step_parts(config, s.method, s.module, s.apply_fn, s.ds, s.total_steps, params,
                             model_state)
-  objective, extra, extra_update = parts.objective, parts.extra, parts.extra_update
   if parts.params is not None:          # the task's own initial model (e.g. pretrained)
     params, model_state = parts.params, parts.model_state
-  objective = configure.normalized(objective, s.ds.normalizer)
+  parts = parts.map_objectives(lambda f: configure.normalized(f, s.ds.normalizer))
   state = parallel.create_train_state(params, model_state, s.optimizer, config.seed,
                                       num_train=s.ds.num_train if s.use_stale else 0,
-                                      extra=extra)
-  return state, objective, extra_update
+                                      extra=parts.extra)
+  return state, parts
 
 
 def restore_or_start(s: Setup, state, t_start: float) -> tuple[Any, Loop]:
@@ -247,22 +246,15 @@ def restore_or_start(s: Setup, state, t_start: float) -> tuple[Any, Loop]:
                      wall_before=wall_before)
 
 
-def place(s: Setup, state, objective, extra_update) -> tuple[Any, Placed]:
+def place(s: Setup, state, parts: tasks.StepParts) -> tuple[Any, Placed]:
   """Compiles the per-device step for the chosen parallelism and puts the
-  state on the devices."""
+  state on the devices. A task whose rule has phases (``parts.phases``)
+  gets one program per phase, chosen on the host by ``parts.phase(step)``."""
   config, method = s.config, s.method
   make_step = lambda obj: parallel.make_per_device_step(
       obj, s.optimizer, axis_name='batch', use_stale_scores=s.use_stale,
-      skip_nonfinite=configure.opt(config, 'nan_policy') == 'skip', extra_update=extra_update,
-      objective_inputs=objectives.msam_inputs if method.sharpness.name == 'msam' else None)
-  per_device_step = make_step(objective)
-  phases = {}
-  if method.sharpness.name == 'looksam':
-    # Two programs, chosen on the host by the step number (no lax.cond: XLA on
-    # CPU runs a gradient inside a conditional an order of magnitude slower).
-    phases = {p: make_step(configure.normalized(
-        configure.build_objective(config, method, s.apply_fn, s.total_steps, p),
-        s.ds.normalizer)) for p in ('full', 'cheap')}
+      skip_nonfinite=configure.opt(config, 'nan_policy') == 'skip',
+      extra_update=parts.extra_update, objective_inputs=parts.objective_inputs)
   if config.parallel == 'shard_map':
     if jax.process_count() > 1:     # the first n_dev devices of every process, by process
       mesh = parallel.make_mesh(devices=[
@@ -285,16 +277,14 @@ def place(s: Setup, state, objective, extra_update) -> tuple[Any, Placed]:
     host_state = local_state = eval_state = parallel.unreplicate
     eval_mesh = None                          # evaluation: one device
 
-  if phases:
-    k = method.sharpness.looksam_k
-    full, cheap = wrap(phases['full']), wrap(phases['cheap'])
-    step_fn = lambda state, batch, step: (full if step % k == 0 else cheap)(state, batch)
+  if parts.phases:
+    programs = {p: wrap(make_step(obj)) for p, obj in parts.phases.items()}
+    step_fn = lambda state, batch, step: programs[parts.phase(step)](state, batch)
   else:
-    one = wrap(per_device_step)
+    one = wrap(make_step(parts.objective))
     step_fn = lambda state, batch, step: one(state, batch)
   apply_fn, num_classes = s.apply_fn, s.ds.num_classes
-  score_cfg = (method.sensitivity if method.sensitivity.estimator != 'stale'
-               else sensitivity.SensitivityConfig('per_example', chunk=method.sensitivity.chunk))
+  score_cfg = sensitivity.refresh_config(method.sensitivity)
   predict = lambda p, ms, x: apply_fn(p, ms, x, False)[0]
   score = lambda p, ms, x, y: sensitivity.scores(
       score_cfg, apply_fn, p, ms, x, jax.nn.one_hot(y, num_classes), method.sensitivity_rho)

@@ -138,6 +138,9 @@ def test_a_model_change_prints_a_note(capsys):
                                           'example) or a number in (0, 1], got 0.0'),
     ('--config.dataset.train_fraction=1.5', 'error: dataset.train_fraction must be None'),
     ('--config.num_devices=0', 'error: num_devices must be None (all) or an int in [1, '),
+    ('--config.dataset.train_split=train[:5]', 'error: dataset.train_split must be a split name'),
+    ('--config.dataset.train_split=unlabelled+train', "error: dataset.train_split='unlabelled+train' "
+                                                      'needs a tfds dataset'),
     ('--workdir=', 'error: --workdir is empty'),
     ('--workdir=  ', 'error: --workdir is empty'),
 ])

@@ -31,6 +31,10 @@ def test_recipes():
   assert (r50.model.name, r50.batch_size, r50.num_epochs, r50.optimizer.learning_rate,
           r50.optimizer.weight_decay, r50.task.queue_size) == ('resnet50', 256, 200, 0.03, 1e-4,
                                                                65536)
+  stl = ssl.get_config('stl10')
+  assert (stl.dataset.name, stl.dataset.train_split, stl.dataset.image_size) == (
+      'tfds:stl10', 'unlabelled+train', 96)       # pretrains on unlabelled + train
+  assert ssl.get_config('cifar10').dataset.train_split is None   # = 'train'
   c10 = ssl.get_config('cifar10')
   assert (c10.model.name, c10.dataset.image_size, c10.optimizer.weight_decay) == ('resnet18', 32,
                                                                                   5e-4)

@@ -8,8 +8,11 @@ training split, `subsets`), ``augment`` (``'none'`` | ``'cifar'`` |
 ``image_size`` (crop size; None = the stored size), ``workers`` (Grain
 worker processes; 0 = read in the training process) and ``bad_records``
 (``'error'`` | ``'skip'``: a record that cannot be read stops the run, naming
-it, or is replaced by the next good one and counted, `pipeline`). Fields missing from an
-older config take these defaults.
+it, or is replaced by the next good one and counted, `pipeline`), ``train_split`` (None or
+``'train'``: the labelled training split; a tfds split spec such as ``'unlabelled+train'``:
+the training stream reads that union instead (`sources.open_union`), for the
+self-supervised tasks, while evaluation, labels and statistics keep the labelled
+``train``). Fields missing from an older config take these defaults.
 """
 
 from __future__ import annotations
@@ -27,12 +30,19 @@ from gmix_jax.data import sources
 from gmix_jax.data import subsets
 from gmix_jax.data import validate
 
-DEFAULTS = {'augment': 'none', 'image_size': None, 'workers': 0, 'bad_records': 'error'}
+DEFAULTS = {'augment': 'none', 'image_size': None, 'workers': 0, 'bad_records': 'error',
+            'train_split': 'train'}
 
 
 def dataset_field(config: ml_collections.ConfigDict, field: str):
   """``config.dataset.<field>``, or its default for configs older than it."""
   return config.dataset.get(field, DEFAULTS.get(field))
+
+
+def train_split(config: ml_collections.ConfigDict) -> str:
+  """``dataset.train_split``; None (an unset placeholder) reads as 'train'."""
+  value = dataset_field(config, 'train_split')
+  return 'train' if value is None else value
 
 
 def check_fields(config: ml_collections.ConfigDict) -> None:
@@ -62,6 +72,17 @@ def check_fields(config: ml_collections.ConfigDict) -> None:
   if bad not in pipeline.BAD_RECORDS:
     raise ValueError(f'dataset.bad_records must be one of {list(pipeline.BAD_RECORDS)}, '
                      f'got {bad!r}')
+  spec = train_split(config)
+  sources.union_parts(spec)
+  if spec != 'train':
+    if not sources.supports_union(name):
+      raise ValueError(f'dataset.train_split={spec!r} needs a tfds dataset (one of '
+                       f'{list(sources.tfds_source.TFDS_DATASETS)} or tfds:NAME); dataset '
+                       f"{name!r} has the splits 'train' and 'test' only")
+    if (config.dataset.get('examples_per_class') is not None
+        or config.dataset.get('train_fraction') is not None):
+      raise ValueError(f'dataset.examples_per_class / train_fraction select labelled examples '
+                       f"of 'train'; they do not apply to dataset.train_split={spec!r}")
 
 
 def check_subset_fields(examples_per_class, train_fraction) -> None:
@@ -86,9 +107,12 @@ class TrainData:
   """A dataset as the trainer uses it.
 
   Attributes:
-    train, test: the splits (`sources.Split`).
-    train_ids: the training set's records in ``train`` (sorted; all of them
-      unless ``examples_per_class`` / ``train_fraction`` select a subset).
+    train, test: the labelled splits (`sources.Split`).
+    train_ids: the training set's records in the training stream's split,
+      ``stream`` if set, else ``train`` (sorted; all of them unless
+      ``examples_per_class`` / ``train_fraction`` select a subset).
+    stream: the split the training stream reads when ``dataset.train_split``
+      is not ``'train'`` (e.g. ``'unlabelled+train'``); None: ``train``.
     input_shape: one example's shape as the model sees it.
     normalizer: on-device ``uint8 -> float32`` (`normalize.Normalizer`).
   """
@@ -102,6 +126,7 @@ class TrainData:
   image_size: int | None
   workers: int
   bad_records: str = 'error'   # a record that cannot be read: 'error' | 'skip' (`pipeline`)
+  stream: sources.Split | None = None
 
   @property
   def num_classes(self) -> int:
@@ -116,6 +141,10 @@ class TrainData:
     return len(self.test)
 
   def train_labels(self) -> np.ndarray:
+    """Labels of the labelled training examples (all of ``train`` when the
+    stream reads another split: its labels may be -1, unlabelled)."""
+    if self.stream is not None:
+      return self.train.labels(self.bad_records)
     return self.train.labels(self.bad_records)[self.train_ids]
 
   def test_labels(self) -> np.ndarray:
@@ -126,7 +155,7 @@ class TrainData:
     """The training stream from ``start_step`` (`pipeline.train_batches`);
     ``views=2``: two independently augmented views per record (``x``, ``x2``)."""
     return pipeline.train_batches(
-        self.train, self.train_ids, global_batch=global_batch, seed=seed, num_steps=num_steps,
+        self.train if self.stream is None else self.stream, self.train_ids, global_batch=global_batch, seed=seed, num_steps=num_steps,
         start_step=start_step, augment=self.augment, image_size=self.image_size,
         workers=self.workers, process_index=process_index, process_count=process_count,
         fill=self.pad_fill(), bad_records=self.bad_records, views=views)
@@ -143,13 +172,18 @@ class TrainData:
   def ordered_batches(self, split: str, *, global_batch: int, process_index: int,
                       process_count: int) -> pipeline.Batches:
     """``'test'``: the test split; ``'train'``: the training set (for the
-    ``stale`` refresh), unaugmented, in order, padded and masked.
+    ``stale`` refresh and the kNN monitor's memory bank; the whole labelled
+    ``train`` split when the stream reads another), unaugmented, in order,
+    padded and masked.
 
     Splits held in memory as raw arrays are read in this process whatever
     ``workers`` says: there is nothing to decode, and starting workers for each
     pass (they are spawned afresh) would cost more than the pass.
     """
-    src, ids = (self.test, None) if split == 'test' else (self.train, self.train_ids)
+    if split == 'test' or self.stream is not None:
+      src, ids = (self.test if split == 'test' else self.train), None
+    else:
+      src, ids = self.train, self.train_ids
     in_memory = isinstance(src.records, sources.ArrayRecords)
     return pipeline.ordered_batches(
         src, ids, global_batch=global_batch, augment=self.augment, image_size=self.image_size,
@@ -164,9 +198,13 @@ def open_train_data(config: ml_collections.ConfigDict) -> TrainData:
   dc = config.dataset
   train, test = sources.open_splits(dc.name, os.path.expanduser(dc.data_dir),
                                     download=dc.download)
-  for split in (train, test):                  # before any record is read
-    validate.check_nonempty(dc.name, split.split, len(split))
-  ids = np.arange(len(train))
+  spec = train_split(config)
+  stream = (None if spec == 'train' else
+            sources.open_union(dc.name, spec, os.path.expanduser(dc.data_dir),
+                               download=dc.download))
+  for split in (train, test) + ((stream,) if stream is not None else ()):
+    validate.check_nonempty(dc.name, split.split, len(split))   # before any record is read
+  ids = np.arange(len(train if stream is None else stream))
   bad_records = dataset_field(config, 'bad_records')
   if dc.examples_per_class is not None or dc.train_fraction is not None:
     ids = subsets.subsample_indices(train.labels(bad_records),
@@ -184,4 +222,4 @@ def open_train_data(config: ml_collections.ConfigDict) -> TrainData:
                    normalizer=normalize_lib.for_split(train, channels, bad_records),
                    augment=augment, image_size=size,
                    workers=dataset_field(config, 'workers'),
-                   bad_records=bad_records)
+                   bad_records=bad_records, stream=stream)

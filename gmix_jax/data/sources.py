@@ -19,6 +19,11 @@ Names (``dataset.name``):
 * names registered by `gmix_jax.data.jpeg_sources` (``mnist_jpeg``,
   ``imagenet2012``) when that module is present.
 
+A training split may be a union of a tfds dataset's splits, ``'unlabelled+train'``
+(`open_union`, ``dataset.train_split``): their records one after the other, in
+the order written (`ConcatRecords`), so record ids, and with them every batch,
+stay a function of the data and (seed, step).
+
 Small splits of raw (not encoded) tensors, such as the offline sets, are read
 into memory once (`IN_MEMORY_BYTES`): an array_record random read costs 20-40 µs
 a record on a CPU, more than the rest of a small run's input work. They remain a
@@ -31,6 +36,7 @@ import contextlib
 import dataclasses
 import io
 import os
+import re
 import sys
 from typing import Any, Callable, Sequence
 
@@ -127,6 +133,82 @@ def _tfds_split(name: str, load_name: str, split: str, data_dir: str, *, downloa
     images, labels = tfds_source.read_arrays(src)
     records = ArrayRecords(images, labels.astype(np.int32))
   return Split(name, split, records, num_classes, pixel_max, meta_dir=meta_dir)
+
+
+class ConcatRecords:
+  """Several sources as one: ids ``[0, n0)`` are ``parts[0]``'s records, the
+  next ``n1`` ``parts[1]``'s, and so on (order of ``parts``)."""
+
+  def __init__(self, parts: Sequence[Sequence[dict[str, Any]]]):
+    self.parts = list(parts)
+    self.starts = np.cumsum([0] + [len(p) for p in self.parts])
+
+  def __len__(self) -> int:
+    return int(self.starts[-1])
+
+  def _locate(self, i: int) -> tuple[int, int]:
+    if not 0 <= i < len(self):
+      raise IndexError(f'record {i} of a union of {len(self)}')
+    part = int(np.searchsorted(self.starts, i, side='right')) - 1
+    return part, i - int(self.starts[part])
+
+  def __getitem__(self, i: int) -> dict[str, Any]:
+    part, j = self._locate(int(i))
+    return self.parts[part][j]
+
+  def __getitems__(self, ids: Sequence[int]) -> list[dict[str, Any]]:
+    """One batched read per part, results back in the order of ``ids``."""
+    where = [self._locate(int(i)) for i in ids]
+    out: list[Any] = [None] * len(where)
+    for part, records in enumerate(self.parts):
+      rows = [k for k, (p, _) in enumerate(where) if p == part]
+      if not rows:
+        continue
+      local = [where[k][1] for k in rows]
+      get_many = getattr(records, '__getitems__', None)
+      got = get_many(local) if get_many is not None else [records[j] for j in local]
+      for k, ex in zip(rows, got):
+        out[k] = ex
+    return out
+
+
+SPLIT_NAME = r'[A-Za-z][A-Za-z0-9_]*'
+
+
+def union_parts(spec: str) -> tuple[str, ...]:
+  """``'unlabelled+train'`` -> ``('unlabelled', 'train')``; ValueError naming
+  ``dataset.train_split`` for anything but split names joined by ``+`` (no
+  slices, no repeats)."""
+  if not (isinstance(spec, str) and re.fullmatch(f'{SPLIT_NAME}(\\+{SPLIT_NAME})*', spec)):
+    raise ValueError(f"dataset.train_split must be a split name or names joined by '+' "
+                     f"(e.g. 'train', 'unlabelled+train'), got {spec!r}")
+  parts = tuple(spec.split('+'))
+  if len(set(parts)) != len(parts):
+    raise ValueError(f'dataset.train_split={spec!r} names a split twice')
+  return parts
+
+
+def supports_union(name: str) -> bool:
+  """Whether ``dataset.train_split`` may name other splits than 'train':
+  the tfds datasets (their splits are tfds's)."""
+  return name in tfds_source.TFDS_DATASETS or (name.startswith(TFDS_PREFIX) and len(name) > 5)
+
+
+def open_union(name: str, spec: str, data_dir: str, *, download: bool = False) -> Split:
+  """The tfds splits ``spec`` (`union_parts`) of dataset ``name`` as one
+  `Split` named ``spec``: `ConcatRecords` over each split's records."""
+  parts = union_parts(spec)
+  if not supports_union(name):
+    raise ValueError(f'dataset.train_split={spec!r} needs a tfds dataset (one of '
+                     f'{list(tfds_source.TFDS_DATASETS)} or tfds:NAME); dataset {name!r} has '
+                     "the splits 'train' and 'test' only")
+  splits = [open_split(name, part, data_dir, download=download) for part in parts]
+  if len(splits) == 1:
+    return splits[0]
+  first = splits[0]
+  return Split(name, spec, ConcatRecords([s.records for s in splits]), first.num_classes,
+               first.pixel_max, meta_dir=None, fixed_stats=first.fixed_stats,
+               channels=first.channels)
 
 
 def _npz_splits(path: str) -> dict[str, Split]:

@@ -121,17 +121,20 @@ def moco_train(image, rng: np.random.Generator, size: int | None,
                channels: int | None = None) -> np.ndarray:
   """One MoCo v2 view of ``image`` (module docstring); uint8 ``[S, S, C]``
   (``size`` None: the stored ``[H, W]``)."""
-  im = image_ops.open_image(image)
-  width, height = im.size
-  box = image_ops.random_resized_crop_box(rng, height, width, scale=CROP_SCALE)
-  if size is None:
+  if size is not None:
+    out = image_ops.decode_crop_resize(
+        image, lambda h, w: image_ops.random_resized_crop_box(rng, h, w, scale=CROP_SCALE),
+        size, channels)
+    x = image_ops.as_array(out, channels)
+  else:
+    im = image_ops.open_image(image)
+    width, height = im.size
+    box = image_ops.random_resized_crop_box(rng, height, width, scale=CROP_SCALE)
     mode = image_ops._target_mode(im.mode, channels)  # pylint: disable=protected-access
     top, left, h, w = box
     resample = image_ops._RESAMPLE  # pylint: disable=protected-access
     out = im.convert(mode).resize((width, height), resample, box=(left, top, left + w, top + h))
     x = image_ops._to_array(out, mode)  # pylint: disable=protected-access
-  else:
-    x = image_ops.crop_resize(im, box, size, channels)
   if rng.random() < JITTER_P:
     x = colour_jitter(x, jitter_params(rng))
   if rng.random() < GRAYSCALE_P:

@@ -12,7 +12,11 @@ without knowing which task it is. It says
                 init, carried in ``TrainState.extra`` (so checkpointed,
                 digested, restored and placed on the devices like the rest)
                 and updated inside the compiled step by ``extra_update``;
+                and what its sharpness rule needs of the trainer (phases,
+                objective inputs; ``drives_rules``);
   views         what a data record becomes (one view, or two augmented views);
+  label_free    whether its loss reads no labels, so that it may train on a
+                ``dataset.train_split`` union holding unlabelled records;
   build_model   the module it trains;
   evaluate      its evaluation record, ``summary_metrics`` and ``progress``
                 what the summary and the progress bar show of it;
@@ -49,6 +53,17 @@ class StepParts:
   # e.g. a linear probe's frozen, pretrained encoder.
   params: Optional[PyTree] = None
   model_state: Optional[PyTree] = None
+  # A sharpness rule's needs (``objectives.RuleDriver``): ``objective_inputs``
+  # (``state -> dict`` added to the batch); ``phases`` {name: objective}, one
+  # compiled program each, and ``phase(step) -> name`` choosing one on the host.
+  objective_inputs: Optional[Callable] = None
+  phases: Optional[dict] = None
+  phase: Optional[Callable[[int], str]] = None
+
+  def map_objectives(self, fn: Callable) -> 'StepParts':
+    """These parts with ``fn`` applied to the objective and every phase's."""
+    phases = None if self.phases is None else {k: fn(v) for k, v in self.phases.items()}
+    return dataclasses.replace(self, objective=fn(self.objective), phases=phases)
 
 
 class Task:
@@ -72,11 +87,19 @@ class Task:
                  total_steps: int, params, model_state) -> StepParts:
     raise NotImplementedError
 
+  def drives_rules(self, config: ml_collections.ConfigDict) -> bool:
+    """Whether its step drives every sharpness rule, the non-plain ones
+    (``objectives.RuleDriver``: state, phases, objective inputs) included;
+    False: only the plain rules (``objectives.plain_rules``)."""
+    return False
+
   def summary_name(self, config: ml_collections.ConfigDict) -> dict:
     return {'task': self.name, 'method': config.method.name}
 
   # What a data record becomes: 1 view (``x``), or 2 (``x``, ``x2``).
   views: int = 1
+  # The loss reads no labels: dataset.train_split may add unlabelled splits.
+  label_free: bool = False
 
   def build_optimizer(self, config: ml_collections.ConfigDict, steps_per_epoch: int):
     """The optax transformation of the parameters (a task may freeze some)."""
@@ -103,12 +126,18 @@ class Task:
 
 
 def _registry() -> dict[str, Task]:
-  from gmix_jax.tasks import linear_probe, moco, samix_ssl, supervised
-  return {t.name: t for t in (supervised.TASK, moco.TASK, samix_ssl.TASK, linear_probe.TASK)}
+  from gmix_jax.tasks import linear_probe, moco, samix_ssl, samix_ssl_p, supervised
+  return {t.name: t for t in (supervised.TASK, moco.TASK, samix_ssl.TASK, samix_ssl_p.TASK,
+                              linear_probe.TASK)}
 
 
 def names() -> list[str]:
   return sorted(_registry())
+
+
+def label_free_names() -> list[str]:
+  """The tasks that may train on unlabelled records (``Task.label_free``)."""
+  return sorted(n for n, t in _registry().items() if t.label_free)
 
 
 def name_of(config: ml_collections.ConfigDict) -> str:

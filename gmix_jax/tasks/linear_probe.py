@@ -2,7 +2,8 @@
 
 The usual protocol of self-supervised papers (MoCo, He et al. 2020 § 4.1;
 the official ``main_lincls.py``): the encoder of a finished pretraining run
-(``task.pretrained``: a ``moco`` or ``samix_ssl`` workdir; its query encoder)
+(``task.pretrained``: a ``moco``, ``samix_ssl`` or ``samix_ssl_p`` workdir;
+its query encoder)
 is frozen, BatchNorm included (inference mode, its running statistics, kept
 with the frozen parameters in ``params['frozen_state']``), and
 one Dense layer on the backbone's pooled features (the input of its
@@ -21,13 +22,10 @@ augmentation as configured (``cifar`` / ``inception``). The method must be
 The pretrained workdir is checked like a checkpoint before anything trains:
 it exists, holds a ``config.json`` of an SSL task, is finished (its
 ``summary.json`` exists and its newest checkpoint is its last step), and
-that checkpoint verifies against its digest; otherwise one error names
-``task.pretrained`` and what is wrong.
+that checkpoint verifies against its digest (``tasks.source_run``);
+otherwise one error names ``task.pretrained`` and what is wrong.
 """
 from __future__ import annotations
-
-import json
-import os
 
 import flax.linen as nn
 import jax
@@ -35,16 +33,16 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from gmix_jax import checkpoints
 from gmix_jax import configure
 from gmix_jax import models
 from gmix_jax import objectives
 from gmix_jax import precision
 from gmix_jax import tasks
 from gmix_jax.tasks import moco
+from gmix_jax.tasks import source_run
 from gmix_jax.tasks import supervised
 
-SSL_TASKS = ('moco', 'samix_ssl')
+SSL_TASKS = ('moco', 'samix_ssl', 'samix_ssl_p')
 
 
 class Probe(nn.Module):
@@ -79,40 +77,12 @@ def pretrained_config(config: ml_collections.ConfigDict) -> dict:
   if not path:
     raise ValueError("task.pretrained must name the workdir of a finished pretraining run "
                      "(task.name='moco' or 'samix_ssl'), e.g. --config.task.pretrained=workdirs/ssl")
-  src = os.path.abspath(os.path.expanduser(path))
-  if not os.path.isdir(src):
-    raise ValueError(f'{_where(config)}: no such directory')
-  cfg_path = os.path.join(src, 'config.json')
-  if not os.path.exists(cfg_path):
-    raise ValueError(f'{_where(config)}: no config.json in {src} (not a gmix_jax workdir)')
-  with open(cfg_path) as f:
-    old = json.load(f)
-  name = (old.get('task') or {}).get('name', 'supervised')
-  if name not in SSL_TASKS:
-    raise ValueError(f"{_where(config)}: that run's task.name is {name!r}; the probe needs one of "
-                     f'{list(SSL_TASKS)}')
-  summary = os.path.join(src, 'summary.json')
-  ckpts = os.path.join(src, 'checkpoints')
-  steps = sorted(int(n) for n in os.listdir(ckpts) if n.isdigit()) if os.path.isdir(ckpts) else []
-  if not steps or not os.path.exists(summary):
-    raise ValueError(f'{_where(config)}: the run is not finished (no summary.json or no '
-                     f'checkpoint in {src}); finish it first (rerun its command to resume)')
-  with open(summary) as f:
-    total = json.load(f).get('steps')
-  if steps[-1] != total:
-    raise ValueError(f'{_where(config)}: its newest checkpoint is step {steps[-1]}, not its last '
-                     f'step {total}: the run is not finished')
-  return old
+  return source_run.finished_config(path, _where(config), SSL_TASKS, 'the probe')
 
 
 def load_encoder(config: ml_collections.ConfigDict):
   """``(params, model_state)`` of the pretrained query encoder, verified."""
-  src = os.path.abspath(os.path.expanduser(config.task.pretrained))
-  try:
-    _, state = checkpoints.restore_state(src)
-  except (checkpoints.CheckpointCorruptError, FileNotFoundError, ValueError, OSError) as e:
-    raise ValueError(f'{_where(config)}: its last checkpoint does not read back or verify '
-                     f'({" ".join(str(e).split())[:300]})') from None
+  state = source_run.restore(config.task.pretrained, _where(config))
   return state['params'], state['model_state']
 
 
@@ -132,6 +102,9 @@ class LinearProbe(supervised.Supervised):
 
   def build_method(self, config, num_classes):
     return configure.composed_method(config, num_classes)
+
+  def drives_rules(self, config):
+    return False                      # its step keeps no rule state
 
   def build_model(self, config, num_classes):
     old = pretrained_config(config)

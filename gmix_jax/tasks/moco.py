@@ -265,6 +265,7 @@ REFUSED_MODELS = ('vit',)   # their head is zero-initialised: ReLU(0) gives no g
 class Moco(tasks.Task):
   name = 'moco'
   views = 2
+  label_free = True
 
   def check_config(self, config):
     cfg = get_config(config)

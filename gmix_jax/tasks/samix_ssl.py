@@ -44,14 +44,16 @@ SAMIX_FIELDS = tuple(f.name for f in dataclasses.fields(samix_ssl.SAMixSSLConfig
 MIXBLOCK_SALT = 0x5A53
 
 
-def get_configs(config):
-  """``config.task`` -> ``(MocoConfig, SAMixSSLConfig)`` (None keeps defaults)."""
-  fields = {k: v for k, v in config.task.items() if k != 'name' and v is not None}
+def get_configs(config, own: tuple[str, ...] = ()):
+  """``config.task`` -> ``(MocoConfig, SAMixSSLConfig)`` (None keeps defaults);
+  ``own``: the fields a derived task reads itself (not passed on)."""
+  fields = {k: v for k, v in config.task.items()
+            if k != 'name' and k not in own and v is not None}
   known = set(moco.DEFAULTS) | set(SAMIX_FIELDS)
   unknown = sorted(set(fields) - known)
   if unknown:
-    raise ValueError(f"task.{unknown[0]} is not a field of task.name='samix_ssl'; its fields: "
-                     f'{sorted(known)}')
+    raise ValueError(f'task.{unknown[0]} is not a field of task.name={config.task.name!r}; its '
+                     f'fields: {sorted(known | set(own))}')
   mcfg = moco.MocoConfig(**{k: v for k, v in fields.items() if k in moco.DEFAULTS})
   try:
     scfg = samix_ssl.SAMixSSLConfig(**{k: v for k, v in fields.items() if k in SAMIX_FIELDS})
@@ -70,10 +72,12 @@ def feature_path(scfg: samix_ssl.SAMixSSLConfig, model_name: str) -> str:
 
 
 def make_objective(mcfg, scfg, method, apply_fn, features_fn, mixblock, *, seed: int,
-                   axis_name: str = 'batch', num_steps=None):
+                   axis_name: str = 'batch', num_steps=None, frozen: bool = False):
   """``objective(params, model_state, batch, rng, extra) -> (grads,
   model_state, metrics, extra_grads, keys)`` as ``moco.make_objective``;
-  ``extra_grads`` adds the mixblock's gradient."""
+  ``extra_grads`` adds the mixblock's gradient. ``frozen`` (SAMix^P-SSL):
+  the mask comes from ``extra['mixblock']`` on ``extra['mixer']``'s
+  features, both frozen; no mixblock loss, no mixblock gradient."""
   shuffle_key = jax.random.fold_in(jax.random.PRNGKey(seed), moco.SHUFFLE_SALT)
 
   def query_fn(p, s, x):
@@ -94,15 +98,23 @@ def make_objective(mcfg, scfg, method, apply_fn, features_fn, mixblock, *, seed:
     keys = jax.lax.stop_gradient(contrastive.unshuffle_rows(
         contrastive.l2_normalize(kz.astype(jnp.float32)), perm, axis_name))
     queue = jax.lax.stop_gradient(extra['queue'].astype(jnp.float32))
-    grads, phi_grads, new_state, metrics = samix_ssl.losses_and_grads(
-        scfg, params, model_state, extra['mixblock'], key_vars, mixblock=mixblock,
-        query_fn=query_fn, momentum_fn=momentum_fn, features_fn=features_fn, x=xq, keys=keys,
-        queue=queue, rng=rng, temperature=mcfg.temperature, rule=method.sharpness,
-        axis_name=axis_name)
+    if frozen:
+      grads, new_state, metrics = samix_ssl.frozen_mask_grads(
+          scfg, params, model_state, extra['mixblock'], extra['mixer'], mixblock=mixblock,
+          query_fn=query_fn, features_fn=features_fn, x=xq, keys=keys, queue=queue, rng=rng,
+          temperature=mcfg.temperature, rule=method.sharpness, axis_name=axis_name)
+      extra_grads = {'key_state': key_state}
+    else:
+      grads, phi_grads, new_state, metrics = samix_ssl.losses_and_grads(
+          scfg, params, model_state, extra['mixblock'], key_vars, mixblock=mixblock,
+          query_fn=query_fn, momentum_fn=momentum_fn, features_fn=features_fn, x=xq, keys=keys,
+          queue=queue, rng=rng, temperature=mcfg.temperature, rule=method.sharpness,
+          axis_name=axis_name)
+      extra_grads = {'key_state': key_state, 'mixblock': phi_grads}
     metrics['momentum'] = contrastive.momentum_at(mcfg.momentum, batch['step'] + 1, num_steps,
                                                   mcfg.momentum_schedule)
     gathered = jax.lax.all_gather(keys, axis_name, axis=0, tiled=True)
-    return grads, new_state, metrics, {'key_state': key_state, 'mixblock': phi_grads}, gathered
+    return grads, new_state, metrics, extra_grads, gathered
 
   return objective
 
@@ -122,12 +134,32 @@ def make_extra_update(mcfg, mixblock_opt, total_steps: int):
   return update
 
 
+def new_mixblock(config, scfg, module, input_shape):
+  """``(MixBlock, φ)``: a fresh mixblock for the encoder's feature map."""
+  mixblock = samix.MixBlock(scfg.mixblock_dim)
+  feat_shape = samix.feature_shape(module, feature_path(scfg, config.model.name),
+                                   tuple(input_shape))
+  f = jnp.zeros((1, *feat_shape), jnp.float32)
+  phi = mixblock.init(jax.random.fold_in(jax.random.PRNGKey(config.seed), MIXBLOCK_SALT), f, f,
+                      jnp.full((1,), 0.5), tuple(input_shape)[:2])['params']
+  return mixblock, phi
+
+
+def key_features_fn(module, path: str):
+  """``features_fn(key_vars, x) -> [B, h, w, c]``: an encoder's feature map at
+  ``path``, inference mode, from its ``{'params', 'model_state'}``."""
+  features = samix.make_features_fn(module, path)
+  return lambda kv, x: features(kv['params'], kv['model_state'], x)
+
+
 class SAMixSSL(moco.Moco):
   name = 'samix_ssl'
   views = 2
+  label_free = True
+  own_fields: tuple[str, ...] = ()     # task fields a derived task reads itself
 
   def check_config(self, config):
-    mcfg, scfg = get_configs(config)
+    mcfg, scfg = get_configs(config, self.own_fields)
     feature_path(scfg, config.model.name)
     if config.model.name.startswith(moco.REFUSED_MODELS):
       raise ValueError(f"task.name='samix_ssl' needs a convolutional backbone, got "
@@ -156,31 +188,26 @@ class SAMixSSL(moco.Moco):
     return method
 
   def check_data(self, config, ds, module, method):
-    mcfg, scfg = get_configs(config)
+    mcfg, scfg = get_configs(config, self.own_fields)
     moco.queue_size(mcfg, ds.num_train, config.batch_size)
     samix.feature_shape(module, feature_path(scfg, config.model.name), tuple(ds.input_shape))
 
   def step_parts(self, config, method, module, apply_fn, ds, total_steps, params, model_state):
-    mcfg, scfg = get_configs(config)
+    mcfg, scfg = get_configs(config, self.own_fields)
     k = moco.queue_size(mcfg, ds.num_train, config.batch_size)
     path = feature_path(scfg, config.model.name)
-    mixblock = samix.MixBlock(scfg.mixblock_dim)
+    mixblock, phi = new_mixblock(config, scfg, module, ds.input_shape)
     mixblock_opt = optax.adam(scfg.mixblock_lr)
-    feat_shape = samix.feature_shape(module, path, tuple(ds.input_shape))
-    f = jnp.zeros((1, *feat_shape), jnp.float32)
-    phi = mixblock.init(jax.random.fold_in(jax.random.PRNGKey(config.seed), MIXBLOCK_SALT), f, f,
-                        jnp.full((1,), 0.5), tuple(ds.input_shape)[:2])['params']
     extra = {**moco.init_extra(params, model_state, k, mcfg.proj_dim, config.seed),
              'mixblock': phi, 'mixblock_opt': mixblock_opt.init(phi)}
-    features = samix.make_features_fn(module, path)
-    features_fn = lambda kv, x: features(kv['params'], kv['model_state'], x)
+    features_fn = key_features_fn(module, path)
     objective = make_objective(mcfg, scfg, method, apply_fn, features_fn, mixblock,
                                seed=config.seed, num_steps=total_steps)
     return tasks.StepParts(objective, extra, make_extra_update(mcfg, mixblock_opt, total_steps))
 
   # As the moco task's, with this task's config (its task section has more fields).
   def build_model(self, config, num_classes):
-    mcfg, _ = get_configs(config)
+    mcfg, _ = get_configs(config, self.own_fields)
     dtype, rounding = configure.model_precision(config)
     backbone = models.get_model(config.model.name, mcfg.proj_hidden, dtype=dtype,
                                 **config.model.kwargs)
@@ -190,7 +217,7 @@ class SAMixSSL(moco.Moco):
     return module, apply_fn
 
   def evaluate(self, s, placed, state):
-    mcfg, _ = get_configs(s.config)
+    mcfg, _ = get_configs(s.config, self.own_fields)
     features = moco.feature_stream(s, state.params, state.model_state)
     test_f, test_y = map(np.concatenate, zip(*features('test')))
     acc = knn.knn_accuracy(features('train'), test_f, test_y, num_classes=s.ds.num_classes,

@@ -91,6 +91,9 @@ class Supervised(tasks.Task):
                        'state); use sam, asam, gsam or esam')
     return objectives.get_method('erm', num_classes, sharpness=sharp)
 
+  def drives_rules(self, config):
+    return not own_step(config)       # the composed objective drives every rule
+
   def ignored_knobs(self, config, method):
     if own_step(config):
       return []                    # other sections are rejected; samix knobs are all read
@@ -108,7 +111,11 @@ class Supervised(tasks.Task):
       # TrainState.extra (checkpointed, digested, restored and placed with it).
       extra = objectives.step_state_init(method, params)
       update = objectives.step_state_update(method) if extra is not None else None
-      return tasks.StepParts(objective, extra, update)
+      driver = objectives.rule_driver(method.sharpness)
+      phases = {p: configure.build_objective(config, method, apply_fn, total_steps, p)
+                for p in driver.phases} or None
+      return tasks.StepParts(objective, extra, update, objective_inputs=driver.objective_inputs,
+                             phases=phases, phase=driver.phase)
     objective, extra, extra_update = samix.build(
         build_samix(config), config.model.name, module, apply_fn, tuple(ds.input_shape),
         ds.num_classes, total_steps, params, model_state,
