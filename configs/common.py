@@ -164,6 +164,7 @@ def base() -> ml_collections.ConfigDict:
   c.dataset.workers = 0                    # Grain worker processes (0: read in this process)
   c.dataset.bad_records = 'error'          # unreadable record: 'error' (stop, name it) | 'skip' (replace, count)
   c.dataset.train_split = placeholder(str)  # None = 'train'; a tfds union, e.g. 'unlabelled+train' (SSL)
+  c.dataset.decode = 'exact'               # 'exact' (PIL's pixels) | 'fast' (Inception crop via OpenCV, docs/data.md)
 
   c.model = ml_collections.ConfigDict()
   c.model.name = 'cnn'                     # see gmix_jax.models.MODELS
