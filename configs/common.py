@@ -53,7 +53,7 @@ def method(name: str) -> ml_collections.ConfigDict:
           'rho_minus': f(),         # decomposed: ρ⁻ of the other subset (None = ρ)
       },
       'sensitivity': {              # per-example s_i for the split, docs/methods.md § 3
-          'estimator': s(),         # per_example | first_order | shared | stale
+          'estimator': s(),         # per_example | first_order | shared | shared_prev | stale
           'rho': f(),               # ρ of the sensitivity probe (None = the sharpness ρ)
           'chunk': i(),             # examples per vmapped chunk (0 = whole batch); memory ∝ chunk
           'refresh_every': i(),     # stale: epochs between refreshes of the score table
@@ -167,6 +167,7 @@ def base() -> ml_collections.ConfigDict:
   c.dataset.workers = 0                    # Grain worker processes (0: read in this process)
   c.dataset.bad_records = 'error'          # unreadable record: 'error' (stop, name it) | 'skip' (replace, count)
   c.dataset.train_split = placeholder(str)  # None = 'train'; a tfds union, e.g. 'unlabelled+train' (SSL)
+  c.dataset.decode = 'exact'               # 'exact' (PIL's pixels) | 'fast' (Inception crop via OpenCV, docs/data.md)
 
   c.model = ml_collections.ConfigDict()
   c.model.name = 'cnn'                     # see gmix_jax.models.MODELS

@@ -2,6 +2,8 @@
 
   python experiments/bench_input.py                       # 0, 1, 2 workers
   python experiments/bench_input.py --workers 1,2,4,8,16 --label gpu16   # 16 cores
+  python experiments/bench_input.py --workers 1 --decoders fast,simplejpeg,pil \
+      --psnr_crops 400 --label cpu2_fast            # dataset.decode='fast' (OpenCV)
 
 ImageNet-like records are generated first (deterministic): ``--images``
 distinct 500 x 375 RGB JPEGs at quality 90 of a smooth colour pattern plus
@@ -18,7 +20,8 @@ record at ``--size`` (224: decode, crop, bilinear resize, flip), and a ``np.stac
 process with one thread, so images/s per worker is a per-core figure. Each
 worker count runs ``--repeats`` times per ``--decoders`` entry
 (`gmix_jax.data.fast_jpeg`: ``simplejpeg``, the default, and ``pil``, the
-fallback), the decoders alternating; rows give medians over the repeats and
+fallback; ``fast``: the opt-in ``dataset.decode='fast'``, `fast_resize`,
+with OpenCV installed), the decoders alternating; rows give medians over the repeats and
 the median per-repeat ratio of CPU rates (`pipeline_rows`).
 
 Timing: ``--warmup`` batches (worker start-up, and long enough to drain the
@@ -31,12 +34,15 @@ and its worker processes, user + system, over the timed window):
 process's for 0 workers) is what one worker does with a whole core. Also timed, in the main
 process without grain: full decode only, and the transform alone (so the
 cost of grain and of batching can be read off), per wall and per CPU second,
-with each decoder (`time_in_process`). Results are merged into
+with each decoder (`time_in_process`); with OpenCV installed, also the three
+transforms alternated record by record (`time_paired`) and the PSNR of
+``dataset.decode='fast'`` on two photographs (`photo_psnr`). Results are merged into
 ``--out`` under ``--label`` (one entry per machine).
 """
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import io
 import json
 import os
@@ -80,9 +86,10 @@ def write_jpeg_records(path: str, num_records: int, distinct: int) -> float:
 
 
 def make_dataset(path: str, workers: int, batch: int, size: int,
-                 seed: int = 0, steps: int = 1 << 30):
+                 seed: int = 0, steps: int = 1 << 30, decode: str = 'exact'):
   """The library's training stream (`pipeline.train_batches`) over the
-  records at ``path``, Inception crops at ``size``; close it when done."""
+  records at ``path``, Inception crops at ``size`` (``decode``:
+  ``dataset.decode``); close it when done."""
   from gmix_jax.data import jpeg_sources
   from gmix_jax.data import pipeline
   from gmix_jax.data import sources
@@ -91,12 +98,12 @@ def make_dataset(path: str, workers: int, batch: int, size: int,
                         pixel_max=255, channels=3)
   return pipeline.train_batches(
       split, None, global_batch=batch, seed=seed, num_steps=steps,
-      augment='inception', image_size=size, workers=workers)
+      augment='inception', image_size=size, workers=workers, decode=decode)
 
 
 def time_pipeline(path: str, workers: int, batch: int, size: int,
-                  warmup: int, batches: int) -> dict:
-  with make_dataset(path, workers, batch, size) as it:
+                  warmup: int, batches: int, decode: str = 'exact') -> dict:
+  with make_dataset(path, workers, batch, size, decode=decode) as it:
     for _ in range(warmup):
       b = next(it)
     assert b['x'].shape == (batch, size, size, 3), b['x'].shape
@@ -119,13 +126,18 @@ def time_pipeline(path: str, workers: int, batch: int, size: int,
   return row
 
 
-def set_decoder(name: str) -> None:
+def set_decoder(name: str) -> str:
   """Selects the library's JPEG decoder in this process and in worker
-  processes started after the call (`fast_jpeg`: 'simplejpeg' or 'pil')."""
+  processes started after the call (`fast_jpeg`: 'simplejpeg' or 'pil';
+  'fast': simplejpeg with ``dataset.decode='fast'``, `fast_resize`);
+  returns the ``dataset.decode`` value to run with."""
   from gmix_jax.data import fast_jpeg
+  decode = 'fast' if name == 'fast' else 'exact'
+  name = 'simplejpeg' if name == 'fast' else name
   os.environ[fast_jpeg.ENV] = name
   fast_jpeg.simplejpeg = fast_jpeg._load_simplejpeg()  # pylint: disable=protected-access
   assert fast_jpeg.decoder() == name, f'{name} is not installed'
+  return decode
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
@@ -133,21 +145,29 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
   return float('inf') if mse == 0 else 10 * np.log10(255.0 ** 2 / mse)
 
 
-def time_in_process(path: str, size: int, n: int = 64, rounds: int = 9) -> dict:
+def time_in_process(path: str, size: int, n: int = 64, rounds: int = 9,
+                    psnr_crops: int = 16) -> dict:
   """Decode alone and the transform alone, main process, no grain.
 
   Kinds: ``decode_pil`` (PIL's decode into an array), ``decode_simplejpeg``;
   the library's ``inception`` training transform with each decoder
   (``transform_pil``: PIL decodes, crops, resizes, flips;
   ``transform_simplejpeg``: the default, `fast_jpeg` decodes into a PIL image
-  without a copy, then the same crop, resize and flip), and
+  without a copy, then the same crop, resize and flip),
   ``transform_fastdct``, the default with libjpeg-turbo's fast integer IDCT
-  (not the library's: it changes pixels; its PSNR against PIL is reported).
+  (not the library's: it changes pixels; its PSNR against PIL is reported),
+  and, with OpenCV installed, the opt-in ``dataset.decode='fast'``
+  (`fast_resize`: simplejpeg's decode, OpenCV's resize), as is
+  (``transform_fast``) and after a fast-IDCT decode (``transform_fast_fastdct``),
+  and OpenCV's plain ``INTER_AREA`` / ``INTER_LINEAR`` resize of the crop
+  (``transform_cv2_area`` / ``transform_cv2_linear``: PIL's filter not
+  approximated; ``INTER_LINEAR`` aliases when it reduces).
   The kinds alternate in ``rounds`` rounds of ``n`` records (order flipped
   every round); figures are medians over rounds, and ``*_over_pil_cpu`` is
   the median of the per-round ratios of CPU time per image of a transform to
-  PIL's (< 1: cheaper). ``*_identical`` / ``*_min_psnr_db``: the outputs of 16
-  records against PIL's under the same generator.
+  PIL's (< 1: cheaper). ``*_identical`` / ``*_min_psnr_db`` /
+  ``*_median_psnr_db``: the outputs of ``psnr_crops`` random crops (cycling
+  the records) against PIL's under the same generator.
   """
   from PIL import Image
   import simplejpeg
@@ -176,6 +196,11 @@ def time_in_process(path: str, size: int, n: int = 64, rounds: int = 9) -> dict:
            'transform_pil': with_decoder(None, open_rgb),
            'transform_simplejpeg': with_decoder(simplejpeg, open_rgb),
            'transform_fastdct': with_decoder(simplejpeg, fastdct_open)}
+  compared = ['transform_simplejpeg', 'transform_fastdct']
+  if importlib.util.find_spec('cv2') is not None:
+    kinds.update(opencv_kinds(size, simplejpeg))
+    compared += [k for k in kinds if k not in compared and k.startswith('transform_')
+                 and k != 'transform_pil']
 
   def per_second(fn):
     rng = np.random.default_rng(0)
@@ -185,11 +210,14 @@ def time_in_process(path: str, size: int, n: int = 64, rounds: int = 9) -> dict:
     return n / (time.perf_counter() - start), n / (time.process_time() - cpu)
 
   out = {'rounds': rounds, 'records_per_round': n}
-  ref = [kinds['transform_pil'](r, np.random.default_rng(i)) for i, r in enumerate(records[:16])]
-  for k in ('transform_simplejpeg', 'transform_fastdct'):
-    got = [kinds[k](r, np.random.default_rng(i)) for i, r in enumerate(records[:16])]
+  crops = [(records[i % n], i) for i in range(psnr_crops)]
+  ref = [kinds['transform_pil'](r, np.random.default_rng(i)) for r, i in crops]
+  for k in compared:
+    got = [kinds[k](r, np.random.default_rng(i)) for r, i in crops]
     out[f'{k}_identical'] = all(np.array_equal(a, b) for a, b in zip(got, ref))
-    out[f'{k}_min_psnr_db'] = round(float(min(psnr(a, b) for a, b in zip(got, ref))), 2)
+    db = [psnr(a, b) for a, b in zip(got, ref)]
+    out[f'{k}_min_psnr_db'] = round(float(min(db)), 2)
+    out[f'{k}_median_psnr_db'] = round(float(np.median(db)), 2)
   runs = {k: [] for k in kinds}
   for i in range(rounds):
     for k in (list(kinds) if i % 2 == 0 else list(kinds)[::-1]):
@@ -199,9 +227,101 @@ def time_in_process(path: str, size: int, n: int = 64, rounds: int = 9) -> dict:
   for k, xs in runs.items():
     out[f'{k}_per_s'] = med([x[0] for x in xs])
     out[f'{k}_per_cpu_s'] = med([x[1] for x in xs])
-  for k in ('transform_simplejpeg', 'transform_fastdct'):
+  for k in compared:
     out[f'{k}_over_pil_cpu'] = round(float(np.median(
         [p[1] / f[1] for f, p in zip(runs[k], runs['transform_pil'])])), 3)
+  return out
+
+
+def opencv_kinds(size: int, simplejpeg) -> dict:
+  """The OpenCV transforms of `time_in_process` (``(record, rng) -> image``)."""
+  import cv2
+  from gmix_jax.data import fast_resize
+  from gmix_jax.data import image_ops
+  fast_resize.cv2_module()   # one thread, as in the library
+
+  def crop_flip(resize, fastdct=False):
+    def run(r, rng):
+      array = simplejpeg.decode_jpeg(r['image'], 'RGB', fastdct=fastdct)
+      box = image_ops.random_resized_crop_box(rng, *array.shape[:2])
+      out = resize(array, box)
+      return np.ascontiguousarray(out[:, ::-1] if rng.random() < 0.5 else out)
+    return run
+
+  def plain(interpolation):
+    def resize(array, box):
+      top, left, h, w = box
+      return cv2.resize(array[top:top + h, left:left + w], (size, size),
+                        interpolation=interpolation)
+    return resize
+
+  fast = lambda array, box: fast_resize.crop_resize(array, box, size)
+  return {'transform_fast': crop_flip(fast),
+          'transform_fast_fastdct': crop_flip(fast, fastdct=True),
+          'transform_cv2_area': crop_flip(plain(cv2.INTER_AREA)),
+          'transform_cv2_linear': crop_flip(plain(cv2.INTER_LINEAR))}
+
+
+def time_paired(path: str, size: int, n: int = 1200, repeats: int = 3) -> dict:
+  """``dataset.decode='fast'`` and the default against PIL, record by record.
+
+  Each record goes through the three transforms back to back (PIL's decode,
+  simplejpeg's, and 'fast'; order flipped every record, the same generator
+  seed for the three), each timed in CPU seconds; per repeat the ratio of
+  summed CPU times (PIL's / the other's: > 1 is faster). Alternating per
+  record rather than per round keeps a shared machine's swings out of the
+  ratio."""
+  import simplejpeg
+  from gmix_jax.data import fast_jpeg
+  from gmix_jax.data import image_ops
+  from gmix_jax.data import jpeg_sources
+  src = jpeg_sources.JpegRecordSource(path)
+  records = [src[i % len(src)] for i in range(min(n, 256))]
+  exact = image_ops.make_record_transform('inception', size, True, channels=3)
+  fast = image_ops.make_record_transform('inception', size, True, channels=3,
+                                         decode_mode='fast')
+
+  def pil(r, rng):
+    fast_jpeg.simplejpeg = None
+    try:
+      return exact(r, rng)
+    finally:
+      fast_jpeg.simplejpeg = simplejpeg
+
+  kinds = {'pil': pil, 'simplejpeg': exact, 'fast': fast}
+  out = {'records': n, 'repeats': repeats}
+  ratios = {k: [] for k in ('simplejpeg', 'fast')}
+  for _ in range(repeats):
+    cpu = dict.fromkeys(kinds, 0.0)
+    for j in range(n):
+      for k in (list(kinds) if j % 2 == 0 else list(kinds)[::-1]):
+        rng, start = np.random.default_rng(j), time.process_time()
+        kinds[k](records[j % len(records)], rng)
+        cpu[k] += time.process_time() - start
+    for k in ratios:
+      ratios[k].append(round(cpu['pil'] / cpu[k], 3))
+  for k, xs in ratios.items():
+    out[f'{k}_over_pil_cpu_runs'] = xs
+    out[f'{k}_over_pil_cpu'] = round(float(np.median(xs)), 3)
+  return out
+
+
+def photo_psnr(size: int, crops: int = 300) -> dict:
+  """PSNR of ``dataset.decode='fast'`` against the exact path on two
+  photographs that scikit-learn ships (427 x 640 JPEGs), ``crops`` Inception
+  crops each (generator seeds 0..crops-1): worst and median per photo."""
+  import sklearn.datasets
+  from gmix_jax.data import image_ops
+  root = os.path.join(os.path.dirname(sklearn.datasets.__file__), 'images')
+  out = {}
+  for name in ('china.jpg', 'flower.jpg'):
+    with open(os.path.join(root, name), 'rb') as f:
+      data = f.read()
+    db = [psnr(image_ops.inception_train(data, np.random.default_rng(s), size, 3, 'fast'),
+               image_ops.inception_train(data, np.random.default_rng(s), size, 3, 'exact'))
+          for s in range(crops)]
+    out[name] = {'crops': crops, 'min_psnr_db': round(float(min(db)), 2),
+                 'median_psnr_db': round(float(np.median(db)), 2)}
   return out
 
 
@@ -214,10 +334,10 @@ def pipeline_rows(path: str, workers: int, args) -> list[dict]:
   runs = {d: [] for d in decoders}
   for rep in range(args.repeats):
     for decoder in (decoders if rep % 2 == 0 else decoders[::-1]):
-      set_decoder(decoder)
+      decode = set_decoder(decoder)
       runs[decoder].append(time_pipeline(path, workers, args.batch, args.size,
                                          args.warmup or 4 + 3 * workers,
-                                         args.batches or 16 + 8 * workers))
+                                         args.batches or 16 + 8 * workers, decode))
       print(decoder, runs[decoder][-1], flush=True)
   rows = []
   for decoder, xs in runs.items():
@@ -266,7 +386,10 @@ def main(argv=None) -> None:
   p.add_argument('--workers', default='0,1,2')
   p.add_argument('--decoders', default='simplejpeg,pil',
                  help='JPEG decoders of the pipeline rows, in this order per '
-                 'worker count (simplejpeg: the library default)')
+                 'worker count (simplejpeg: the library default; fast: '
+                 "dataset.decode='fast', needs OpenCV)")
+  p.add_argument('--psnr_crops', type=int, default=16,
+                 help='random crops compared with the PIL path (PSNR)')
   p.add_argument('--repeats', type=int, default=3,
                  help='pipeline runs per decoder and worker count (alternating)')
   p.add_argument('--images', type=int, default=256,
@@ -300,9 +423,15 @@ def main(argv=None) -> None:
       [os.path.relpath(__file__)] + (sys.argv[1:] if argv is None else argv)),
            'image': f'{WIDTH}x{HEIGHT} RGB JPEG q{QUALITY}',
            'mean_jpeg_bytes': round(mean_bytes), 'crop': args.size,
-           'batch': args.batch, 'in_process': time_in_process(path, args.size),
+           'batch': args.batch,
+           'in_process': time_in_process(path, args.size, psnr_crops=args.psnr_crops),
            'pipeline': []}
   print(entry['in_process'], flush=True)
+  if importlib.util.find_spec('cv2') is not None:
+    entry['paired_per_record'] = time_paired(path, args.size)
+    print(entry['paired_per_record'], flush=True)
+    entry['fast_psnr_photos'] = photo_psnr(args.size)
+    print(entry['fast_psnr_photos'], flush=True)
   for w in [int(x) for x in args.workers.split(',')]:
     entry['pipeline'].extend(pipeline_rows(path, w, args))
   set_decoder('simplejpeg')

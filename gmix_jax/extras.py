@@ -4,7 +4,8 @@ saying which to install when it is missing.
 The core (`transforms`, `sharpness`, `mixing`, `objectives`, `losses`,
 `partition`, `sensitivity`, `accumulation`) needs only the package's own
 dependencies: jax, optax, numpy. The trainer and its command line need the
-``train`` extra; ``--config.tensorboard=True`` the ``tensorboard`` extra.
+``train`` extra; ``--config.tensorboard=True`` the ``tensorboard`` extra;
+``--config.dataset.decode=fast`` the ``fast-decode`` extra.
 pyproject.toml lists the same distributions (tests/test_install.py checks
 that the two agree). Only ``importlib.util.find_spec`` is used here, so a
 check imports nothing.
@@ -20,8 +21,10 @@ EXTRAS = {
         'absl': 'absl-py', 'tqdm': 'tqdm', 'matplotlib': 'matplotlib', 'PIL': 'pillow',
         'grain': 'grain', 'tensorflow_datasets': 'tensorflow-datasets',
         'array_record': 'array-record', 'sklearn': 'scikit-learn', 'mlxtend': 'mlxtend',
+        'simplejpeg': 'simplejpeg',
     },
     'tensorboard': {'tensorboardX': 'tensorboardX'},
+    'fast-decode': {'cv2': 'opencv-python-headless'},
 }
 
 

@@ -12,7 +12,8 @@ it, or is replaced by the next good one and counted, `pipeline`), ``train_split`
 ``'train'``: the labelled training split; a tfds split spec such as ``'unlabelled+train'``:
 the training stream reads that union instead (`sources.open_union`), for the
 self-supervised tasks, while evaluation, labels and statistics keep the labelled
-``train``). Fields missing from an older config take these defaults.
+``train``), ``decode`` (``'exact'``: PIL's pixels; ``'fast'``: the Inception
+training crop resized by OpenCV, `fast_resize`). Fields missing from an older config take these defaults.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import re
 import ml_collections
 import numpy as np
 
+from gmix_jax.data import fast_resize
 from gmix_jax.data import normalize as normalize_lib
 from gmix_jax.data import pipeline
 from gmix_jax.data import sources
@@ -31,7 +33,7 @@ from gmix_jax.data import subsets
 from gmix_jax.data import validate
 
 DEFAULTS = {'augment': 'none', 'image_size': None, 'workers': 0, 'bad_records': 'error',
-            'train_split': 'train'}
+            'train_split': 'train', 'decode': 'exact'}
 
 
 def dataset_field(config: ml_collections.ConfigDict, field: str):
@@ -72,6 +74,7 @@ def check_fields(config: ml_collections.ConfigDict) -> None:
   if bad not in pipeline.BAD_RECORDS:
     raise ValueError(f'dataset.bad_records must be one of {list(pipeline.BAD_RECORDS)}, '
                      f'got {bad!r}')
+  fast_resize.check_decode(dataset_field(config, 'decode'))
   spec = train_split(config)
   sources.union_parts(spec)
   if spec != 'train':
@@ -127,6 +130,7 @@ class TrainData:
   workers: int
   bad_records: str = 'error'   # a record that cannot be read: 'error' | 'skip' (`pipeline`)
   stream: sources.Split | None = None
+  decode: str = 'exact'   # the training crop's resize: 'exact' | 'fast' (`fast_resize`)
 
   @property
   def num_classes(self) -> int:
@@ -158,7 +162,7 @@ class TrainData:
         self.train if self.stream is None else self.stream, self.train_ids, global_batch=global_batch, seed=seed, num_steps=num_steps,
         start_step=start_step, augment=self.augment, image_size=self.image_size,
         workers=self.workers, process_index=process_index, process_count=process_count,
-        fill=self.pad_fill(), bad_records=self.bad_records, views=views)
+        fill=self.pad_fill(), bad_records=self.bad_records, views=views, decode=self.decode)
 
   def pad_fill(self) -> tuple[int, ...] | None:
     """The ``'cifar'`` crop's padding colour: the training set's mean pixel, so
@@ -222,4 +226,5 @@ def open_train_data(config: ml_collections.ConfigDict) -> TrainData:
                    normalizer=normalize_lib.for_split(train, channels, bad_records),
                    augment=augment, image_size=size,
                    workers=dataset_field(config, 'workers'),
-                   bad_records=bad_records, stream=stream)
+                   bad_records=bad_records, stream=stream,
+                   decode=dataset_field(config, 'decode'))

@@ -76,11 +76,12 @@ def augment_name(value) -> str:
 
 
 def record_transform(split: sources.Split, augment: str, image_size: int | None,
-                     train: bool, fill=None) -> Transform | None:
+                     train: bool, fill=None, decode: str = 'exact') -> Transform | None:
   """The per-record transform for ``split`` (`image_ops.make_record_transform`),
   or None where there is nothing to do per record: feature vectors (never
   augmented), and raw arrays without augmentation (read as one array).
-  ``fill``: the ``'cifar'`` padding colour (uint8 per channel; None = black)."""
+  ``fill``: the ``'cifar'`` padding colour (uint8 per channel; None = black);
+  ``decode``: ``dataset.decode`` (``'exact'`` | ``'fast'``, `fast_resize`)."""
   if split.pixel_max is None:
     return None
   raw = isinstance(split.records, sources.ArrayRecords)
@@ -89,7 +90,7 @@ def record_transform(split: sources.Split, augment: str, image_size: int | None,
     return None
   from gmix_jax.data import image_ops  # pylint: disable=g-import-not-at-top
   return image_ops.make_record_transform(augment, image_size, train, channels=split.channels,
-                                         fill=fill)
+                                         fill=fill, decode_mode=decode)
 
 
 class BadRecordError(ValueError):
@@ -374,11 +375,13 @@ def train_batches(split: sources.Split, ids: np.ndarray | None, *, global_batch:
                   num_steps: int, start_step: int = 0, augment: str = 'none',
                   image_size: int | None = None, workers: int = 0, process_index: int = 0,
                   process_count: int = 1, fill=None, bad_records: str = 'error',
-                  views: int = 1) -> Batches:
+                  views: int = 1, decode: str = 'exact') -> Batches:
   """Host batches of global steps ``[start_step, num_steps)`` (module docstring);
-  ``views=2``: two augmented views per record (``x``, ``x2``)."""
+  ``views=2``: two augmented views per record (``x``, ``x2``); ``decode``:
+  ``dataset.decode`` (`record_transform`)."""
   fn = TrainBatch(split, ids, global_batch, seed,
-                  record_transform(split, augment, image_size, train=True, fill=fill),
+                  record_transform(split, augment, image_size, train=True, fill=fill,
+                                   decode=decode),
                   process_index, process_count, bad_records, views)
   return Batches(fn, start_step, num_steps, workers)
 
