@@ -53,7 +53,7 @@ def method(name: str) -> ml_collections.ConfigDict:
           'rho_minus': f(),         # decomposed: ρ⁻ of the other subset (None = ρ)
       },
       'sensitivity': {              # per-example s_i for the split, docs/methods.md § 3
-          'estimator': s(),         # per_example | first_order | shared | stale
+          'estimator': s(),         # per_example | first_order | shared | shared_prev | stale
           'rho': f(),               # ρ of the sensitivity probe (None = the sharpness ρ)
           'chunk': i(),             # examples per vmapped chunk (0 = whole batch); memory ∝ chunk
           'refresh_every': i(),     # stale: epochs between refreshes of the score table
@@ -68,17 +68,20 @@ SAMIX_METHODS = ('samix', 'samix_p')
 
 
 # Self-supervised methods (configs/ssl*.py): name -> the composed method that
-# trains the MoCo query view (docs/methods.md § 8).
-SSL_METHODS = {'moco': 'erm', 'moco_mixup': 'mixup', 'moco_cutmix': 'cutmix', 'moco_gmix': 'gmix'}
+# trains the MoCo query view (docs/methods.md § 8); samix_ssl is its own task
+# (§ 9: the mixblock mixes, so its method is a sharpness rule, here none).
+SSL_METHODS = {'moco': 'erm', 'moco_mixup': 'mixup', 'moco_cutmix': 'cutmix', 'moco_gmix': 'gmix',
+               'samix_ssl': 'erm'}
 
 
 def ssl(method_name: str) -> ml_collections.ConfigDict:
   """``base()`` for MoCo v2 pretraining with ``method_name`` (``SSL_METHODS``):
-  the ``moco`` task, two MoCo v2 views per record, the composed method."""
+  the ``moco`` task (``samix_ssl``: that task), two MoCo v2 views per record,
+  the composed method."""
   if method_name not in SSL_METHODS:
     raise ValueError(f'SSL method must be one of {sorted(SSL_METHODS)}, got {method_name!r}')
   c = base()
-  c.task = task('moco')
+  c.task = task('samix_ssl' if method_name == 'samix_ssl' else 'moco')
   c.method = method(SSL_METHODS[method_name])
   c.dataset.augment = 'moco'
   c.optimizer.nesterov = False             # MoCo: plain SGD momentum 0.9

@@ -49,6 +49,8 @@ def get_config(arg: str = 'cifar10'):
     c.num_epochs = 200
     c.task.queue_size = 65536
     c.task.proj_hidden = 2048
+    if method == 'samix_ssl':            # stage 2 (0-based) as OpenMixup's MoCoSAMix: its last block
+      c.task.feature_layer = 'stage3_block6'
   else:
     c.dataset.name = 'tfds:stl10' if dataset == 'stl10' else dataset
     c.dataset.image_size = 96 if dataset == 'stl10' else 32

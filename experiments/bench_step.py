@@ -4,6 +4,7 @@
   python experiments/bench_step.py --methods gmix,bgmix --set sensitivity.estimator=first_order
   python experiments/bench_step.py --methods mixup,gmix,gmix:sharpness.rule=asam --baseline mixup,sam
   python experiments/bench_step.py --methods bgmix:first_order,bgmix:shared --baseline sam --pairs 40
+  python experiments/bench_step.py --methods bgmix:shared,bgmix:shared_prev --baseline sam
   python experiments/bench_step.py --methods erm,samix,samix_p --baseline erm   # SAMix
   python experiments/bench_step.py --methods gmix --accum 1,2,4 --baseline gmix  # accumulation K
   python experiments/bench_step.py --model resnet18 --input 32,32,3 --chunk 16 --optax-sam  # GPU
@@ -180,17 +181,19 @@ def build_step(name, overrides, model_name, module, input_shape, num_classes, ba
       raise ValueError(f'{name}: overrides and --accum apply to the presets only')
     objective, extra, extra_update = _samix_parts(name, model_name, module, apply_fn, input_shape,
                                                   num_classes, params, model_state)
+    step_kwargs = {'extra_update': extra_update}
     stale = False
   else:
     method = objectives.get_method(name, num_classes, **overrides)
     objective = objectives.make_objective(method, apply_fn, accumulation_steps=accumulation_steps)
-    extra, extra_update = None, None
+    # A method's own state (shared_prev's ascent direction, LookSAM's g_v, ...).
+    extra, step_kwargs = objectives.step_kwargs(method, params)
     stale = method.partition.rule != 'none' and method.sensitivity.estimator == 'stale'
   state = parallel.create_train_state(params, model_state, optimizer, 0,
                                       num_train=batch if stale else 0, extra=extra)
   mesh = parallel.make_mesh(n_dev)
   step = parallel.shard_map_step(parallel.make_per_device_step(
-      objective, optimizer, use_stale_scores=stale, extra_update=extra_update), mesh)
+      objective, optimizer, use_stale_scores=stale, **step_kwargs), mesh)
   state = parallel.replicate_on_mesh(state, mesh)
   data = parallel.global_batch_to_device(_random_batch(batch, input_shape, num_classes), mesh, 'batch')
   t = time.perf_counter()

@@ -16,6 +16,8 @@ Grids:
   one at a time around the defaults, on ``mnist_subset`` at 50 per class,
   with ERM, Mixup, SAM and G-Mix as references, 5 seeds. The defaults and
   references are the benchmark's own runs (shared records, trained once).
+- ``rules``: G-Mix with each efficient sharpness rule, next to G-Mix and Mixup.
+- ``ascent``: BG-Mix with the ``shared`` and the ``shared_prev`` estimator.
 - ``smoke``: 2 methods × 1 size × 2 seeds × 30 steps on digits (tests).
 - ``all``: benchmark + ablation in one queue (one pool of workers).
 
@@ -157,6 +159,21 @@ def rules(seeds=SEEDS, steps=STEPS) -> list[Run]:
           for s in seeds for d, n in RULES_SETTINGS for m, v, o in RULES_VARIANTS]
 
 
+# BG-Mix ranked by `shared` against `shared_prev` (ε along the previous step's
+# ascent direction, docs/methods.md § 3.2), at the benchmark's two smallest
+# settings, both on one machine.
+ASCENT_VARIANTS = (
+    ('bgmix', 'est-shared', {'method.sensitivity.estimator': 'shared'}),
+    ('bgmix', 'est-shared_prev', {'method.sensitivity.estimator': 'shared_prev'}),
+)
+
+
+def ascent(seeds=SEEDS, steps=STEPS) -> list[Run]:
+  """BG-Mix with ``shared`` and with ``shared_prev`` (grid ``ascent``)."""
+  return [Run('ascent', d, m, n, s, steps, variant=v, overrides=tuple(sorted(o.items())))
+          for s in seeds for d, n in RULES_SETTINGS for m, v, o in ASCENT_VARIANTS]
+
+
 def smoke(seeds=(0, 1), steps=30) -> list[Run]:
   return [Run('smoke', 'digits', m, 10, s, steps) for m in ('erm', 'gmix') for s in seeds]
 
@@ -169,7 +186,7 @@ def everything(seeds=SEEDS, steps=STEPS, methods=METHODS) -> list[Run]:
 
 
 GRIDS = {'benchmark': benchmark, 'ablation': ablation, 'smoke': smoke, 'all': everything,
-         'rules': rules}
+         'rules': rules, 'ascent': ascent}
 
 # Step cost relative to ERM (docs/cost.md, "Cost per step": small CNN, CPU), for
 # scheduling only: the longest runs start first, so they do not make the tail.

@@ -76,8 +76,12 @@ def _parse(argv: list[str]):
 def result_line(summary: dict, workdir: str) -> str:
   """What the run achieved; for a workdir that already held a finished run,
   says that nothing was trained and that the figures are that run's."""
-  result = (f"final test accuracy {summary['final_test_accuracy']:.4f} "
-            f"(ECE {summary['final_test_ece']:.4f}) after {summary['epochs']} epochs")
+  if 'final_test_accuracy' in summary:
+    result = (f"final test accuracy {summary['final_test_accuracy']:.4f} "
+              f"(ECE {summary['final_test_ece']:.4f}) after {summary['epochs']} epochs")
+  else:                                # a pretraining task (moco, samix_ssl): the kNN monitor
+    result = (f"final kNN accuracy {summary['final_knn_accuracy']:.4f} "
+              f"(best {summary['best_knn_accuracy']:.4f}) after {summary['epochs']} epochs")
   if summary.get('finished_before'):
     return (f"{workdir} holds a finished run: nothing was trained (summary.json and the plot "
             f"were re-written; use a new --workdir for a new run). Its {result}, "

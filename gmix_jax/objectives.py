@@ -237,6 +237,18 @@ class Method:
       raise ValueError("partition.rule='decomposed' needs a sharpness rule; got sharpness.rule='none'")
 
   @property
+  def keeps_ascent(self) -> bool:
+    """Whether the step keeps the direction of its clean gradient for the next
+    step's split (``sensitivity.estimator='shared_prev'``, docs/methods.md § 3.2)."""
+    return self.partition.rule != 'none' and self.sensitivity.estimator == 'shared_prev'
+
+  @property
+  def stateful(self) -> bool:
+    """Whether the objective takes and returns state kept between steps
+    (``step_state_init``): a stateful sharpness rule's, or ``shared_prev``'s."""
+    return self.sharpness.name in sharpness.STATEFUL_RULES or self.keeps_ascent
+
+  @property
   def uses_stale_scores(self) -> bool:
     """Whether the step reads a score table kept in the train state (a split
     with the ``stale`` estimator, refreshed by the trainer)."""
@@ -686,11 +698,13 @@ def make_objective(method: Method, apply_fn: ApplyFn, *,
 
   Returns:
     ``objective(params, model_state, batch, rng) -> (grads, new_state, metrics)``;
-    for a stateful rule (``sharpness.STATEFUL_RULES``: LookSAM, F-SAM)
-    ``objective(params, model_state, batch, rng, extra) -> (grads, new_state,
-    metrics, extra_grads)`` with ``extra`` from ``rule_state_init`` and the
-    update ``rule_state_update`` (``parallel.make_per_device_step``'s
-    ``extra_update``); MSAM reads ``batch['momentum']`` (``msam_inputs``).
+    for a method that keeps state (``Method.stateful``: a stateful rule,
+    ``sharpness.STATEFUL_RULES`` LookSAM and F-SAM, or the ``shared_prev``
+    estimator) ``objective(params, model_state, batch, rng, extra) ->
+    (grads, new_state, metrics, extra_grads)`` with ``extra`` from
+    ``step_state_init`` and the update ``step_state_update``
+    (``parallel.make_per_device_step``'s ``extra_update``); MSAM reads
+    ``batch['momentum']`` (``msam_inputs``).
     with ``batch = {'x': [B, ...], 'y': int [B] or soft [B, C]}`` plus
     ``'score'`` ``[B]`` for the ``stale`` estimator and ``'step'`` (int
     scalar) for ``rho_schedule='lr'``. ``metrics`` holds
@@ -727,9 +741,13 @@ def make_objective(method: Method, apply_fn: ApplyFn, *,
     k_mix, k_sharp = jax.random.split(rng)
     metrics = {}
     split = None
+    if method.keeps_ascent and (extra is None or 'ascent' not in extra):
+      raise ValueError("sensitivity.estimator='shared_prev' keeps the previous step's ascent "
+                       "direction: call the objective with its state (step_state_init)")
     if split_on:
       s = sensitivity.scores(method.sensitivity, apply_fn, params, model_state, x, y,
-                             method.sensitivity_rho, batch.get('score'), micro_batches=k_acc)
+                             method.sensitivity_rho, batch.get('score'), micro_batches=k_acc,
+                             direction=extra['ascent'] if method.keeps_ascent else None)
       split = partition.top_k_split(s, partition.num_sensitive(method.partition.gamma, b))
       metrics['sensitivity'] = jnp.mean(s)
       k = split.sensitive.shape[0]
@@ -758,7 +776,7 @@ def make_objective(method: Method, apply_fn: ApplyFn, *,
     if rule.name in sharpness.STATEFUL_RULES:
       if extra is None or 'step' not in batch:
         raise ValueError(f'sharpness.rule={rule.name!r} keeps state: call the objective with '
-                         "its state (rule_state_init) and batch['step']")
+                         "its state (step_state_init) and batch['step']")
     if rule.name == 'fsam':
       rule_state.update(m=extra['m'], first=batch['step'] == 0)
 
@@ -783,17 +801,22 @@ def make_objective(method: Method, apply_fn: ApplyFn, *,
       return d_sum, g_sum, _average_states(states, shares), loss, loss_p
 
     if rule.name == 'looksam':
-      grads, new_state, loss, loss_p, extra_grads = _looksam(
+      grads, new_state, loss, loss_p, extra_grads, clean = _looksam(
           run, rule, extra, batch['step'], axis_name, looksam_phase)
     else:
       grads, clean, new_state, loss, loss_p = run(True)
       # F-SAM's m follows the device-averaged clean gradient: each device
       # hands its own, averaged with the update in the step's one pmean.
       extra_grads = {'g': clean} if rule.name == 'fsam' else None
+    if method.keeps_ascent:
+      # The clean gradient of this step's objective (SAM's ascent direction):
+      # averaged over devices by the step's one pmean, normalised by
+      # step_state_update, read by the next step's split.
+      extra_grads = {**(extra_grads or {}), 'ascent': clean}
     metrics['loss'] = loss
     if rule.active:
       metrics['perturbed_loss'] = loss_p
-    if rule.name in sharpness.STATEFUL_RULES:
+    if method.stateful:
       return grads, new_state, metrics, extra_grads
     return grads, new_state, metrics
 
@@ -810,8 +833,8 @@ def _looksam(run, rule: sharpness.SharpnessRule, extra, step, axis_name, phase=N
   pmean (``extra_update`` keeps it); the cheap step uses this device's g.
   With ``m='global'`` g and g_p are the device averages, so the update does
   not depend on the device count. Returns (direction, model state, loss,
-  perturbed loss, this device's g_v or zeros). ``phase`` ('full' / 'cheap')
-  runs that step only.
+  perturbed loss, this device's g_v or zeros, this device's clean g).
+  ``phase`` ('full' / 'cheap') runs that step only.
   """
   glob = rule.m == 'global'
   mean = (lambda t: jax.lax.pmean(t, axis_name)) if glob else (lambda t: t)
@@ -819,13 +842,13 @@ def _looksam(run, rule: sharpness.SharpnessRule, extra, step, axis_name, phase=N
   def full(_):
     d, g, state, loss, loss_p = run(True)
     return _varying((d, state, loss, loss_p, {'g_v': sharpness.orthogonal_component(
-        mean(d), mean(g))}), axis_name)
+        mean(d), mean(g))}, g), axis_name)
 
   def cheap(_):
     _, g, state, loss, _ = run(False)
     d = sharpness.looksam_reuse(mean(g), extra['g_v'], rule.looksam_alpha)
     zeros = jax.tree.map(jnp.zeros_like, extra['g_v'])
-    return _varying((d, state, loss, loss, {'g_v': zeros}), axis_name)
+    return _varying((d, state, loss, loss, {'g_v': zeros}, g), axis_name)
 
   if phase is not None:                       # chosen on the host: no conditional
     return (full if phase == 'full' else cheap)(None)
@@ -880,6 +903,53 @@ def rule_step_kwargs(rule: sharpness.SharpnessRule, params) -> tuple[Optional[di
   inputs = rule_driver(rule).objective_inputs
   if inputs is not None:
     kwargs['objective_inputs'] = inputs
+  return extra, kwargs
+
+
+def step_state_init(method: Method, params) -> Optional[dict]:
+  """The state a composed method carries between steps (``TrainState.extra``):
+  its sharpness rule's (``rule_state_init``) and, for
+  ``sensitivity.estimator='shared_prev'``, ``'ascent'``: the unit direction
+  of the previous step's clean gradient, zeros before the first step (ε = 0:
+  every s_i = 0, and the split is the batch's first k examples, which the
+  shuffled batch makes a random split). ``None`` when there is none."""
+  extra = rule_state_init(method.sharpness, params) or {}
+  if method.keeps_ascent:
+    extra['ascent'] = jax.tree.map(
+        lambda p: jnp.zeros(jnp.shape(p), jnp.promote_types(p.dtype, jnp.float32)), params)
+  return extra or None
+
+
+def step_state_update(method: Method):
+  """``extra_update`` for ``step_state_init``'s state: the rule's part by
+  ``rule_state_update``; ``'ascent'`` ← ḡ/(‖ḡ‖ + eps_norm) with ḡ the
+  device average of the step's clean gradients (the objective's
+  ``extra_grads['ascent']``), normalised in the stored dtype (at least float32)."""
+  rule_update = (rule_state_update(method.sharpness)
+                 if method.sharpness.name in sharpness.STATEFUL_RULES else None)
+
+  def update(extra, averaged, params, model_state, step):
+    new = {}
+    if rule_update is not None:
+      new.update(rule_update(extra, averaged, params, model_state, step))
+    if method.keeps_ascent:
+      # Normalised in the stored (at least float32) dtype, not a bf16 gradient's.
+      new['ascent'] = sharpness.normalize(jax.tree.map(
+          lambda g, old: g.astype(old.dtype), averaged['ascent'], extra['ascent']))
+    return new
+  return update
+
+
+def step_kwargs(method: Method, params) -> tuple[Optional[dict], dict]:
+  """``rule_step_kwargs`` for a whole composed method: ``(extra, kwargs)`` with
+  ``step_state_init``'s state and ``step_state_update`` as ``extra_update``
+  (a stateful rule, ``shared_prev``), MSAM's ``objective_inputs``."""
+  extra = step_state_init(method, params)
+  kwargs = {}
+  if extra is not None:
+    kwargs['extra_update'] = step_state_update(method)
+  if method.sharpness.name == 'msam':
+    kwargs['objective_inputs'] = msam_inputs
   return extra, kwargs
 
 

@@ -13,6 +13,10 @@ Estimators (``SensitivityConfig.estimator``):
     identity in one backward pass (``ghost_norm``).
   * ``shared`` (ESAM's selection rule): s_i = ℓ_i(w+ε) − ℓ_i(w) with ε the
     SAM perturbation of the clean batch's mean loss: no per-example gradients.
+  * ``shared_prev``: ``shared`` with ε = ρ u/‖u‖, u the direction of the
+    previous step's clean gradient of the objective (the direction SAM
+    ascended along), kept by the train step (``objectives.step_state_init``):
+    two forward passes, no backward pass (docs/methods.md § 3.2).
   * ``stale``: the last s_i computed for that training example, looked up by
     example index from a table the trainer refreshes every
     ``refresh_every`` epochs (``refresh``/``lookup`` below).
@@ -35,7 +39,7 @@ from gmix_jax import sharpness
 
 PyTree = Any
 ApplyFn = Callable[..., tuple[jax.Array, PyTree]]
-ESTIMATORS = ('per_example', 'first_order', 'shared', 'stale')
+ESTIMATORS = ('per_example', 'first_order', 'shared', 'shared_prev', 'stale')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,12 +149,16 @@ def first_order(apply_fn: ApplyFn, params: PyTree, model_state: PyTree,
 
 
 def shared(apply_fn: ApplyFn, params: PyTree, model_state: PyTree,
-           x: jax.Array, y: jax.Array, rho, micro_batches: int = 1) -> jax.Array:
-  """s_i = ℓ_i(w + ε) − ℓ_i(w), ε = SAM perturbation of the clean batch loss.
+           x: jax.Array, y: jax.Array, rho, micro_batches: int = 1,
+           direction: Optional[PyTree] = None) -> jax.Array:
+  """s_i = ℓ_i(w + ε) − ℓ_i(w), ε = ρ g/(‖g‖ + eps_norm).
 
-  With ``micro_batches`` = K the batch gradient is accumulated over K
-  micro-batches (one ε from the whole batch, as with K = 1) and the
-  perturbed losses are evaluated micro-batch by micro-batch.
+  ``direction=None`` (``shared``): g = ∇ of the clean batch's mean loss at
+  w, one forward and backward pass; ``direction`` = u (``shared_prev``):
+  g = u, a direction given from outside (the previous step's), and only the
+  two forward passes remain. With ``micro_batches`` = K the batch gradient
+  is accumulated over K micro-batches (one ε from the whole batch, as with
+  K = 1) and the losses are evaluated micro-batch by micro-batch.
   """
   params = jax.lax.stop_gradient(params)
   n = x.shape[0]
@@ -160,20 +168,26 @@ def shared(apply_fn: ApplyFn, params: PyTree, model_state: PyTree,
     per_ex = losses.soft_cross_entropy(logits, rows[1])
     return jnp.sum(per_ex) / n, per_ex          # the whole batch's mean, summed over micro-batches
 
-  grad, clean = accumulation.accumulate(
-      lambda rows: jax.grad(batch_losses, has_aux=True)(params, rows), (x, y), micro_batches,
-      like=params)
-  perturbed_params = sharpness.add(params, sharpness.sam_perturbation(grad, rho))
-  _, perturbed = accumulation.accumulate(
-      lambda rows: ((), batch_losses(perturbed_params, rows)[1]), (x, y), micro_batches,
-      like=perturbed_params)
+  def losses_at(p):
+    return accumulation.accumulate(lambda rows: ((), batch_losses(p, rows)[1]), (x, y),
+                                   micro_batches, like=p)[1]
+
+  if direction is None:
+    grad, clean = accumulation.accumulate(
+        lambda rows: jax.grad(batch_losses, has_aux=True)(params, rows), (x, y), micro_batches,
+        like=params)
+  else:
+    grad, clean = jax.lax.stop_gradient(direction), losses_at(params)
+  perturbed = losses_at(sharpness.add(params, sharpness.sam_perturbation(grad, rho)))
   return (perturbed - clean).reshape(n)
 
 
 def scores(config: SensitivityConfig, apply_fn: ApplyFn, params: PyTree,
            model_state: PyTree, x: jax.Array, y: jax.Array, rho,
-           stale_scores: Optional[jax.Array] = None, micro_batches: int = 1) -> jax.Array:
-  """s ``[B]`` by ``config.estimator``; ``stale`` returns ``stale_scores``.
+           stale_scores: Optional[jax.Array] = None, micro_batches: int = 1,
+           direction: Optional[PyTree] = None) -> jax.Array:
+  """s ``[B]`` by ``config.estimator``; ``stale`` returns ``stale_scores``,
+  ``shared_prev`` perturbs along ``direction`` (a pytree like ``params``).
 
   ``micro_batches`` = K (gradient accumulation) evaluates the estimators K
   micro-batches at a time: the per-example ones in chunks of at most B/K
@@ -191,6 +205,12 @@ def scores(config: SensitivityConfig, apply_fn: ApplyFn, params: PyTree,
     s = per_example(apply_fn, params, model_state, x, y, rho, chunk)
   elif config.estimator == 'first_order':
     s = first_order(apply_fn, params, model_state, x, y, rho, chunk)
+  elif config.estimator == 'shared_prev':
+    if direction is None:
+      raise ValueError("sensitivity.estimator='shared_prev' needs the previous step's ascent "
+                       "direction (the train state's extra['ascent'], "
+                       'objectives.step_state_init)')
+    s = shared(apply_fn, params, model_state, x, y, rho, micro_batches, direction)
   else:
     s = shared(apply_fn, params, model_state, x, y, rho, micro_batches)
   return jax.lax.stop_gradient(s.astype(jnp.promote_types(s.dtype, jnp.float32)))

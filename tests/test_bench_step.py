@@ -60,3 +60,37 @@ def test_bad_rows_are_one_error_before_compiling(argv, message, monkeypatch, cap
   with pytest.raises(SystemExit) as e:
     bench_step.main()
   assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_bench_ssl_pairs_each_ssl_step_with_moco(tmp_path):
+  from experiments import bench_ssl
+  out = tmp_path / 'ssl.json'
+  r = bench_ssl.main(['--methods', 'moco_mixup,samix_ssl', '--width', '4', '--batch', '16',
+                      '--queue', '64', '--input', '16,16,3', '--pairs', '2', '--warmup', '1',
+                      '--out', str(out)])
+  assert [row['method'] for row in r['rows']] == ['moco_mixup', 'samix_ssl']
+  for row in r['rows']:
+    v = row['vs']['moco']
+    assert v['pairs'] == 2 and len(v['cpu_ratio']) == 3 and min(v['cpu_ratio']) > 0
+  import json
+  assert json.loads(out.read_text())['rows'][1]['method'] == 'samix_ssl'
+
+
+def test_bench_ssl_step_is_the_tasks_training_step():
+  import jax
+  import numpy as np
+  from experiments import bench_ssl
+  run, _ = bench_ssl.build_ssl_step('samix_ssl', 4, 16, 64, (16, 16, 3))
+  before = jax.device_get(run())
+  after = jax.device_get(run())
+  assert (int(before.step), int(after.step)) == (1, 2)
+  assert not np.array_equal(before.extra['queue'], after.extra['queue'])     # keys enqueued
+  assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(before.extra['mixblock']),
+                                                        jax.tree.leaves(after.extra['mixblock'])))
+
+
+def test_bench_ssl_refuses_an_unknown_method(capsys):
+  from experiments import bench_ssl
+  with pytest.raises(SystemExit) as e:
+    bench_ssl.main(['--methods', 'simclr'])
+  assert e.value.code == 2 and "'simclr' is not an SSL method" in capsys.readouterr().err

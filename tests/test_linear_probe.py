@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 import ssl_probe_config
-from gmix_jax import checkpoints, main, train
+from gmix_jax import checkpoints, main, models, train
+from gmix_jax.tasks import moco
 from test_moco import tiny_config
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -49,6 +50,30 @@ def test_only_the_probe_trains_and_the_summary_is_supervised(pretrained, tmp_pat
   assert float(np.abs(probe['params']['probe']['kernel']).sum()) > 0
   with open(tmp_path / 'probe' / 'metrics.jsonl') as f:
     assert [json.loads(line)['step'] for line in f if '"train"' in line] == [1, 2, 3, 4, 5]
+  # The frozen encoder's kNN (the probe's own feature path) is the pretraining run's monitor.
+  pre_summary = json.loads((pretrained / 'moco' / 'summary.json').read_text())
+  assert summary['final_knn_accuracy'] == pre_summary['final_knn_accuracy']
+
+
+@pytest.mark.slow
+def test_random_init_probe_trains_on_the_seeds_fresh_moco_encoder(pretrained, tmp_path):
+  c = probe_config(pretrained, 'random')
+  c.seed = 3
+  summary = train.train_and_evaluate(c, str(tmp_path / 'probe'))
+  assert summary['task'] == 'linear_probe' and 0 <= summary['final_test_accuracy'] <= 1
+  assert 0 <= summary['final_knn_accuracy'] <= 1
+  _, probe = checkpoints.restore_state(str(tmp_path / 'probe'))
+  # Independently: a MoCo encoder of this model, default head, initialised from the seed.
+  backbone = models.get_model('cnn', moco.DEFAULTS['proj_hidden'], width=4, norm='batch')
+  fresh, fresh_state = models.init_model(moco.Projected(backbone, moco.DEFAULTS['proj_dim']),
+                                         jax.random.PRNGKey(3), (8, 8, 1))
+  np.testing.assert_equal(jax.tree.structure(fresh), jax.tree.structure(probe['params']['encoder']))
+  for a, b in zip(jax.tree.leaves(fresh), jax.tree.leaves(probe['params']['encoder'])):
+    np.testing.assert_array_equal(a, b)
+  for a, b in zip(jax.tree.leaves(fresh_state), jax.tree.leaves(probe['params']['frozen_state'])):
+    np.testing.assert_array_equal(a, b)                 # BatchNorm: mean 0, variance 1
+  assert jax.tree.leaves(fresh_state)
+  assert float(np.abs(probe['params']['probe']['kernel']).sum()) > 0
 
 
 def _damage(wd):

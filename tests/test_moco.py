@@ -263,3 +263,11 @@ def test_ssl_curves_show_the_knn_accuracy_and_the_momentum():
   labels = [line.get_label() for ax in fig.axes for line in ax.get_lines()]
   assert 'kNN accuracy (test)' in labels and 'momentum m' in labels
   assert fig.axes[0].get_ylabel() == 'InfoNCE'
+
+
+def test_the_command_line_result_of_a_pretraining_run_is_its_knn_accuracy():
+  from gmix_jax import main   # a moco summary has no test accuracy: this line raised KeyError
+  summary = {'final_knn_accuracy': 0.414, 'best_knn_accuracy': 0.5, 'epochs': 1,
+             'wall_time_sec': 37.0}
+  assert main.result_line(summary, 'wd') == ('final kNN accuracy 0.4140 (best 0.5000) after 1 '
+                                             'epochs, 37 s')

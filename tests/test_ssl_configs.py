@@ -20,7 +20,8 @@ TINY = {'resnet18': dict(stage_sizes=(1, 1), width=4),
 def test_every_preset_and_method_validates(method):
   for dataset in ssl.PRESETS:
     c = ssl.get_config(f'{dataset},{method}')
-    assert (c.task.name, c.dataset.augment) == ('moco', 'moco')
+    task = 'samix_ssl' if method == 'samix_ssl' else 'moco'
+    assert (c.task.name, c.dataset.augment) == (task, 'moco')
     assert c.method.name == common.SSL_METHODS[method]
     configure.validate_config(c)
   configure.validate_config(ssl_mnist_jpeg.get_config(method))
@@ -44,12 +45,23 @@ def test_recipes():
     ssl.get_config('cifar10,samix')
 
 
-@pytest.mark.parametrize('preset,compile', [('cifar10', True), ('cifar100', False),
-                                            ('stl10', False), ('imagenet2012', False),
-                                            ('mnist_jpeg', False)])
-def test_moco_step_builds_with_a_tiny_model(preset, compile):
-  c = ssl_mnist_jpeg.get_config('moco_gmix') if preset == 'mnist_jpeg' else ssl.get_config(
-      f'{preset},moco_gmix')
+def test_the_probe_floor_and_ceiling_configs_validate():
+  probe, sup = ssl_mnist_jpeg.get_config('linear_probe'), ssl_mnist_jpeg.get_config('supervised')
+  probe.task.pretrained = 'random'
+  configure.validate_config(probe)
+  configure.validate_config(sup)
+  assert 'task' not in sup and sup.method.name == 'erm'
+  for field in ('dataset', 'model', 'batch_size', 'num_epochs'):   # the same data, crops, net
+    assert probe[field] == sup[field], field
+
+
+@pytest.mark.parametrize('preset,method,compile', [
+    ('cifar10', 'moco_gmix', True), ('cifar100', 'moco_gmix', False),
+    ('stl10', 'moco_gmix', False), ('imagenet2012', 'moco_gmix', False),
+    ('mnist_jpeg', 'moco_gmix', False), ('mnist_jpeg', 'samix_ssl', True)])
+def test_moco_step_builds_with_a_tiny_model(preset, method, compile):
+  c = ssl_mnist_jpeg.get_config(method) if preset == 'mnist_jpeg' else ssl.get_config(
+      f'{preset},{method}')
   c.model.kwargs.update(TINY[c.model.name])
   c.batch_size, c.task.queue_size, c.task.proj_hidden = 16, 64, 32
   task = tasks.get(c)

@@ -94,3 +94,33 @@ def test_eval_subset_is_fixed_and_stratified():
   assert xs.shape == (512,) and np.bincount(ys, minlength=10).min() >= 51
   np.testing.assert_array_equal(xs, sweep.eval_subset(x, y, 512)[0])
   assert sweep.eval_subset(x, y, 5000)[0].shape == (1000,)
+
+
+def test_ascent_section_differences_by_hand(tmp_path):
+  """``--section ascent``: mean ± s.e. per estimator, Δ = difference of the
+  means ± 2 s.e. of the difference (s.e. = std/√n, ddof 1) with its verdict,
+  the paired cost × SAM from the bench JSON; the rest of the file is kept."""
+  def rec(variant, seed, acc, ece):
+    return {'run_id': f'{variant}{seed}', 'grid': 'ascent', 'dataset': 'd', 'size': '5',
+            'method': 'bgmix', 'variant': variant, 'seed': seed, 'final_test_accuracy': acc,
+            'ece': ece, 'lambda_max': 3.0, 'git_commit': 'abcdef0123', 'device': 'cpu:cpu'}
+  (tmp_path / 'ascent').mkdir()
+  for r in [rec('est-shared', 0, 0.80, 0.05), rec('est-shared', 1, 0.82, 0.05),
+            rec('est-shared_prev', 0, 0.81, 0.09), rec('est-shared_prev', 1, 0.83, 0.09)]:
+    (tmp_path / 'ascent' / f"{r['run_id']}.json").write_text(json.dumps(r))
+  bench = {'args': {'methods': 'bgmix:shared,bgmix:shared_prev', 'baseline': 'sam', 'pairs': 3,
+                    'width': 32, 'batch': '128'},
+           'rows': [{'method': 'bgmix:shared_prev', 'load_before': 2.0, 'load_after': 3.0,
+                     'vs': {'sam': {'cpu_ratio': [1.2, 1.25, 1.3]}}}]}
+  (tmp_path / 'bench.json').write_text(json.dumps(bench))
+  out = tmp_path / 'R.md'
+  out.write_text('# kept\n')
+  assert report.main(['--results', str(tmp_path), '--out', str(out), '--section', 'ascent',
+                      '--bench-ascent', str(tmp_path / 'bench.json')]) == 0
+  text = out.read_text()
+  assert text.startswith('# kept\n') and report.ASCENT_END in text
+  # Accuracy: means 81 and 82 %, s.e. 1 % each: Δ +1.00 ± 2·√2 = 2.83, within.
+  # ECE: equal seeds, s.e. 0: Δ +4.00 ± 0.00, beyond.
+  assert ('| BG-Mix, `shared_prev` | 2 | 82.00 ± 1.00 | +1.00 ± 2.83 (within 2 s.e.) | '
+          '9.00 ± 0.00 | +4.00 ± 0.00 (beyond 2 s.e.) | 3.00 ± 0.00 | 1.25 (1.20-1.30) |') in text
+  assert '| BG-Mix, `shared` | 2 | 81.00 ± 1.00 | — |' in text and 'load average 2–3' in text

@@ -75,15 +75,18 @@ def test_pmap_and_stale_estimator_run(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize('rule', [None, 'looksam', 'fsam'])
+@pytest.mark.parametrize('rule', [None, 'looksam', 'fsam', 'shared_prev'])
 def test_resume_continues_at_the_right_step_and_matches_uninterrupted(rule, tmp_path):
   """A launch stopped at step 2 and resumed equals the uninterrupted run. With
-  LookSAM (g_v) and F-SAM (m) the rule's state lives in TrainState.extra: a
-  resume that lost it (zeros) would take a different step 2."""
+  LookSAM (g_v), F-SAM (m) and BG-Mix's shared_prev estimator (the previous
+  step's ascent direction) the state lives in TrainState.extra: a resume that
+  lost it (zeros) would take a different step 2."""
   def config(stop_at=None):
-    c = tiny_config('gmix', 'digits', tmp_path / 'data')
+    c = tiny_config('bgmix' if rule == 'shared_prev' else 'gmix', 'digits', tmp_path / 'data')
     c.num_epochs = 2
-    if rule is not None:
+    if rule == 'shared_prev':
+      c.method.sensitivity.estimator = 'shared_prev'
+    elif rule is not None:
       c.method.sharpness.rule = rule
     if rule == 'looksam':
       c.method.sharpness.looksam_k = 3        # full at steps 0 and 3; step 2 reuses g_v

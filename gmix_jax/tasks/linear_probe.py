@@ -19,6 +19,18 @@ lr 30 for batch 256, 100 epochs (``main_lincls.py``: lr 30, momentum 0.9, wd
 augmentation as configured (``cifar`` / ``inception``). The method must be
 ``erm`` (the protocol is plain cross-entropy).
 
+``task.pretrained='random'`` probes an untrained encoder instead (the
+"random init" row of SSL papers' tables, the floor of the probe): the MoCo
+encoder (backbone + projection head of ``moco.DEFAULTS``' sizes; the head is
+unused, the features are its input) freshly initialised from
+``PRNGKey(seed)``, as a ``moco`` run of that seed starts, BatchNorm with its
+initial statistics (mean 0, variance 1).
+
+At the last evaluation the summary also reports the frozen encoder's kNN
+monitor (``final_knn_accuracy``: k = 200, τ = 0.1 as the pretraining run's,
+``moco.feature_stream``): for a pretrained encoder the pretraining run's own
+final kNN accuracy, for ``'random'`` the untrained backbone's.
+
 The pretrained workdir is checked like a checkpoint before anything trains:
 it exists, holds a ``config.json`` of an SSL task, is finished (its
 ``summary.json`` exists and its newest checkpoint is its last step), and
@@ -27,13 +39,17 @@ otherwise one error names ``task.pretrained`` and what is wrong.
 """
 from __future__ import annotations
 
+import types
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 
 from gmix_jax import configure
+from gmix_jax import knn
 from gmix_jax import models
 from gmix_jax import objectives
 from gmix_jax import precision
@@ -43,6 +59,7 @@ from gmix_jax.tasks import source_run
 from gmix_jax.tasks import supervised
 
 SSL_TASKS = ('moco', 'samix_ssl', 'samix_ssl_p')
+RANDOM = 'random'          # task.pretrained: an untrained encoder (the floor)
 
 
 class Probe(nn.Module):
@@ -76,7 +93,11 @@ def pretrained_config(config: ml_collections.ConfigDict) -> dict:
   path = config.task.get('pretrained')
   if not path:
     raise ValueError("task.pretrained must name the workdir of a finished pretraining run "
-                     "(task.name='moco' or 'samix_ssl'), e.g. --config.task.pretrained=workdirs/ssl")
+                     "(task.name='moco' or 'samix_ssl'), e.g. --config.task.pretrained=workdirs/ssl, "
+                     f"or be {RANDOM!r} (an untrained encoder)")
+  if path == RANDOM:       # the MoCo encoder of this config's model, default head sizes
+    return {'model': {'name': config.model.name, 'kwargs': dict(config.model.kwargs)},
+            'task': {'name': 'moco'}}
   return source_run.finished_config(path, _where(config), SSL_TASKS, 'the probe')
 
 
@@ -135,7 +156,11 @@ class LinearProbe(supervised.Supervised):
     return optax.multi_transform({'probe': base, 'frozen': optax.set_to_zero()}, labels)
 
   def step_parts(self, config, method, module, apply_fn, ds, total_steps, params, model_state):
-    enc_params, enc_state = load_encoder(config)
+    if config.task.pretrained == RANDOM:   # a moco run's initial encoder for this seed
+      enc_params, enc_state = models.init_model(module.encoder.clone(parent=None),
+                                                jax.random.PRNGKey(config.seed), ds.input_shape)
+    else:
+      enc_params, enc_state = load_encoder(config)
     shapes = lambda t: jax.tree.map(jnp.shape, t)
     if shapes(enc_params) != shapes(params['encoder']):
       raise ValueError(f'{_where(config)}: its encoder has other shapes than this config builds '
@@ -147,6 +172,35 @@ class LinearProbe(supervised.Supervised):
     objective = objectives.make_objective(method, apply_fn, axis_name='batch', lr_schedule=lr,
                                           num_steps=total_steps)
     return tasks.StepParts(objective, params=params, model_state={})
+
+  def evaluate(self, s, placed, state):
+    """The supervised evaluation; at the last one, also the frozen encoder's
+    kNN monitor (``knn_accuracy``)."""
+    metrics = super().evaluate(s, placed, state)
+    if int(jax.device_get(state.step)) >= s.total_steps:
+      metrics['knn_accuracy'] = encoder_knn(s, state.params)
+    return metrics
+
+  def summary_metrics(self, last_eval, history):
+    out = super().summary_metrics(last_eval, history)
+    if 'knn_accuracy' in last_eval:
+      out['final_knn_accuracy'] = last_eval['knn_accuracy']
+    return out
+
+
+def encoder_knn(s, params) -> float:
+  """kNN top-1 of the frozen encoder's backbone features, with the
+  pretraining run's ``knn_k`` / ``knn_temperature`` (as its monitor)."""
+  old = ml_collections.ConfigDict(pretrained_config(s.config))
+  cfg = moco.MocoConfig(**{k: v for k, v in old.task.items()
+                           if k in moco.DEFAULTS and v is not None})
+  enc = types.SimpleNamespace(module=s.module.encoder.clone(parent=None), ds=s.ds,
+                              eval_batch=s.eval_batch)
+  state = {k: v['encoder'] for k, v in params['frozen_state'].items()}
+  features = moco.feature_stream(enc, params['encoder'], state)
+  test_f, test_y = map(np.concatenate, zip(*features('test')))
+  return knn.knn_accuracy(features('train'), test_f, test_y, num_classes=s.ds.num_classes,
+                          k=cfg.knn_k, temperature=cfg.knn_temperature)
 
 
 TASK = LinearProbe()

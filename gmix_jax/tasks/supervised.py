@@ -4,7 +4,8 @@ Two kinds of method train under it:
 
   composed  a preset of ``objectives.PRESETS`` (mixing policy × sharpness
             rule × partition rule) (``objectives.make_objective``); no extra
-            state but a stateful sharpness rule's (LookSAM's g_v, F-SAM's m);
+            state but a stateful sharpness rule's (LookSAM's g_v, F-SAM's m)
+            and the ``shared_prev`` estimator's ascent direction;
   own step  SAMix / SAMix^P (``samix.METHODS``): the mixblock, its optimizer
             and the EMA encoder ride in ``TrainState.extra``; only a
             sharpness rule composes with it (``samix.build``).
@@ -106,9 +107,10 @@ class Supervised(tasks.Task):
   def step_parts(self, config, method, module, apply_fn, ds, total_steps, params, model_state):
     if not own_step(config):
       objective = configure.build_objective(config, method, apply_fn, total_steps)
-      # LookSAM's g_v / F-SAM's m live in TrainState.extra (checkpointed with it).
-      extra = objectives.rule_state_init(method.sharpness, params)
-      update = objectives.rule_state_update(method.sharpness) if extra is not None else None
+      # LookSAM's g_v / F-SAM's m / shared_prev's ascent direction live in
+      # TrainState.extra (checkpointed, digested, restored and placed with it).
+      extra = objectives.step_state_init(method, params)
+      update = objectives.step_state_update(method) if extra is not None else None
       driver = objectives.rule_driver(method.sharpness)
       phases = {p: configure.build_objective(config, method, apply_fn, total_steps, p)
                 for p in driver.phases} or None
