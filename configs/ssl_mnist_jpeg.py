@@ -25,7 +25,9 @@ average 3-5, ``moco_gmix`` (two passes) about 2.5 min and ``samix_ssl``
 (compilation and one kNN monitor included); at load 9-17 the 8-epoch runs
 took 5-8 min (``moco``) to 12 min (``samix_ssl``), a probe 2-6 min, and
 every row's seed 0 plus the cheaper rows' seeds 1-2 took 68 min, two runs
-at a time. The published recipes train for hundreds of epochs
+at a time; at load 2.5-7.8 an 8-epoch ``moco_gmix`` run took 3 min,
+``samix_ssl`` 4.5 min and a probe 1-2.5 min (the load, not the method,
+decides most of these times). The published recipes train for hundreds of epochs
 (configs/ssl.py); this one is a demo of the code path at toy scale.
 
 Then the linear probe on the frozen backbone (gmix_jax/tasks/linear_probe.py):
