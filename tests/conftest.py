@@ -115,15 +115,17 @@ def pytest_configure(config):
 # out in collection order (`--no-loadscope-reorder`): a long module collected
 # last (alphabetically, test_train.py) would leave the other worker idle at the
 # end. Modules are sorted by their tests' seconds in the last run that ran them
-# (kept in pytest's cache), else by MODULE_SECONDS (CPU-seconds of one module
-# run alone on the 2-core machine), longest first; a module's tests keep
-# their order.
-MODULE_SECONDS = {     # measured (user + sys, -n 0); ~: estimated
-    'test_samix.py': 210, 'test_train.py': 150, 'test_reliability.py': 130,
-    'test_faults.py': 78, 'test_grid.py': 70,  # ~
-    'test_accumulation.py': 63, 'test_global_m.py': 37, 'test_supervised_unchanged.py': 35,
-    'test_integrity.py': 31, 'test_first_hour.py': 30,  # ~
-    'test_moco_resume.py': 29, 'test_bad_records.py': 25, 'test_linear_probe.py': 19,
+# (kept in pytest's cache), else by MODULE_SECONDS (a clean clone has no
+# cache), longest first; a module's tests keep their order.
+MODULE_SECONDS = {     # test seconds per module, cold cache, whole suite at -n 2 (2026-12-03)
+    'test_ghost_norm.py': 368, 'test_grid.py': 192, 'test_samix.py': 174, 'test_train.py': 173,
+    'test_reliability.py': 100, 'test_accumulation.py': 94, 'test_samix_ssl_p.py': 64,
+    'test_manifold.py': 63, 'test_faults.py': 63, 'test_samix_ssl.py': 59, 'test_rules.py': 47,
+    'test_objectives.py': 47, 'test_moco.py': 45, 'test_models.py': 40, 'test_parallel.py': 38,
+    'test_global_m.py': 36, 'test_transforms.py': 35, 'test_shared_prev.py': 34,
+    'test_mixing.py': 34, 'test_ssl_configs.py': 34, 'test_bench_step.py': 32,
+    'test_analysis.py': 28, 'test_integrity.py': 26, 'test_moco_resume.py': 25,
+    'test_supervised_unchanged.py': 24,
 }
 DURATIONS_KEY = 'gmix_jax/test_seconds'
 
