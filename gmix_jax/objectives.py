@@ -948,8 +948,9 @@ def step_kwargs(method: Method, params) -> tuple[Optional[dict], dict]:
   kwargs = {}
   if extra is not None:
     kwargs['extra_update'] = step_state_update(method)
-  if method.sharpness.name == 'msam':
-    kwargs['objective_inputs'] = msam_inputs
+  inputs = rule_driver(method.sharpness).objective_inputs
+  if inputs is not None:
+    kwargs['objective_inputs'] = inputs
   return extra, kwargs
 
 
