@@ -8,10 +8,10 @@ import shutil
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 import ssl_samix_p_config
+import ssl_steps
 from gmix_jax import checkpoints, configure, contrastive, main, models, parallel, samix
 from gmix_jax import samix_ssl, tasks
 from gmix_jax import train
@@ -83,7 +83,8 @@ def test_the_backbone_trains_on_the_source_runs_masks(runs):
   keys = contrastive.l2_normalize(jax.random.normal(jax.random.PRNGKey(5), (8, 4)))
   queue = jnp.asarray(src['extra']['queue'])
   rng = jax.random.PRNGKey(6)
-  lam, perm = samix_ssl.draw(scfg, jax.random.split(rng)[0], 8)
+  # Each computation below is compiled whole (op by op, every primitive compiles on its own).
+  lam, perm = jax.jit(lambda r: samix_ssl.draw(scfg, jax.random.split(r)[0], 8))(rng)
 
   def momentum_fn(kv, x):
     return contrastive.l2_normalize(apply_fn(kv['params'], kv['model_state'], x, False)[0])
@@ -92,50 +93,35 @@ def test_the_backbone_trains_on_the_source_runs_masks(runs):
     z, s = apply_fn(pp, s, x, True)
     return contrastive.l2_normalize(z), s
   src_key = jax.tree.map(jnp.asarray, src['extra']['key'])
-  src_mask = samix_ssl.mixblock_loss(
-      scfg, jax.tree.map(jnp.asarray, src['extra']['mixblock']), mixblock, momentum_fn, src_key,
-      features_fn(src_key, x), x, perm, lam, keys, queue, mcfg.temperature)[1][0]
+  src_mask = jax.jit(lambda mb, kv, x: samix_ssl.mixblock_loss(
+      scfg, mb, mixblock, momentum_fn, kv, features_fn(kv, x), x, perm, lam, keys, queue,
+      mcfg.temperature)[1][0])(jax.tree.map(jnp.asarray, src['extra']['mixblock']), src_key, x)
   assert 0 < float(jnp.std(src_mask))          # a mask, not a constant
   p_extra = jax.tree.map(jnp.asarray, p['extra'])
-  p_mask = samix_ssl.mask_of(mixblock, p_extra['mixblock'], features_fn(p_extra['mixer'], x),
-                             perm, lam, x.shape[1:3])
+  p_mask = jax.jit(lambda mb, mixer, x: samix_ssl.mask_of(
+      mixblock, mb, features_fn(mixer, x), perm, lam, x.shape[1:3]))(
+          p_extra['mixblock'], p_extra['mixer'], x)
   np.testing.assert_array_equal(np.asarray(p_mask), np.asarray(src_mask))
-  grads, _, metrics = samix_ssl.frozen_mask_grads(
-      scfg, params, state, p_extra['mixblock'], p_extra['mixer'], mixblock=mixblock,
-      query_fn=query_fn, features_fn=features_fn, x=x, keys=keys, queue=queue, rng=rng,
-      temperature=mcfg.temperature, rule=method.sharpness)
-  by_hand = jax.grad(lambda pp: samix_ssl.backbone_loss(
-      scfg, pp, state, query_fn, x, perm, lam, src_mask, keys, queue, mcfg.temperature)[0])(params)
-  for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(by_hand)):
-    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+  grads, _, metrics = jax.jit(lambda params, state, mb, mixer, rng: samix_ssl.frozen_mask_grads(
+      scfg, params, state, mb, mixer, mixblock=mixblock, query_fn=query_fn,
+      features_fn=features_fn, x=x, keys=keys, queue=queue, rng=rng,
+      temperature=mcfg.temperature, rule=method.sharpness))(
+          params, state, p_extra['mixblock'], p_extra['mixer'], rng)
+  by_hand = jax.jit(jax.grad(lambda pp: samix_ssl.backbone_loss(
+      scfg, pp, state, query_fn, x, perm, lam, src_mask, keys, queue, mcfg.temperature)[0]))(params)
+  for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(by_hand)):   # two float32 programs
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(float(metrics['mask_mean']), float(jnp.mean(src_mask)), rtol=1e-6)
 
 
 @pytest.mark.slow
 def test_pmap_equals_shard_map_and_the_mixblock_stays(runs):
   root, _ = runs
-  c = p_config(root, root / 'source')
-  task = tasks.get(c)
-  method = task.check_config(c)
-  module, apply_fn = task.build_model(c, 10)
-  params, state = models.init_model(module, jax.random.PRNGKey(0), (8, 8, 1))
-  import types
-  ds = types.SimpleNamespace(num_train=40, input_shape=(8, 8, 1), num_classes=10)
-  parts = task.step_parts(c, method, module, apply_fn, ds, 4, params, state)
-  optimizer = optax.sgd(0.1)
-  ts = parallel.create_train_state(params, state, optimizer, 0, extra=parts.extra)
-  step = parallel.make_per_device_step(parts.objective, optimizer,
-                                       extra_update=parts.extra_update)
-  kx, kx2 = jax.random.split(jax.random.PRNGKey(1))
-  data = {'x': np.asarray(jax.random.normal(kx, (8, 8, 8, 1))),
-          'x2': np.asarray(jax.random.normal(kx2, (8, 8, 8, 1)))}
-  mesh = parallel.make_mesh(2)
-  a, b = parallel.replicate_on_mesh(ts, mesh), parallel.replicate(ts, 2)
-  sm, pm = parallel.shard_map_step(step, mesh), parallel.pmap_step(step, devices=jax.devices()[:2])
-  before = jax.device_get(ts.extra)
+  pair = ssl_steps.task_step_pair(p_config(root, root / 'source'), num_train=40)
+  sm, pm, a, b, before, data = pair.sm, pair.pm, pair.a, pair.b, pair.before, pair.data
   for _ in range(2):
     a, metrics = sm(a, data)
-    b, _ = pm(b, parallel.shard_batch(data, 2))
+    b, _ = pm(b, pair.pm_data)
     assert np.isfinite(float(metrics['loss'])) and float(metrics['mask_mean']) > 0
   assert int(a.extra['ptr']) == 0                      # two global batches of 8 in a queue of 16
   for x, y in zip(jax.tree.leaves(jax.device_get(a)), jax.tree.leaves(parallel.unreplicate(b))):
