@@ -20,6 +20,11 @@ from test_train import read_metrics
 
 C = 5
 
+# The tests' own programs compile at XLA's lowest optimisation level (about a
+# third faster to compile; the checks compare values at that level with each
+# other, with numpy or with op-by-op results, to float32 tolerances).
+fast_jit = functools.partial(jax.jit, compiler_options={'xla_backend_optimization_level': 0})
+
 
 def tiny_cnn(width=4):
   module = models.get_model('cnn', C, width=width)
@@ -43,9 +48,9 @@ def test_mask_is_in_unit_interval_and_of_image_size(feat_hw, image_hw):
   block = samix.MixBlock(dim=8)
   lam = jnp.linspace(0.0, 1.0, b)
   # Compiled whole (op-by-op dispatch would compile every primitive on its own).
-  init = jax.jit(lambda k, f, l: block.init(k, f, f[::-1], l, image_hw)['params'])
+  init = fast_jit(lambda k, f, l: block.init(k, f, f[::-1], l, image_hw)['params'])
   phi = jax.tree.map(lambda p: 10.0 * p, init(kp, feats, lam))
-  mask = jax.jit(lambda p, f, l: block.apply({'params': p}, f, f[::-1], l, image_hw))(
+  mask = fast_jit(lambda p, f, l: block.apply({'params': p}, f, f[::-1], l, image_hw))(
       phi, feats, lam)
   assert mask.shape == (b, *image_hw)
   assert float(mask.min()) >= 0.0 and float(mask.max()) <= 1.0
@@ -129,9 +134,9 @@ def setup_losses():
   perm = jnp.array([3, 0, 5, 1, 2, 4])
   lam = jnp.full((6,), 0.3)
   block = samix.MixBlock(dim=8)
-  features_fn = jax.jit(features_fn)        # each piece compiled whole, not op by op
+  features_fn = fast_jit(features_fn)        # each piece compiled whole, not op by op
   feats = features_fn(params, state, x)
-  phi = jax.jit(lambda k, f, l: block.init(k, f, f, l, (8, 8))['params'])(
+  phi = fast_jit(lambda k, f, l: block.init(k, f, f, l, (8, 8))['params'])(
       jax.random.PRNGKey(3), feats, lam)
   ema = {'params': jax.tree.map(lambda p: p * 0.9, params), 'model_state': state}
   return module, apply_fn, features_fn, params, state, x, y, perm, lam, block, phi, ema
@@ -145,11 +150,11 @@ def test_backbone_gets_no_gradient_through_the_mask():
 
   def through_mask(p):
     return samix.backbone_loss(params, state, apply_fn, x, y, perm, lam, mask_of(p), 1.0)[0]
-  g_phi = jax.jit(jax.grad(through_mask))(phi)
+  g_phi = fast_jit(jax.grad(through_mask))(phi)
   assert all(float(jnp.max(jnp.abs(g))) == 0.0 for g in jax.tree.leaves(g_phi))
 
   # The backbone's gradient is that of a hand-written loss on a constant mask.
-  mask = np.asarray(jax.jit(mask_of)(phi))
+  mask = np.asarray(fast_jit(mask_of)(phi))
   x_np, y_np, p_np = np.asarray(x), np.asarray(y), np.asarray(perm)
   x_mix = x_np * (1 - mask[..., None]) + x_np[p_np] * mask[..., None]
   y_mix = 0.3 * y_np + 0.7 * y_np[p_np]
@@ -158,9 +163,9 @@ def test_backbone_gets_no_gradient_through_the_mask():
     ce = lambda z, t: -jnp.mean(jnp.sum(t * (z - jax.scipy.special.logsumexp(z, -1, keepdims=True)), -1))
     return (ce(module.apply({'params': p}, x_mix), y_mix) +
             0.5 * ce(module.apply({'params': p}, x_np), y_np))
-  g = jax.jit(jax.grad(lambda p: samix.backbone_loss(p, state, apply_fn, x, y, perm, lam,
+  g = fast_jit(jax.grad(lambda p: samix.backbone_loss(p, state, apply_fn, x, y, perm, lam,
                                                      jnp.asarray(mask), 0.5)[0]))(params)
-  for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(jax.jit(jax.grad(hand))(params))):
+  for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(fast_jit(jax.grad(hand))(params))):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
@@ -171,17 +176,17 @@ def test_mixblock_loss_gives_no_gradient_into_the_ema_network():
 
   def loss(phi, ema, feats):
     return samix.mixblock_loss(phi, ema, block, apply_fn, feats, x, y, perm, lam, 0.1, 0.1)[0]
-  g_phi, g_ema, g_feats = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(phi, ema, feats)
+  g_phi, g_ema, g_feats = fast_jit(jax.grad(loss, argnums=(0, 1, 2)))(phi, ema, feats)
   assert all(float(jnp.max(jnp.abs(g))) == 0.0 for g in jax.tree.leaves((g_ema, g_feats)))
   assert sum(float(jnp.sum(jnp.abs(g))) for g in jax.tree.leaves(g_phi)) > 0
   # And the value: η-BCE of the EMA network on the mixed image + β·|mean(s) − (1−λ)|.
-  @jax.jit
+  @fast_jit
   def expected(phi, ema, feats):
     mask = block.apply({'params': phi}, feats, feats[perm], lam, (8, 8))
     logits = apply_fn(ema['params'], state, samix.mix_images(x, x[perm], mask), False)[0]
     return (jnp.mean(samix.eta_bce(logits, y, y[perm], lam, 0.1)) +
             0.1 * jnp.mean(jnp.abs(jnp.mean(mask, (1, 2)) - 0.7)))
-  np.testing.assert_allclose(jax.jit(loss)(phi, ema, feats), expected(phi, ema, feats), rtol=1e-6)
+  np.testing.assert_allclose(fast_jit(loss)(phi, ema, feats), expected(phi, ema, feats), rtol=1e-6)
 
 
 # -- The extra state in the data-parallel step -----------------------------------------
@@ -382,8 +387,7 @@ def test_sam_on_the_backbone_loss_composes():
     objective, extra, _ = samix.build(cfg, 'cnn', module, apply_fn, (8, 8, 1), C, 10, params,
                                       state, jax.random.PRNGKey(4), rule=rule)
     args = (params, state, {'x': x, 'y': y}, jax.random.PRNGKey(7), extra)
-    # XLA's lowest optimisation level compiles a third faster; all three alike.
-    out[name] = jax.jit(objective).lower(*args).compile({'xla_backend_optimization_level': 0})(*args)
+    out[name] = fast_jit(objective)(*args)
   for a, b in zip(jax.tree.leaves(out['plain'][0]), jax.tree.leaves(out['rho0'][0])):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
   assert not all(np.allclose(a, b) for a, b in zip(jax.tree.leaves(out['plain'][0]),

@@ -1,6 +1,8 @@
 """SAMix-SSL (gmix_jax.samix_ssl): each loss's gradient reaches only its own
 parameters, the gradients equal those of the joint function, the losses
 against their formulas."""
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,6 +12,11 @@ import ssl_steps
 from gmix_jax import contrastive, models, parallel, samix, samix_ssl
 
 C = 6      # the toy "embedding" width: the CNN's logits, L2-normalised
+
+# The tests' own programs compile at XLA's lowest optimisation level (about a
+# third faster to compile; the checks compare values at that level with each
+# other, with numpy or with op-by-op results, to float32 tolerances).
+fast_jit = functools.partial(jax.jit, compiler_options={'xla_backend_optimization_level': 0})
 
 
 def setup(mixblock_loss='eta_bce'):
@@ -50,12 +57,12 @@ def test_each_loss_reaches_only_its_own_parameters():
   # The stop-gradients sit in code both mixblock losses share; eta_bce suffices.
   cfg, params, state, phi, key_vars, fns, data, lam, perm = setup()
 
-  @jax.jit
+  @jax.jit                     # nested in the fast_jit gradients below, alone after them
   def losses(p, f, kv):
     return samix_ssl.step_losses(cfg, p, state, f, kv, **fns, **data, lam=lam, perm=perm,
                                  temperature=0.2)[0]
-  g_bb = jax.jit(jax.grad(lambda *a: losses(*a)[0], argnums=(0, 1, 2)))(params, phi, key_vars)
-  g_mb = jax.jit(jax.grad(lambda *a: losses(*a)[1], argnums=(0, 1, 2)))(params, phi, key_vars)
+  g_bb = fast_jit(jax.grad(lambda *a: losses(*a)[0], argnums=(0, 1, 2)))(params, phi, key_vars)
+  g_mb = fast_jit(jax.grad(lambda *a: losses(*a)[1], argnums=(0, 1, 2)))(params, phi, key_vars)
   assert norm(g_bb[0]) > 0 and norm(g_mb[1]) > 0
   for zero in (g_bb[1], g_bb[2], g_mb[0], g_mb[2]):
     for leaf in jax.tree.leaves(zero):
@@ -71,7 +78,7 @@ def test_each_loss_reaches_only_its_own_parameters():
 def test_losses_and_grads_equal_the_joint_gradients():
   cfg, params, state, phi, key_vars, fns, data, _, _ = setup()
   rng = jax.random.PRNGKey(7)
-  grads, phi_grads, _, metrics = jax.jit(lambda: samix_ssl.losses_and_grads(
+  grads, phi_grads, _, metrics = fast_jit(lambda: samix_ssl.losses_and_grads(
       cfg, params, state, phi, key_vars, **fns, **data, rng=rng, temperature=0.2))()
   lam, perm = samix_ssl.draw(cfg, jax.random.split(rng)[0], 6)
   assert lam.shape == (6,) and float(lam[0]) == float(lam[5])
@@ -80,8 +87,8 @@ def test_losses_and_grads_equal_the_joint_gradients():
   def losses(p, f):
     return samix_ssl.step_losses(cfg, p, state, f, key_vars, **fns, **data, lam=lam, perm=perm,
                                  temperature=0.2)[0]
-  want = jax.jit(jax.grad(lambda p: losses(p, phi)[0]))(params)
-  want_phi = jax.jit(jax.grad(lambda f: losses(params, f)[1]))(phi)
+  want = fast_jit(jax.grad(lambda p: losses(p, phi)[0]))(params)
+  want_phi = fast_jit(jax.grad(lambda f: losses(params, f)[1]))(phi)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), grads, want)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
                phi_grads, want_phi)
@@ -93,7 +100,7 @@ def test_losses_and_grads_equal_the_joint_gradients():
 @pytest.mark.parametrize('mixblock_loss', samix_ssl.MIXBLOCK_LOSSES)
 def test_losses_equal_their_formulas(mixblock_loss):
   cfg, params, state, phi, key_vars, fns, data, lam, perm = setup(mixblock_loss)
-  (l_bb, l_mb), (mask, *_) = jax.jit(lambda: samix_ssl.step_losses(
+  (l_bb, l_mb), (mask, *_) = fast_jit(lambda: samix_ssl.step_losses(
       cfg, params, state, phi, key_vars, **fns, **data, lam=lam, perm=perm, temperature=0.2))()
   x, k, queue = data['x'], data['keys'], data['queue']
   x_mix = x * (1 - mask[..., None]) + x[perm] * mask[..., None]
