@@ -9,17 +9,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import fast_compile
 from gmix_jax import ghost_norm, losses, models, objectives, partition, sensitivity
 
 F64 = dict(dtype=jnp.float64, param_dtype=jnp.float64)
 C = 3
-# Each comparison is one compiled program, built once and run once: LLVM's
-# optimisation level 0 compiles it several times faster (chiefly the inlined
-# random initialisers) and leaves XLA's HLO passes and IEEE arithmetic as they
-# are (no fast-math), so the compared values do not depend on it.
-def _jit(fn):
-  options = {'xla_backend_optimization_level': 0} if jax.default_backend() == 'cpu' else None
-  return jax.jit(fn, compiler_options=options)
+# Each comparison is one compiled program, built once and run once, at the
+# fast-compile options (fast_compile.py): the values compared do not depend on them.
+_jit = fast_compile.jit
 
 
 def _apply_fn(module):
