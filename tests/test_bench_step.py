@@ -76,7 +76,8 @@ def test_bench_ssl_pairs_each_ssl_step_with_moco(tmp_path):
     v = row['vs']['moco']
     assert v['pairs'] == 2 and len(v['cpu_ratio']) == 3 and min(v['cpu_ratio']) > 0
   import json
-  assert json.loads(out.read_text())['rows'][1]['method'] == 'samix_ssl'
+  saved = json.loads(out.read_text())
+  assert saved['rows'][1]['method'] == 'samix_ssl' and saved['cpu_model'] == bench_step.cpu_model()
 
 
 def test_bench_ssl_step_is_the_tasks_training_step():
