@@ -589,9 +589,10 @@ def replace_section_block(path: str, block: list[str], begin: str, end: str) -> 
     f.write(head + '\n'.join([begin] + block + [end]) + tail)
 
 
-def write_section(name: str, results: str, bench_path: str, out: str) -> int:
+def write_section(name: str, results: str, bench_path: str, out: str,
+                  quiet: bool = False) -> int:
   """Rewrites section ``name`` of ``out`` (the rest of the file as it is); 1
-  when grid ``name`` has no records under ``results``."""
+  when grid ``name`` has no records under ``results`` (said unless ``quiet``)."""
   section = SECTIONS[name]
   bench = None
   if os.path.exists(bench_path):
@@ -599,7 +600,8 @@ def write_section(name: str, results: str, bench_path: str, out: str) -> int:
       bench = json.load(f)
   block = section.build(load(results), bench)
   if not block:
-    print(f'no records of grid {name} under {results}')
+    if not quiet:
+      print(f'no records of grid {name} under {results}')
     return 1
   replace_section_block(out, block, section.begin, section.end)
   print(f'wrote the {name} section of {out}')
@@ -678,6 +680,10 @@ def main(argv=None) -> int:
     if r['grid'] == 'smoke':
       r['grid'] = 'benchmark'
   build(records, args.out, args.plots, os.path.abspath(args.results), args.readme or None)
+  # `build` writes the file afresh; the sections follow in SECTIONS' order, so
+  # the whole file never depends on the order of earlier --section runs.
+  for name in SECTIONS:
+    write_section(name, args.results, getattr(args, f'bench_{name}'), args.out, quiet=True)
   print(f'wrote {args.out} ({len(records)} records) and plots in {args.plots}')
   return 0
 
