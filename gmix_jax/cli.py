@@ -413,7 +413,7 @@ def help_text(config=None) -> str:
   from gmix_jax import mixing
   lines += ['', 'mixing policies (method.mixing.policy; add one with gmix_jax.mixing.register):']
   lines += [f'  {name:16s}{spec.doc}' for name, spec in mixing.POLICIES.items()]
-  lines += [f'  {"mixupe":16s}mixup plus the MixupE term (Zou et al. 2023)']
+  lines += [f'  {name:16s}{variant.doc}' for name, variant in mixing.VARIANTS.items()]
   docs['method.mixing.policy'] = ' | '.join(objectives.mixing_policies())
   from gmix_jax.data import sources
   lines += ['', 'datasets (dataset.name):', '  ' + ', '.join(sources.dataset_names()), '']
