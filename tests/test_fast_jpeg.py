@@ -138,6 +138,25 @@ def test_rgbx_wrap_fallback_is_identical(counted, monkeypatch):
     np.testing.assert_array_equal(a, b)
 
 
+def test_a_pillow_that_maps_rgb_otherwise_gets_the_rgbx_image(monkeypatch):
+  """The once-per-process pixel check of the private ``RGB`` mapping: a
+  Pillow whose ``RGB`` mapping gives other pixels (here: the buffer read as
+  packed 3-byte pixels) gets the ``RGBX`` image, never wrong pixels."""
+  array = np.arange(5 * 7 * 4, dtype=np.uint8).reshape(5, 7, 4)
+  assert fast_jpeg._map_rgb(array, 7, 5) is not None             # this Pillow: works
+  fast_jpeg._rgb_mapping_works.cache_clear()
+  try:
+    monkeypatch.setattr(fast_jpeg, '_map_rgb', lambda a, w, h: Image.fromarray(
+        np.ascontiguousarray(a.reshape(-1)[:h * w * 3].reshape(h, w, 3))))
+    assert not fast_jpeg._rgb_mapping_works()
+    im = fast_jpeg.open_rgb(COLOUR['375x500_420'])
+    assert im.mode == 'RGBX'
+  finally:
+    monkeypatch.undo()
+    fast_jpeg._rgb_mapping_works.cache_clear()
+  assert fast_jpeg._rgb_mapping_works()
+
+
 FALLBACK = {
     'grayscale': _jpeg(_image(30, 41, mode='L')),
     'cmyk': _jpeg(_image(30, 41, mode='CMYK')),

@@ -26,6 +26,9 @@ it), PIL decodes everything.
 
 from __future__ import annotations
 
+import functools
+
+import numpy as np
 from PIL import Image
 
 from gmix_jax import decoder_env
@@ -70,22 +73,41 @@ def rgb_size(image) -> tuple[int, int] | None:
   return width, height
 
 
+def _map_rgb(array, width: int, height: int) -> Image.Image | None:
+  """``array`` mapped as a mode ``RGB`` image through PIL's core, or None."""
+  try:
+    core = Image.core.map_buffer(array, (width, height), 'raw', 0, ('RGB', 0, 1))
+    im = Image.new('RGB', (0, 0))._new(core)  # pylint: disable=protected-access
+  except (AttributeError, TypeError, ValueError):
+    return None
+  if im.mode != 'RGB' or im.size != (width, height):
+    return None
+  im.readonly = 1
+  return im
+
+
+@functools.lru_cache(maxsize=None)
+def _rgb_mapping_works() -> bool:
+  """Whether this Pillow maps an RGBX buffer as ``RGB`` with the right pixels
+  (checked once on a small buffer of distinct values: `_map_rgb` goes through a
+  private call, and a Pillow release that stored ``RGB`` differently must not
+  give wrong pixels silently)."""
+  array = np.arange(5 * 7 * 4, dtype=np.uint8).reshape(5, 7, 4)
+  im = _map_rgb(array, 7, 5)
+  return im is not None and np.array_equal(np.asarray(im), array[..., :3])
+
+
 def _wrap_rgb(array, width: int, height: int) -> Image.Image:
   """A mode ``RGB`` PIL image over ``array`` (uint8 ``[H, W, 4]``, RGBX), no copy.
 
   ``Image.frombuffer`` maps a buffer only under its raw mode, so this maps it
   through PIL's core (`Image.core.map_buffer`, what ``frombuffer`` calls) with
   mode ``RGB``, whose pixels PIL stores in the same 4 bytes. Should a Pillow
-  release refuse that, the buffer is mapped as ``RGBX`` (the same pixels; a
-  slower resize)."""
-  try:
-    core = Image.core.map_buffer(array, (width, height), 'raw', 0, ('RGB', 0, 1))
-    im = Image.new('RGB', (0, 0))._new(core)  # pylint: disable=protected-access
-    if im.mode == 'RGB' and im.size == (width, height):
-      im.readonly = 1
-      return im
-  except (AttributeError, TypeError, ValueError):
-    pass
+  release refuse that or store ``RGB`` otherwise (`_rgb_mapping_works`), the
+  buffer is mapped as ``RGBX`` (the same pixels; a slower resize)."""
+  im = _map_rgb(array, width, height) if _rgb_mapping_works() else None
+  if im is not None:
+    return im
   return Image.frombuffer('RGBX', (width, height), array, 'raw', 'RGBX', 0, 1)
 
 
