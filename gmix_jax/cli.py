@@ -47,6 +47,16 @@ class Args:
   help: bool = False
 
 
+def check_environment() -> None:
+  """The environment variables the library reads, checked before anything
+  loads (`gmix_jax.decoder_env`: ``GMIX_JAX_JPEG_DECODER``); UsageError."""
+  from gmix_jax import decoder_env  # pylint: disable=g-import-not-at-top
+  try:
+    decoder_env.jpeg_decoder()
+  except ValueError as e:
+    raise UsageError(str(e)) from None
+
+
 def parse_argv(argv: list[str]) -> Args:
   """``argv`` (without the program name) -> ``Args``; no config is loaded yet."""
   args = Args()
