@@ -140,3 +140,16 @@ def test_json_records_the_cpu_model(tmp_path, monkeypatch):
   d = json.loads(out.read_text())
   assert d['cpu_model'] == bench_step.cpu_model() and d['cpu_model']
   assert d['cpu_count'] == bench_step.os.cpu_count() and d['rows'][0]['method'] == 'erm'
+
+
+def test_manifold_cond_probe_changes_no_value():
+  """experiments/bench_manifold_cond.py's probe (a lax.cond at each mixing
+  point whose branches are both the identity: λ = 1, partner = itself) leaves
+  ERM's step unchanged: only the compiled program differs."""
+  import jax
+  import numpy as np
+  from experiments import bench_manifold_cond
+  plain, _ = bench_manifold_cond.build('erm', batch=8)
+  probed, _ = bench_manifold_cond.build('erm', (0, 1, 2, 3), batch=8)
+  for a, b in zip(jax.tree.leaves(plain().params), jax.tree.leaves(probed().params)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
