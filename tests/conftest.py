@@ -37,7 +37,7 @@ def mock_tfds(monkeypatch):
 
   In tfds 4.9.10 the mock assigns ``__getitems__`` as a plain attribute of
   a MagicMock, so it is called without ``self`` and fails; ``__getitem__``
-  is a supported magic method and works. Patch the helper it wraps.
+  is a supported magic method and works. Patch the function it wraps.
   """
   import tensorflow_datasets as tfds
   from tensorflow_datasets.testing import mocking
