@@ -182,7 +182,7 @@ def time_in_process(path: str, size: int, n: int = 64, rounds: int = 9,
 
   def fastdct_open(b):
     array = simplejpeg.decode_jpeg(b, 'RGBX', fastdct=True)
-    return Image.frombuffer('RGBX', array.shape[1::-1], array, 'raw', 'RGBX', 0, 1)
+    return fast_jpeg._wrap_rgb(array, *array.shape[1::-1])  # pylint: disable=protected-access
 
   def with_decoder(module, opener):
     def run(r, rng):   # two attribute stores: negligible next to a decode
@@ -303,6 +303,71 @@ def time_paired(path: str, size: int, n: int = 1200, repeats: int = 3) -> dict:
   for k, xs in ratios.items():
     out[f'{k}_over_pil_cpu_runs'] = xs
     out[f'{k}_over_pil_cpu'] = round(float(np.median(xs)), 3)
+  return out
+
+
+def time_batches_paired(path: str, size: int, batch: int = 64, rounds: int = 8
+                        ) -> dict:
+  """The trainer's batch function (`pipeline.TrainBatch`: read, transform each
+  record, stack), main process, no grain, under four settings alternated batch
+  by batch (order flipped every round, the same steps for all):
+  ``{pil, default}`` decoder x ``{batched, single}`` reads, where ``batched``
+  is array_record's one ``__getitems__`` call for the batch (what the library
+  did before) and ``single`` one read per record (what it does), and
+  ``rgbx``: the default decoder, single reads, the decoded image wrapped as a
+  4-band ``RGBX`` PIL image (before) instead of ``RGB`` (`fast_jpeg._wrap_rgb`).
+  Every setting's batches are checked equal to ``pil_single``'s. Reported:
+  images per CPU-second (median over rounds) and the median per-round ratio
+  of each setting's CPU time to ``pil_single``'s (< 1: cheaper)."""
+  from PIL import Image
+  import simplejpeg
+  from gmix_jax.data import fast_jpeg
+  from gmix_jax.data import jpeg_sources
+  from gmix_jax.data import pipeline
+  from gmix_jax.data import sources
+  src = jpeg_sources.JpegRecordSource(path)
+  split = sources.Split('bench_jpeg', 'train', src, num_classes=1000, pixel_max=255,
+                        channels=3)
+  fn = pipeline.TrainBatch(split, None, batch, 0,
+                           pipeline.record_transform(split, 'inception', size, True))
+  wrap_rgb = fast_jpeg._wrap_rgb  # pylint: disable=protected-access
+  wrap_rgbx = lambda a, w, h: Image.frombuffer('RGBX', (w, h), a, 'raw', 'RGBX', 0, 1)
+  batched = lambda ids: [jpeg_sources.decode_record(r)
+                         for r in src._source.__getitems__(ids)]  # pylint: disable=protected-access
+  single = jpeg_sources.JpegRecordSource.__getitems__.__get__(src)
+  settings = {'pil_batched': (None, batched, wrap_rgb),
+              'pil_single': (None, single, wrap_rgb),
+              'default_batched_rgbx': (simplejpeg, batched, wrap_rgbx),
+              'default_batched': (simplejpeg, batched, wrap_rgb),
+              'default_single_rgbx': (simplejpeg, single, wrap_rgbx),
+              'default_single': (simplejpeg, single, wrap_rgb)}
+
+  def run(name, step):
+    decoder, read, wrap = settings[name]
+    fast_jpeg.simplejpeg, src.__getitems__, fast_jpeg._wrap_rgb = decoder, read, wrap
+    start = time.process_time()
+    x = fn(step)['x']
+    return time.process_time() - start, x
+
+  cpu = {k: [] for k in settings}
+  try:
+    run('pil_single', 0)                       # opens the file, warms caches
+    for i in range(rounds):
+      step = 1 + i
+      ref = None
+      for k in (list(settings) if i % 2 == 0 else list(settings)[::-1]):
+        seconds, x = run(k, step)
+        cpu[k].append(seconds)
+        ref = x if ref is None else ref
+        assert np.array_equal(x, ref), (k, step)
+  finally:
+    fast_jpeg.simplejpeg, fast_jpeg._wrap_rgb = simplejpeg, wrap_rgb
+    del src.__getitems__
+  out = {'batch': batch, 'rounds': rounds, 'identical': True}
+  for k, xs in cpu.items():
+    out[f'{k}_per_cpu_s'] = round(float(np.median([batch / t for t in xs])), 1)
+    out[f'{k}_over_pil_single_cpu'] = round(float(np.median(
+        [t / p for t, p in zip(xs, cpu['pil_single'])])), 3)
   return out
 
 
@@ -427,6 +492,8 @@ def main(argv=None) -> None:
            'in_process': time_in_process(path, args.size, psnr_crops=args.psnr_crops),
            'pipeline': []}
   print(entry['in_process'], flush=True)
+  entry['batches_paired'] = time_batches_paired(path, args.size, args.batch)
+  print(entry['batches_paired'], flush=True)
   if importlib.util.find_spec('cv2') is not None:
     entry['paired_per_record'] = time_paired(path, args.size)
     print(entry['paired_per_record'], flush=True)

@@ -26,6 +26,7 @@ import argparse
 import json
 import os
 import statistics
+import sys
 import time
 
 import jax
@@ -34,6 +35,9 @@ import optax
 
 from gmix_jax import models, objectives, parallel
 from gmix_jax.sharpness import SharpnessRule
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from experiments import bench_step                              # noqa: E402
 
 ROWS = ('mixup', 'gmix', 'gmix:looksam', 'gmix:msam', 'gmix:fsam')
 
@@ -126,6 +130,7 @@ def main(argv=None):
   ref, _, _ = build(a.baseline, module, input_shape, a.batch)
   results = {'setting': {'model': f'cnn width {a.width}', 'input': input_shape, 'batch': a.batch,
                          'baseline': a.baseline, 'cpus': os.cpu_count(),
+                         'cpu_model': bench_step.cpu_model(), 'cpu_count': os.cpu_count(),
                          'jax': jax.__version__}, 'rows': {}}
   print(f'| row | CPU ratio / {a.baseline} | p25-p75 or full/cheap | wall ratio | CPU ms | '
         f'{a.baseline} CPU ms | load 1m |')

@@ -107,7 +107,8 @@ def main(argv=None):
 
   device = f'{jax.devices()[0].device_kind} ({platform.processor() or platform.machine()}, ' \
            f'{os.cpu_count()} cores)'
-  result = {'device': device, 'jax': jax.__version__, 'args': vars(a), 'baselines': [BASELINE],
+  result = {'device': device, 'cpu_model': bench_step.cpu_model(), 'cpu_count': os.cpu_count(),
+            'jax': jax.__version__, 'args': vars(a), 'baselines': [BASELINE],
             'load_at_start': os.getloadavg(), 'rows': []}
   print(f'ssl_mnist_jpeg CNN width {a.width}, batch {a.batch}, queue {a.queue}, {device}; '
         f'{a.pairs} pairs per row; load average at start {os.getloadavg()[0]:.2f}', flush=True)

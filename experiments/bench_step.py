@@ -20,7 +20,13 @@ the step (``time.process_time`` around the call and its
 ``block_until_ready``: all of XLA's threads, insensitive to how many cores
 the other jobs leave us) and for wall time. p25/p75 of the per-pair ratios
 give the spread. The 1-minute load average is recorded before and after
-every row (``os.getloadavg``); report it with the figures.
+every row (``os.getloadavg``); report it with the figures, and the CPU model
+and core count the JSON records (ratios are comparable on one machine only).
+
+LookSAM (``sharpness.rule=looksam``) alternates a full SAM step every k-th
+step with a one-gradient step; its two programs are compiled apart, as the
+trainer does, each is paired with the baseline on its own, and the row is
+the amortised cost per step (r_full + (k − 1) r_cheap)/k (``measure``).
 
 Methods (``--methods``, comma-separated rows): a preset (`objectives.PRESETS`)
 or a SAMix name (`samix.METHODS`), optionally followed by ``:``-separated
@@ -98,6 +104,8 @@ def parse_override(item: str) -> tuple[str, str, object]:
     raise ValueError(f'override {item!r}: expected FIELD=VALUE with FIELD like '
                      f'sensitivity.estimator or sharpness.rule')
   config, field = key.split('.')
+  if (config, field) == ('sharpness', 'rule'):   # the config's name of SharpnessRule.name
+    field = 'name'
   return config, field, _value(text.strip())
 
 
@@ -150,6 +158,19 @@ def _memory(compiled) -> dict:
           'out_mib': mib(m.output_size_in_bytes)}
 
 
+def cpu_model() -> str:
+  """The CPU's model name (``/proc/cpuinfo``'s first ``model name``; the
+  platform's processor string elsewhere): ratios are only comparable on one machine."""
+  try:
+    with open('/proc/cpuinfo') as f:
+      for line in f:
+        if line.startswith('model name'):
+          return line.split(':', 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or platform.machine()
+
+
 def _random_batch(batch, input_shape, num_classes):
   rng = np.random.default_rng(0)
   return {'x': rng.normal(size=(batch, *input_shape)).astype(np.float32),
@@ -183,28 +204,65 @@ def build_step(name, overrides, model_name, module, input_shape, num_classes, ba
                                                   num_classes, params, model_state)
     step_kwargs = {'extra_update': extra_update}
     stale = False
+    phases, objective = (None,), {None: objective}
   else:
     method = objectives.get_method(name, num_classes, **overrides)
-    objective = objectives.make_objective(method, apply_fn, accumulation_steps=accumulation_steps)
+    driver = objectives.rule_driver(method.sharpness)
+    # LookSAM: one program per phase, as the trainer compiles them (a lax.cond
+    # between them would time XLA's slow gradient-in-a-conditional instead).
+    phases = driver.phases or (None,)
+    objective = {ph: objectives.make_objective(method, apply_fn, accumulation_steps=accumulation_steps,
+                                               **({'looksam_phase': ph} if ph else {}))
+                 for ph in phases}
     # A method's own state (shared_prev's ascent direction, LookSAM's g_v, ...).
     extra, step_kwargs = objectives.step_kwargs(method, params)
     stale = method.partition.rule != 'none' and method.sensitivity.estimator == 'stale'
   state = parallel.create_train_state(params, model_state, optimizer, 0,
                                       num_train=batch if stale else 0, extra=extra)
   mesh = parallel.make_mesh(n_dev)
-  step = parallel.shard_map_step(parallel.make_per_device_step(
-      objective, optimizer, use_stale_scores=stale, **step_kwargs), mesh)
   state = parallel.replicate_on_mesh(state, mesh)
   data = parallel.global_batch_to_device(_random_batch(batch, input_shape, num_classes), mesh, 'batch')
-  t = time.perf_counter()
-  compiled = step.lower(state, data).compile()
-  info = {'compile_s': time.perf_counter() - t, **_memory(compiled)}
+  compiled, info = {}, {}
+  for ph in phases:
+    step = parallel.shard_map_step(parallel.make_per_device_step(
+        objective[ph], optimizer, use_stale_scores=stale, **step_kwargs), mesh)
+    t = time.perf_counter()
+    compiled[ph] = step.lower(state, data).compile()
+    info = {'compile_s': info.get('compile_s', 0.0) + time.perf_counter() - t,
+            **_max_memory(info, _memory(compiled[ph]))}
   carry = [state]
 
+  def run_phase(ph):
+    def run():
+      carry[0] = compiled[ph](carry[0], data)[0]
+      return carry[0]
+    return run
+  if phases == (None,):
+    return run_phase(None), info
+  # The row's cost per step is the phases' average over LookSAM's period k
+  # (``measure``); ``run`` itself follows the schedule, for the warm-up.
+  counter = [0]
+
   def run():
-    carry[0] = compiled(carry[0], data)[0]
-    return carry[0]
+    ph = driver.phase(counter[0])
+    counter[0] += 1
+    return run.phases[ph]()
+  run.phases = {ph: run_phase(ph) for ph in phases}
+  run.weights = phase_weights(driver.phase, method.sharpness.looksam_k)
+  info['phase_weights'] = run.weights
   return run, info
+
+
+def _max_memory(a: dict, b: dict) -> dict:
+  """The larger of two programs' XLA memory accounts, field by field."""
+  return {k: max(a.get(k, 0.0), v) for k, v in b.items()}
+
+
+def phase_weights(phase, period: int) -> dict:
+  """Share of each phase among the steps 0..period-1 of ``phase(step)``
+  (LookSAM with k = 5: ``{'full': 0.2, 'cheap': 0.8}``)."""
+  names = [phase(s) for s in range(period)]
+  return {n: names.count(n) / period for n in dict.fromkeys(names)}
 
 
 def build_sam_transform_step(kind, module, input_shape, num_classes, batch, rho=0.05, lr=0.05):
@@ -275,6 +333,29 @@ def paired(base, run, pairs: int, reps: int = 1) -> dict:
           'base_wall_ms': statistics.median(base_wall) * 1e3}
 
 
+def measure(base, run, pairs: int, reps: int = 1) -> dict:
+  """``paired``, or for a row with phases (LookSAM: ``run.phases``,
+  ``run.weights``) each phase paired with the baseline on its own (its cost
+  does not depend on the values the schedule would feed it) and the ratios
+  and times amortised, Σ_phase w_phase r_phase = (r_full + (k − 1) r_cheap)/k.
+  The amortised p25/p75 are the weighted sums of the phases' p25/p75."""
+  if not hasattr(run, 'phases'):
+    return paired(base, run, pairs, reps)
+  per = {ph: paired(base, r, pairs, reps) for ph, r in run.phases.items()}
+  return amortised(per, run.weights)
+
+
+def amortised(per_phase: dict, weights: dict) -> dict:
+  """The weighted sums over phases of ``paired``'s figures, plus the phases'."""
+  w = lambda key: sum(weights[ph] * r[key] for ph, r in per_phase.items())
+  quantiles = lambda key: [sum(weights[ph] * r[key][i] for ph, r in per_phase.items())
+                           for i in range(3)]
+  return {'pairs': sum(r['pairs'] for r in per_phase.values()),
+          'cpu_ratio': quantiles('cpu_ratio'), 'wall_ratio': quantiles('wall_ratio'),
+          **{k: w(k) for k in ('cpu_ms', 'wall_ms', 'base_cpu_ms', 'base_wall_ms')},
+          'weights': weights, 'phases': per_phase}
+
+
 def markdown_row(row: dict, baselines: list[str]) -> str:
   cells = [row['method'], str(row['batch']), f"{row['cpu_ms']:.1f}", f"{row['wall_ms']:.1f}"]
   for b in baselines:
@@ -332,9 +413,10 @@ def main():
   accums = [int(k) for k in a.accum.split(',')]
   device = (f'{jax.devices()[0].device_kind} x{a.devices} '
             f'({platform.processor() or platform.machine()}, {os.cpu_count()} cores)')
-  result = {'device': device, 'jax': jax.__version__, 'args': vars(a), 'baselines': baselines,
+  result = {'device': device, 'cpu_model': cpu_model(), 'cpu_count': os.cpu_count(),
+            'jax': jax.__version__, 'args': vars(a), 'baselines': baselines,
             'load_at_start': os.getloadavg(), 'rows': []}
-  print(f'{a.model} width {a.width}, {device}, jax {jax.__version__}; {a.pairs} pairs per row, '
+  print(f'{a.model} width {a.width}, {device}, {cpu_model()}, jax {jax.__version__}; {a.pairs} pairs per row, '
         f'{a.reps} step(s) per half; load average at start {os.getloadavg()[0]:.2f}', flush=True)
 
   def save():
@@ -369,7 +451,7 @@ def main():
              'vs': {}}
       pairs_with = {'ours': ours} if label.startswith('optax.contrib') else base_runs
       for b, base in pairs_with.items():
-        row['vs'][b] = paired(base, run, a.pairs, a.reps)
+        row['vs'][b] = measure(base, run, a.pairs, a.reps)
       first = row['vs'][next(iter(pairs_with))]
       row.update(cpu_ms=first['cpu_ms'], wall_ms=first['wall_ms'], load_after=os.getloadavg()[0])
       result['rows'].append(row)

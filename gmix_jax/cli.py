@@ -47,6 +47,16 @@ class Args:
   help: bool = False
 
 
+def check_environment() -> None:
+  """The environment variables the library reads, checked before anything
+  loads (`gmix_jax.decoder_env`: ``GMIX_JAX_JPEG_DECODER``); UsageError."""
+  from gmix_jax import decoder_env  # pylint: disable=g-import-not-at-top
+  try:
+    decoder_env.jpeg_decoder()
+  except ValueError as e:
+    raise UsageError(str(e)) from None
+
+
 def parse_argv(argv: list[str]) -> Args:
   """``argv`` (without the program name) -> ``Args``; no config is loaded yet."""
   args = Args()
@@ -403,7 +413,7 @@ def help_text(config=None) -> str:
   from gmix_jax import mixing
   lines += ['', 'mixing policies (method.mixing.policy; add one with gmix_jax.mixing.register):']
   lines += [f'  {name:16s}{spec.doc}' for name, spec in mixing.POLICIES.items()]
-  lines += [f'  {"mixupe":16s}mixup plus the MixupE term (Zou et al. 2023)']
+  lines += [f'  {name:16s}{variant.doc}' for name, variant in mixing.VARIANTS.items()]
   docs['method.mixing.policy'] = ' | '.join(objectives.mixing_policies())
   from gmix_jax.data import sources
   lines += ['', 'datasets (dataset.name):', '  ' + ', '.join(sources.dataset_names()), '']

@@ -292,11 +292,8 @@ class IgnoredKnobWarning(UserWarning):
 
 # Which resolved choice a knob belongs to: (section, knob) -> (choice, values that read it).
 # The mixing policies' and sharpness rules' own knobs come from their modules
-# (``_knob_owners``: ``mixing.POLICIES``, ``sharpness.RULE_KNOBS``).
+# (``_knob_owners``: ``mixing.policy_knobs``, ``sharpness.RULE_KNOBS``).
 _KNOB_OWNERS = {
-    ('mixing', 'eta'): ('mixing.policy', ('mixupe',)),
-    ('mixing', 'tau'): ('mixing.policy', ('mixupe',)),
-    ('mixing', 'mixupe_version'): ('mixing.policy', ('mixupe',)),
     ('partition', 'bgmix_rule'): ('partition.rule', ('binary',)),
     ('partition', 'mix_subset'): ('partition.rule', ('binary', 'decomposed')),
     ('partition', 'partners'): ('partition.rule', ('binary', 'decomposed')),
@@ -308,12 +305,12 @@ _KNOB_OWNERS = {
 
 
 def _knob_owners() -> dict:
-  """``_KNOB_OWNERS`` plus each registered mixing policy's knobs (MixupE reads mixup's)."""
+  """``_KNOB_OWNERS`` plus each mixing policy's knobs (a variant reads its base's)."""
   owners = dict(_KNOB_OWNERS)
-  for knob in mixing.KNOBS:
-    readers = [name for name, spec in mixing.POLICIES.items() if knob in spec.knobs]
-    readers += ['mixupe'] if knob in mixing.POLICIES['mixup'].knobs else []
-    owners['mixing', knob] = ('mixing.policy', tuple(readers))
+  policy_knobs = mixing.policy_knobs()
+  for knob in dict.fromkeys(k for knobs in policy_knobs.values() for k in knobs):
+    readers = tuple(name for name, knobs in policy_knobs.items() if knob in knobs)
+    owners['mixing', knob] = ('mixing.policy', readers)
   for rule, knobs in sharpness.RULE_KNOBS.items():
     for knob in knobs:
       owners['sharpness', knob] = ('sharpness.rule', (rule,))
@@ -380,9 +377,9 @@ def validate_data(config: ml_collections.ConfigDict, ds: data_lib.TrainData, mod
     raise ValueError(f'model.name={config.model.name!r} takes images [H, W] or [H, W, C], but '
                      f'dataset {ds.name!r} has examples of shape {shape}; use model.name=\'mlp\' '
                      'for feature vectors')
-  if method.mixing.policy == 'cutmix' and len(shape) not in (2, 3):
-    raise ValueError(f"mixing.policy='cutmix' needs images [H, W(, C)], but dataset {ds.name!r} "
-                     f'has examples of shape {shape}')
+  if method.mixing.policy in mixing.image_policies() and len(shape) not in (2, 3):
+    raise ValueError(f'mixing.policy={method.mixing.policy!r} needs images [H, W(, C)], but '
+                     f'dataset {ds.name!r} has examples of shape {shape}')
   try:
     jax.eval_shape(lambda x: module.init(jax.random.PRNGKey(0), x, train=False),
                    jax.ShapeDtypeStruct((1, *shape), jnp.float32))

@@ -10,6 +10,7 @@ before anything is written, stops the run there (exit 0 for SIGTERM, 130 for
 SIGINT); a signal after the last step changes nothing (exit 0).
 
 Exit status: 0 done (or preempted by SIGTERM, or help); 2 a bad command line,
+environment variable (``GMIX_JAX_JPEG_DECODER``),
 config or dataset, or the ``train`` extra not installed, or a workdir that
 cannot be written (one line ``error: ...`` on stderr, before anything compiles;
 or a dataset record that cannot be read, when the run reaches it under
@@ -56,6 +57,7 @@ def _start_hook() -> None:
 def _parse(argv: list[str]):
   """``(config, workdir)``, or an exit code (help printed, or a usage error)."""
   try:
+    cli.check_environment()
     args = cli.parse_argv(argv)
     config, notes = cli.load(args.config_spec, args.overrides) if args.config_spec else (None, [])
     for note in notes:

@@ -23,7 +23,9 @@ Policies (docs/methods.md § 1):
 Adding a policy = one function here + one ``register`` line at the bottom
 of this file (or a ``register`` call in your own code, before the config is
 validated): the registry is the one place validation, ``--help`` and the
-trainer read.
+trainer read. ``VARIANTS`` lists the policies that mix as a registered one
+and add a loss term elsewhere (``mixupe``); ``policy_knobs`` and
+``image_policies`` are the tables the config checks read.
 
 Labels: ``y`` is one-hot or soft, ``[B, C]`` float. Integer class labels
 ``[B]`` are accepted only with ``num_classes=C`` (then one-hot encoded);
@@ -285,35 +287,58 @@ class PolicySpec(NamedTuple):
   ``knobs`` name fields of ``objectives.MixingConfig`` (``alpha``, ``lam_mode``,
   ``k``, ``budget``, ``layers``); the trainer passes exactly those as keyword
   arguments, and warns about the others when a config sets them.
+  ``needs_image``: the policy reads examples as images ``[H, W(, C)]``; the
+  trainer refuses other data before compiling.
   """
   fn: Callable[..., Union[Mixed, ManifoldMixed]]
+  knobs: tuple[str, ...]
+  doc: str
+  needs_image: bool = False
+
+
+class Variant(NamedTuple):
+  """A policy that mixes as the registered policy ``base`` and adds a term
+  computed outside this module (``objectives``), with its own ``MixingConfig``
+  knobs."""
+  base: str
   knobs: tuple[str, ...]
   doc: str
 
 
 KNOBS = ('alpha', 'lam_mode', 'k', 'budget', 'layers')
 POLICIES: dict[str, PolicySpec] = {}
+# MixupE (Zou et al. 2023): mixup's batch plus a term on a clean forward pass
+# (objectives.make_objective, losses.mixupe_term), weighted by eta, thresholded at tau.
+VARIANTS: dict[str, Variant] = {
+    'mixupe': Variant('mixup', ('eta', 'tau', 'mixupe_version'),
+                      'mixup plus the MixupE term (Zou et al. 2023)'),
+}
 
 
 def register(name: str, fn: Callable[..., Union[Mixed, ManifoldMixed]],
-             knobs: Sequence[str] = (), doc: str = '') -> None:
+             knobs: Sequence[str] = (), doc: str = '', needs_image: bool = False) -> None:
   """Make ``fn(rng, x, y, **knobs)`` the mixing policy ``name``.
 
   From then on ``method.mixing.policy=name`` validates, is listed by
   ``--help`` and is built by the trainer (``objectives.MixingConfig``)::
 
     mixing.register('flip', my_flip_mix, knobs=('alpha',), doc='my policy')
+
+  ``needs_image=True``: a dataset whose examples are not images ``[H, W(, C)]``
+  is refused before anything compiles.
   """
   unknown = sorted(set(knobs) - set(KNOBS))
   if unknown:
     raise ValueError(f'mixing.register({name!r}): unknown knobs {unknown}; a policy takes '
                      f'some of {KNOBS} (fields of objectives.MixingConfig)')
-  POLICIES[name] = PolicySpec(fn, tuple(knobs), doc or (fn.__doc__ or '').split('\n')[0])
+  POLICIES[name] = PolicySpec(fn, tuple(knobs), doc or (fn.__doc__ or '').split('\n')[0],
+                              needs_image)
 
 
 register('none', identity, (), 'no mixing (ERM)')
 register('mixup', mixup, ('alpha', 'lam_mode'), 'mixup (Zhang et al. 2018)')
-register('cutmix', cutmix, ('alpha',), 'CutMix (Yun et al. 2019), area-corrected λ')
+register('cutmix', cutmix, ('alpha',), 'CutMix (Yun et al. 2019), area-corrected λ',
+         needs_image=True)
 register('multimix', multimix, ('alpha', 'k', 'budget'), 'K sorted interpolations per pair')
 register('manifold', manifold, ('alpha', 'lam_mode', 'layers'),
          'Manifold Mixup (Verma et al. 2019), hidden states')
@@ -325,3 +350,18 @@ def get_policy(name: str, **kwargs) -> Policy:
     raise ValueError(f'mixing.policy must be one of {sorted(POLICIES)}, got {name!r}')
   fn = POLICIES[name].fn
   return functools.partial(fn, **kwargs) if kwargs else fn
+
+
+def policy_knobs() -> dict[str, tuple[str, ...]]:
+  """Every policy (registered, then ``VARIANTS``) -> the ``MixingConfig``
+  knobs it reads; a variant reads its base's and its own. Read at call time,
+  so a policy registered after import is included."""
+  table = {name: spec.knobs for name, spec in POLICIES.items()}
+  table.update({name: POLICIES[v.base].knobs + v.knobs for name, v in VARIANTS.items()})
+  return table
+
+
+def image_policies() -> frozenset[str]:
+  """The policies that need images ``[H, W(, C)]`` (a variant: as its base)."""
+  names = {name for name, spec in POLICIES.items() if spec.needs_image}
+  return frozenset(names | {name for name, v in VARIANTS.items() if v.base in names})

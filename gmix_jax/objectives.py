@@ -71,11 +71,12 @@ MIXUPE_VERSIONS = (1, 3)
 
 
 def mixing_policies() -> tuple[str, ...]:
-  """Every ``mixing.policy``: the registry's (``mixing.register``) and ``mixupe``.
+  """Every ``mixing.policy``: the registry's (``mixing.register``) and its
+  variants (``mixing.VARIANTS``: ``mixupe``).
 
   Read at call time, so a policy registered after import is valid at once.
   """
-  return (*mixing.POLICIES, 'mixupe')
+  return tuple(mixing.policy_knobs())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,7 +138,8 @@ class MixingConfig:
   def make_policy(self, mix_points: Optional[int] = None) -> mixing.Policy:
     """The registered policy with the knobs it declares; ``manifold``'s points
     (``layers``) are resolved against the model's ``mix_points``."""
-    name = 'mixup' if self.policy == 'mixupe' else self.policy   # MixupE mixes as mixup does
+    variant = mixing.VARIANTS.get(self.policy)
+    name = variant.base if variant else self.policy      # MixupE mixes as mixup does
     kwargs = {knob: getattr(self, knob) for knob in mixing.POLICIES[name].knobs}
     if 'layers' in kwargs:
       layers = self.layers if self.layers is not None else tuple(range(mix_points or 0))

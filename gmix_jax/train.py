@@ -382,7 +382,7 @@ def _progress_bar(s: Setup, step: int):
 
 
 def summarize(s: Setup, placed: Placed, state, loop: Loop) -> dict[str, Any]:
-  """The summary (``summary.json`` on the lead process) and ``curves.png``."""
+  """The summary (``summary.json`` on process 0) and ``curves.png``."""
   config = s.config
   last_eval = loop.last_eval
   if not last_eval:                # resumed after the last step: evaluate once

@@ -88,6 +88,26 @@ def test_bad_fields_and_values_give_one_line_and_exit_2(capsys, flag, message):
   assert 'Traceback' not in err
 
 
+@pytest.mark.parametrize('flags', [('--config=configs/digits.py:gmix', '--workdir=/unused'),
+                                   ('--help',)])
+def test_bad_jpeg_decoder_variable_is_one_line_before_anything_loads(capsys, monkeypatch, flags):
+  monkeypatch.setenv('GMIX_JAX_JPEG_DECODER', 'turbo')
+  monkeypatch.setattr(cli, 'load', lambda *a: pytest.fail('the config was loaded'))
+  monkeypatch.setattr(cli, 'help_text', lambda *a: pytest.fail('help was built'))
+  code, out, err = run_main(capsys, *flags)
+  assert code == 2 and not out
+  assert err == ('error: environment variable GMIX_JAX_JPEG_DECODER must be one of simplejpeg, '
+                 "pil (unset: simplejpeg), got 'turbo'\n")
+
+
+def test_valid_jpeg_decoder_variable_passes(monkeypatch):
+  for value in ('pil', 'simplejpeg'):
+    monkeypatch.setenv('GMIX_JAX_JPEG_DECODER', value)
+    cli.check_environment()
+  monkeypatch.delenv('GMIX_JAX_JPEG_DECODER')
+  cli.check_environment()
+
+
 def test_missing_flags_are_named(capsys):
   code, _, err = run_main(capsys, '--config=configs/digits.py')
   assert code == 2 and '--config and --workdir are required' in err

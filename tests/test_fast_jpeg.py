@@ -94,9 +94,67 @@ def test_full_decode_is_pils_decode(name):
   jpeg = COLOUR[name]
   ref = np.asarray(Image.open(io.BytesIO(jpeg)).convert('RGB'))
   np.testing.assert_array_equal(fast_jpeg.decode_rgb(jpeg), ref)
-  rgbx = np.asarray(fast_jpeg.open_rgb(jpeg))
-  np.testing.assert_array_equal(rgbx[..., :3], ref)
+  im = fast_jpeg.open_rgb(jpeg)
+  assert im.mode == 'RGB', 'the three-band wrap (`_wrap_rgb`) was not taken'
+  np.testing.assert_array_equal(np.asarray(im), ref)
   assert fast_jpeg.rgb_size(jpeg) == (ref.shape[1], ref.shape[0])
+
+
+@pytest.mark.parametrize('name', sorted(COLOUR))
+def test_inception_crops_and_flips_are_identical_to_pil(name, counted, monkeypatch):
+  """The training crop under many seeds (both flips, many boxes), at an
+  output smaller and larger than the image."""
+  jpeg = COLOUR[name]
+  run = lambda: [image_ops.make_record_transform('inception', size, True, channels=3)(
+      {'image': jpeg, 'label': 0}, np.random.default_rng(seed))['image']
+                 for size in (7, 224) for seed in range(12)]
+  fast = run()
+  assert counted
+  slow = _with_pil(monkeypatch, run)
+  for a, b in zip(fast, slow):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_rgbx_wrap_fallback_is_identical(counted, monkeypatch):
+  """Should Pillow refuse to map the buffer as ``RGB``, the ``RGBX`` image
+  it falls back to gives the same outputs."""
+  jpeg = COLOUR['375x500_420']
+  with monkeypatch.context() as m:
+    map_buffer = Image.core.map_buffer
+    def refuse_rgb(data, size, decoder, offset, args):
+      if args[0] == 'RGB':
+        raise ValueError('unknown raw mode')
+      return map_buffer(data, size, decoder, offset, args)
+    m.setattr(Image.core, 'map_buffer', refuse_rgb)
+    assert fast_jpeg.open_rgb(jpeg).mode == 'RGBX'
+  fallback = []
+  with monkeypatch.context() as m:
+    real = Image.frombuffer
+    m.setattr(fast_jpeg, '_wrap_rgb', lambda a, w, h: real('RGBX', (w, h), a, 'raw', 'RGBX', 0, 1))
+    fallback = _outputs(jpeg, 3)
+  assert counted
+  rgb = _outputs(jpeg, 3)
+  for a, b in zip(fallback, rgb):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_a_pillow_that_maps_rgb_otherwise_gets_the_rgbx_image(monkeypatch):
+  """The once-per-process pixel check of the private ``RGB`` mapping: a
+  Pillow whose ``RGB`` mapping gives other pixels (here: the buffer read as
+  packed 3-byte pixels) gets the ``RGBX`` image, never wrong pixels."""
+  array = np.arange(5 * 7 * 4, dtype=np.uint8).reshape(5, 7, 4)
+  assert fast_jpeg._map_rgb(array, 7, 5) is not None             # this Pillow: works
+  fast_jpeg._rgb_mapping_works.cache_clear()
+  try:
+    monkeypatch.setattr(fast_jpeg, '_map_rgb', lambda a, w, h: Image.fromarray(
+        np.ascontiguousarray(a.reshape(-1)[:h * w * 3].reshape(h, w, 3))))
+    assert not fast_jpeg._rgb_mapping_works()
+    im = fast_jpeg.open_rgb(COLOUR['375x500_420'])
+    assert im.mode == 'RGBX'
+  finally:
+    monkeypatch.undo()
+    fast_jpeg._rgb_mapping_works.cache_clear()
+  assert fast_jpeg._rgb_mapping_works()
 
 
 FALLBACK = {
@@ -198,3 +256,15 @@ def test_decoder_choice_from_the_environment(monkeypatch):
   monkeypatch.delenv(fast_jpeg.ENV)
   assert fast_jpeg._load_simplejpeg() is simplejpeg
   assert fast_jpeg.decoder() == 'simplejpeg'
+
+
+def test_importing_with_an_invalid_decoder_raises_a_clear_error(monkeypatch):
+  """A library user (no command line) gets a ValueError naming the variable
+  and the allowed values when the module is imported (a fresh copy of it is
+  executed here, so the module in use stays as it is)."""
+  import importlib.util
+  monkeypatch.setenv(fast_jpeg.ENV, 'turbo')
+  spec = importlib.util.spec_from_file_location('fast_jpeg_copy', fast_jpeg.__file__)
+  with pytest.raises(ValueError, match=r"environment variable GMIX_JAX_JPEG_DECODER must be "
+                     r"one of simplejpeg, pil \(unset: simplejpeg\), got 'turbo'"):
+    spec.loader.exec_module(importlib.util.module_from_spec(spec))

@@ -9,10 +9,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import fast_compile
 from gmix_jax import ghost_norm, losses, models, objectives, partition, sensitivity
 
 F64 = dict(dtype=jnp.float64, param_dtype=jnp.float64)
 C = 3
+# Each comparison is one compiled program, built once and run once, at the
+# fast-compile options (fast_compile.py): the values compared do not depend on them.
+_jit = fast_compile.jit
 
 
 def _apply_fn(module):
@@ -31,43 +35,73 @@ def _vmapped_sq(apply_fn, params, model_state, x, y):
 
 
 def _labels(b, seed=2):
-  return jax.nn.one_hot(jax.random.randint(jax.random.PRNGKey(seed), (b,), 0, C), C,
-                        dtype=jnp.float64)
+  return np.eye(C)[np.random.default_rng(seed).integers(0, C, b)]
 
 
-def _perturb(tree, seed=5):
-  """Random non-trivial values (zero-initialised heads and biases would hide terms)."""
-  leaves, treedef = jax.tree.flatten(tree)
-  keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
-  return treedef.unflatten([v + 0.3 * jax.random.normal(k, v.shape, v.dtype)
-                            for v, k in zip(leaves, keys)])
+def _random_variables(shapes, seed=5):
+  """Random non-trivial float64 values of the shapes of ``module.init``'s
+  variables (``jax.eval_shape``: traced, never compiled), drawn on the host.
+
+  Parameters: 0.3·N(0, 1), plus N(0, 1/fan_in) for kernels and 1 for scales
+  (roughly an initialisation plus a perturbation; zero-initialised heads and
+  biases would hide terms). Other collections (running statistics): 0.5 +
+  |0.3·N(0, 1)|, away from (0, 1), variances positive. The identity checked
+  holds for any values; drawing them on the host keeps the random
+  initialisers out of the compiled program (they took most of its compile time).
+  """
+  rng = np.random.default_rng(seed)
+
+  def value(path, leaf):
+    name, shape = str(getattr(path[-1], 'key', path[-1])), leaf.shape
+    noise = 0.3 * rng.standard_normal(shape)
+    if getattr(path[0], 'key', None) != 'params':
+      return 0.5 + np.abs(noise)
+    if name == 'scale':
+      return 1 + noise
+    if len(shape) >= 2:
+      return noise + rng.standard_normal(shape) / np.sqrt(np.prod(shape[:-1]))
+    return noise
+  variables = dict(jax.tree_util.tree_map_with_path(value, shapes))
+  return variables.pop('params'), variables
 
 
-def _check(module, x, expect_warning=None, apply_fn=None):
-  variables = module.init(jax.random.PRNGKey(0), x)
-  params = _perturb(variables['params'])
-  # running statistics away from (0, 1); variances positive
-  model_state = {k: jax.tree.map(jnp.abs, _perturb(v, seed=7))
-                 for k, v in variables.items() if k != 'params'}
-  apply_fn = apply_fn or _apply_fn(module)
+def _ghost_and_reference(apply_fn, x, params, model_state):
+  """(ghost norms, vmapped reference, the ghost-norm warnings) from ONE
+  compiled program.
+
+  Op-by-op dispatch would compile each of the hundreds of small operations
+  separately; inside one jit the ghost-norm driver traces as it does in a
+  training step, and raises its warnings while tracing, once.
+  """
   y = _labels(x.shape[0])
+
+  @_jit
+  def both(params, model_state, x, y):
+    got = ghost_norm.squared_norms(apply_fn, params, model_state, x, y, losses.soft_cross_entropy)
+    return got, _vmapped_sq(apply_fn, params, model_state, x, y)
+
   with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter('always')
     ghost_norm._WARNED.clear()
-    got = ghost_norm.squared_norms(apply_fn, params, model_state, x, y, losses.soft_cross_entropy)
-  messages = [str(w.message) for w in caught if 'ghost norm' in str(w.message)]
+    got, want = both(params, model_state, x, y)
+  return got, want, [str(w.message) for w in caught if 'ghost norm' in str(w.message)]
+
+
+def _check(module, x, expect_warning=None, apply_fn=None):
+  apply_fn = apply_fn or _apply_fn(module)
+  params, model_state = _random_variables(jax.eval_shape(module.init, jax.random.PRNGKey(0), x))
+  got, want, messages = _ghost_and_reference(apply_fn, x, params, model_state)
   if expect_warning is None:
     assert not messages, messages
   else:
     assert len(messages) == 1 and expect_warning in messages[0], messages
-  want = _vmapped_sq(apply_fn, params, model_state, x, y)
   assert got.dtype == jnp.float64
   np.testing.assert_allclose(got, want, rtol=1e-10)
   return got
 
 
 def _x(*shape, seed=1):
-  return jax.random.normal(jax.random.PRNGKey(seed), shape, jnp.float64)
+  return np.random.default_rng(seed).standard_normal(shape)
 
 
 class Head(nn.Module):
@@ -94,7 +128,7 @@ def test_outer_forms_agree_with_the_per_example_product(x64):
   for t, d, c in ((3, 16, 16), (20, 4, 4), (1, 5, 7)):
     a, g = _x(4, t, 2, d), _x(4, t, 2, c, seed=3)
     want = np.sum(np.einsum('btgd,btgc->bgdc', a, g) ** 2, (1, 2, 3))
-    np.testing.assert_allclose(ghost_norm._outer_sq(a, g), want, rtol=1e-12)
+    np.testing.assert_allclose(_jit(ghost_norm._outer_sq)(a, g), want, rtol=1e-12)
 
 
 @pytest.mark.parametrize('shape', [(5, 6), (5, 3, 16), (5, 20, 4)],
@@ -230,20 +264,15 @@ def test_tiny_registry_covers_every_model_class():
 def test_every_model(x64, name):
   make, shape = TINY[name]
   module = make(num_classes=C, **F64)
-  params, state = models.init_model(module, jax.random.PRNGKey(0), shape)
-  params = _perturb(jax.tree.map(lambda v: v.astype(jnp.float64), params))
-  state = jax.tree.map(lambda v: jnp.abs(v.astype(jnp.float64)) + 0.5, state)
-  apply_fn = models.make_apply_fn(module)
-  x, y = _x(3, *shape), _labels(3)
-  with warnings.catch_warnings(record=True) as caught:
-    warnings.simplefilter('always')
-    ghost_norm._WARNED.clear()
-    got = ghost_norm.squared_norms(apply_fn, params, state, x, y, losses.soft_cross_entropy)
+  x = _x(3, *shape)
+  params, state = _random_variables(
+      jax.eval_shape(functools.partial(module.init, train=False), jax.random.PRNGKey(0), x))
+  got, want, fallback = _ghost_and_reference(models.make_apply_fn(module), x, params, state)
   # ViT's class token and position embedding are raw parameters: the fallback
-  fallback = [str(w.message) for w in caught if 'ghost norm' in str(w.message)]
   assert fallback == ([] if name != 'vit' else [
       'ghost norm: no rule for the parameters of (top); their per-example gradients are vmapped'])
-  np.testing.assert_allclose(got, _vmapped_sq(apply_fn, params, state, x, y), rtol=1e-10)
+  assert got.dtype == jnp.float64
+  np.testing.assert_allclose(got, want, rtol=1e-10)
 
 
 def test_bgmix_ranking_equals_the_vmapped_first_order():
@@ -255,8 +284,12 @@ def test_bgmix_ranking_equals_the_vmapped_first_order():
   y = jax.nn.one_hot(jnp.arange(32) % 10, 10)
   method = objectives.get_method('bgmix', 10, sensitivity={'estimator': 'first_order'})
   k = partition.num_sensitive(method.partition.gamma, 32)
-  ghost = sensitivity.scores(method.sensitivity, apply_fn, params, state, x, y, 0.05)
-  vmapped = sensitivity.first_order(apply_fn, params, state, x, y, 0.05, ghost=False)
+
+  @_jit                          # both in one program
+  def both(params, state, x, y):
+    return (sensitivity.scores(method.sensitivity, apply_fn, params, state, x, y, 0.05),
+            sensitivity.first_order(apply_fn, params, state, x, y, 0.05, ghost=False))
+  ghost, vmapped = both(params, state, x, y)
   np.testing.assert_allclose(ghost, vmapped, rtol=1e-4)
   a, b = partition.top_k_split(ghost, k), partition.top_k_split(vmapped, k)
   np.testing.assert_array_equal(np.sort(a.sensitive), np.sort(b.sensitive))

@@ -7,6 +7,7 @@ import numpy as np
 import optax
 import pytest
 
+import fast_compile
 import toy_models as toy
 from gmix_jax import objectives
 from gmix_jax.sharpness import SharpnessRule
@@ -47,8 +48,8 @@ def test_two_training_steps_or_a_clear_rejection(mix, sharp, part):
   objective = objectives.make_objective(method, toy.mlp_apply)
   optimizer = optax.sgd(0.1)
 
-  # Compiled at XLA's lowest optimisation level: 75 tiny programs compile
-  # several times faster, and what is checked here does not depend on it.
+  # Compiled with fast_compile's options: 75 tiny programs compile several
+  # times faster, and what is checked here does not depend on them.
   @jax.jit
   def step(params, opt_state, batch, key):
     grads, _, metrics = objective(params, {}, batch, key)
@@ -61,7 +62,7 @@ def test_two_training_steps_or_a_clear_rejection(mix, sharp, part):
   start = params
   opt_state = optimizer.init(params)
   fast = step.lower(params, opt_state, batch0, jax.random.PRNGKey(0)).compile(
-      {'xla_backend_optimization_level': 0})
+      fast_compile.options())
   for i in range(2):
     batch = {'x': jnp.asarray(rng.normal(size=(B, 2, 3, 1)), jnp.float32),   # images, 6 features
              'y': jnp.asarray(rng.integers(0, toy.C, B), jnp.int32)}

@@ -126,6 +126,21 @@ def test_record_format_round_trip():
       'image': b'\xff\xd8abc', 'label': 7, 'source_index': 42}
 
 
+def test_reads_one_by_one_are_the_batched_reads(tmp_path):
+  """`JpegRecordSource.__getitems__` (one read per record) returns what
+  array_record's batched read does, in the order asked, repeats included."""
+  path = str(tmp_path / 'r.array_record')
+  images = [bytes([i]) * (1 + 37 * i) for i in range(20)]
+  jpeg_sources.write_records(path, (jpeg_sources.encode_record(b, i % 7, i)
+                                    for i, b in enumerate(images)))
+  src = jpeg_sources.JpegRecordSource(path)
+  ids = [13, 2, 19, 2, 0, 7]
+  batched = [jpeg_sources.decode_record(r) for r in src._source.__getitems__(ids)]
+  assert src.__getitems__(ids) == batched
+  assert [r['image'] for r in batched] == [images[i] for i in ids]
+  assert [r['label'] for r in batched] == [i % 7 for i in ids]
+
+
 # ----------------------------------------------------------------------------
 # tfds JPEG splits
 # ----------------------------------------------------------------------------

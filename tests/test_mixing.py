@@ -240,3 +240,44 @@ def test_register_refuses_unknown_knobs():
   with pytest.raises(ValueError, match='unknown knobs'):
     mixing.register('bad', _reverse_pairs, knobs=('strength',))
   assert 'bad' not in mixing.POLICIES
+
+
+# --- the policies' own tables: which knobs each reads, which need images ---
+def test_policy_tables_follow_the_registry_and_the_variants(toy_policy):
+  """``policy_knobs``: a registered policy's knobs; a variant (MixupE) reads
+  its base's and its own. ``image_policies``: the ``needs_image`` ones, and a
+  variant of one. Both are read at call time."""
+  assert mixing.policy_knobs()['mixupe'] == ('alpha', 'lam_mode', 'eta', 'tau', 'mixupe_version')
+  assert mixing.policy_knobs()[toy_policy] == ('alpha',)
+  assert mixing.image_policies() == {'cutmix'}
+  mixing.register('boxes', _reverse_pairs, knobs=('alpha',), needs_image=True)
+  try:
+    assert mixing.image_policies() == {'cutmix', 'boxes'}
+    mixing.VARIANTS['boxes_plus'] = mixing.Variant('boxes', (), 'boxes plus a term')
+    assert mixing.image_policies() == {'cutmix', 'boxes', 'boxes_plus'}
+    assert mixing.policy_knobs()['boxes_plus'] == ('alpha',)
+  finally:
+    mixing.VARIANTS.pop('boxes_plus', None)
+    del mixing.POLICIES['boxes']
+
+
+def test_configure_reads_the_tables_not_policy_names(toy_policy):
+  """A registered ``needs_image`` policy is refused on feature vectors before
+  compiling, as cutmix is; a knob's readers list the registered policy."""
+  import types
+  import ml_collections
+  from gmix_jax import configure, objectives
+  assert configure._knob_owners()['mixing', 'alpha'][1][-2:] == (toy_policy, 'mixupe')
+  assert configure._knob_owners()['mixing', 'eta'] == ('mixing.policy', ('mixupe',))
+  mixing.register('boxes', _reverse_pairs, knobs=('alpha',), needs_image=True)
+  try:
+    config = ml_collections.ConfigDict({'model': {'name': 'mlp', 'kwargs': {}}})
+    ds = types.SimpleNamespace(name='vec', num_classes=C, input_shape=(6,),
+                               train_labels=lambda: np.arange(4) % C,
+                               test_labels=lambda: np.arange(4) % C)
+    method = objectives.get_method('mixup', C, mixing={'policy': 'boxes'})
+    with pytest.raises(ValueError, match=r"^mixing.policy='boxes' needs images \[H, W\(, C\)\], "
+                                         r"but dataset 'vec' has examples of shape \(6,\)$"):
+      configure.validate_data(config, ds, None, method)
+  finally:
+    del mixing.POLICIES['boxes']

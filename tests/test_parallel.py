@@ -76,8 +76,8 @@ def rel_diff(a, b):
   return np.linalg.norm(a - b) / np.linalg.norm(b)
 
 
-# ------------------------------------------------------------ helpers -------
-def test_state_and_batch_helpers():
+# ------------------------------------------------------ state and batch -------
+def test_state_and_batch_utilities():
   state = fresh_state(optax.sgd(0.1), num_train=10)
   assert state.step.dtype == jnp.int32 and state.step.shape == ()
   assert state.rng.dtype == jnp.uint32 and state.scores.shape == (10,)

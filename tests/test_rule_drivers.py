@@ -76,11 +76,21 @@ ROOT = os.path.join(os.path.dirname(__file__), '..', 'gmix_jax')
 def test_the_trainer_names_no_rule_task_or_method(module):
   """A cheap guard beside the behavioural test: no string literal of these
   modules is a sharpness rule, a task or a method preset. configure and cli
-  also name the config section ``method.samix`` and mixing policies
-  (``mixupe``, ``cutmix``: another axis, with its own registry), so there
-  only rules and tasks are checked."""
+  also name the config section ``method.samix``, so there only rules and
+  tasks are checked."""
   names = set(sharpness.RULES) - {'none'}
   names |= set(tasks.names())
   if module not in ('configure.py', 'cli.py'):
     names |= set(objectives.PRESETS) | set(samix.METHODS)
+  assert not _literals(os.path.join(ROOT, module)) & names
+
+
+@pytest.mark.parametrize('module', ['train.py', 'parallel.py', 'evaluation.py', 'configure.py',
+                                    'outputs.py', 'cli.py'])
+def test_the_trainer_names_no_mixing_policy(module):
+  """Which knobs a policy reads and which policies need images come from the
+  mixing module's tables (``mixing.policy_knobs``, ``mixing.image_policies``),
+  so no string literal here is a mixing policy (``'none'``, every axis's
+  off value, aside)."""
+  names = set(objectives.mixing_policies()) - {'none'}
   assert not _literals(os.path.join(ROOT, module)) & names

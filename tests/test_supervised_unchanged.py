@@ -3,12 +3,19 @@
 ``supervised_golden.json`` holds, for a few short runs, the SHA-256 of the
 final TrainState (every array, as the checkpoint's digest computes it) and
 the exact final test metrics, recorded on the commit before ``config.task``
-existed. Regenerate (only for an intended change of behaviour) with the
+existed, with the jax/jaxlib versions stored in the file. Under those versions
+the runs must match bit for bit. Another XLA may round differently (JAX 0.12
+changes the last bits of one BG-Mix loss), so under other versions the losses
+and metrics must match to a relative 1e-5 and the state's digest is not
+compared. Regenerate (only for an intended change of behaviour) with the
 command stored in the file.
 """
 import json
 import os
 
+import jax
+import jaxlib
+import numpy as np
 import pytest
 
 from configs import common
@@ -65,11 +72,20 @@ def test_supervised_runs_match_the_recorded_ones(tmp_path):
   got = {f'{m}/{p}': run(m, p, tmp_path) for m, p in RUNS}
   if os.environ.get('GMIX_WRITE_GOLDEN'):
     with open(GOLDEN, 'w') as f:
-      json.dump({'command': COMMAND, 'runs': got}, f, indent=1, sort_keys=True)
+      json.dump({'command': COMMAND, 'runs': got, 'jax': jax.__version__,
+                 'jaxlib': jaxlib.__version__}, f, indent=1, sort_keys=True)
       f.write('\n')
     pytest.skip(f'wrote {GOLDEN}')
   with open(GOLDEN) as f:
-    want = json.load(f)['runs']
+    golden = json.load(f)
+  want = golden['runs']
   assert sorted(got) == sorted(want)
+  exact = (golden['jax'], golden['jaxlib']) == (jax.__version__, jaxlib.__version__)
   for name in want:
-    assert got[name] == want[name], name
+    if exact:
+      assert got[name] == want[name], name
+      continue
+    assert got[name]['step'] == want[name]['step'], name
+    for key in ('train_losses', 'final_test_accuracy', 'final_test_loss'):
+      np.testing.assert_allclose(got[name][key], want[name][key], rtol=1e-5,
+                                 err_msg=f'{name} {key}')

@@ -124,3 +124,61 @@ def test_ascent_section_differences_by_hand(tmp_path):
   assert ('| BG-Mix, `shared_prev` | 2 | 82.00 ± 1.00 | +1.00 ± 2.83 (within 2 s.e.) | '
           '9.00 ± 0.00 | +4.00 ± 0.00 (beyond 2 s.e.) | 3.00 ± 0.00 | 1.25 (1.20-1.30) |') in text
   assert '| BG-Mix, `shared` | 2 | 81.00 ± 1.00 | — |' in text and 'load average 2–3' in text
+
+
+def test_every_section_rewrites_its_own_block_in_place(tmp_path):
+  """Each ``--section`` in ``report.SECTIONS`` appends its marked block once,
+  then replaces it where it stands; the other blocks and the rest are kept."""
+  rec = {'dataset': 'd', 'size': '5', 'seed': 0, 'final_test_accuracy': 0.8, 'ece': 0.05,
+         'lambda_max': 3.0, 'git_commit': 'abcdef0123', 'device': 'cpu:cpu'}
+  runs = {'rules': [{'method': 'gmix', 'variant': ''}, {'method': 'mixup', 'variant': ''}],
+          'ascent': [{'method': 'bgmix', 'variant': 'est-shared'}]}
+  assert set(runs) == set(report.SECTIONS)
+  for grid, rs in runs.items():
+    (tmp_path / grid).mkdir()
+    for i, r in enumerate(rs):
+      (tmp_path / grid / f'{i}.json').write_text(json.dumps({**rec, **r, 'grid': grid,
+                                                             'run_id': f'{grid}{i}'}))
+  out = tmp_path / 'R.md'
+  out.write_text('# kept\n')
+  run = lambda name: report.main(['--results', str(tmp_path), '--out', str(out), '--section',
+                                  name, f'--bench-{name}', str(tmp_path / 'absent.json')])
+  for name in report.SECTIONS:
+    assert run(name) == 0
+  first = out.read_text()
+  for name in reversed(report.SECTIONS):
+    assert run(name) == 0
+  assert out.read_text() == first and first.startswith('# kept\n')
+  at = [first.index(m) for s in report.SECTIONS.values() for m in (s.begin, s.end)]
+  assert at == sorted(at) and all(first.count(m) == 1 for s in report.SECTIONS.values()
+                                  for m in (s.begin, s.end))
+
+
+def test_the_whole_report_writes_every_section_in_table_order(tmp_path):
+  """A plain ``report.py`` run rewrites --out from scratch and then adds every
+  ``SECTIONS`` block that has records, in the table's order, so the file does
+  not depend on the order earlier ``--section`` runs were made in."""
+  rec = {'dataset': 'd', 'size': '5', 'num_train': 50, 'seed': 0, 'final_test_accuracy': 0.8,
+         'ece': 0.05, 'lambda_max': 3.0, 'rho_sharpness': 0.01, 'wall_time_sec': 1.0,
+         'target_steps': 10, 'git_commit': 'abcdef0123', 'device': 'cpu:cpu'}
+  runs = {'benchmark': [{'method': 'erm', 'variant': ''}, {'method': 'gmix', 'variant': ''}],
+          'rules': [{'method': 'gmix', 'variant': ''}, {'method': 'mixup', 'variant': ''}],
+          'ascent': [{'method': 'bgmix', 'variant': 'est-shared'}]}
+  for grid, rs in runs.items():
+    (tmp_path / grid).mkdir()
+    for i, r in enumerate(rs):
+      (tmp_path / grid / f'{i}.json').write_text(json.dumps({**rec, **r, 'grid': grid,
+                                                             'run_id': f'{grid}{i}'}))
+  out = tmp_path / 'R.md'
+  args = ['--results', str(tmp_path), '--out', str(out), '--plots', str(tmp_path / 'plots'),
+          '--readme', '', '--grids', 'benchmark']
+  args += [a for name in report.SECTIONS for a in (f'--bench-{name}', str(tmp_path / 'x.json'))]
+  out.write_text('# an older file\n')
+  for name in reversed(report.SECTIONS):         # the order that used to swap the blocks
+    report.main(args[:4] + ['--section', name] + args[-6:])
+  assert report.main(args) == 0
+  text = out.read_text()
+  at = [text.index(m) for s in report.SECTIONS.values() for m in (s.begin, s.end)]
+  assert at == sorted(at) and all(text.count(m) == 1 for s in report.SECTIONS.values()
+                                  for m in (s.begin, s.end))
+  assert report.main(args) == 0 and out.read_text() == text

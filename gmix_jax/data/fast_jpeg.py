@@ -6,8 +6,10 @@ defaults (``fastdct=False``, ``fastupsample=False``) runs the same library
 with the same settings, so both give the same pixels (tested in
 tests/test_fast_jpeg.py), and simplejpeg skips PIL's file-object reads and
 per-row unpacking. It decodes straight into 4-byte ``RGBX`` pixels, PIL's own
-layout for ``RGB`` images, which `Image.frombuffer` then wraps without a copy;
-the crop + resize of `image_ops` runs on that image as it would on PIL's.
+memory layout for ``RGB`` images, which `open_rgb` wraps without a copy as a
+mode ``RGB`` image (three bands: PIL's resize then filters three channels, as
+on an image PIL decoded, not the four of an ``RGBX`` image, which cost 20 %
+more); the crop + resize of `image_ops` runs on that image as it would on PIL's.
 
 Only the common case takes this path: encoded bytes of a 3-component
 (YCbCr) JPEG to be read as RGB, baseline or progressive. Everything else goes
@@ -24,20 +26,22 @@ it), PIL decodes everything.
 
 from __future__ import annotations
 
-import os
+import functools
 
+import numpy as np
 from PIL import Image
 
-ENV = 'GMIX_JAX_JPEG_DECODER'
-DECODERS = ('simplejpeg', 'pil')
+from gmix_jax import decoder_env
+
+ENV = decoder_env.ENV
+DECODERS = decoder_env.DECODERS
 _SOI = b'\xff\xd8'
 
 
 def _load_simplejpeg():
-  choice = os.environ.get(ENV, 'simplejpeg')
-  if choice not in DECODERS:
-    raise ValueError(f'{ENV} must be one of {DECODERS}, got {choice!r}.')
-  if choice == 'pil':
+  """The simplejpeg module, or None for PIL (`decoder_env.jpeg_decoder`: an
+  invalid ``GMIX_JAX_JPEG_DECODER`` raises ValueError naming it)."""
+  if decoder_env.jpeg_decoder() == 'pil':
     return None
   try:
     import simplejpeg  # pylint: disable=g-import-not-at-top
@@ -69,16 +73,54 @@ def rgb_size(image) -> tuple[int, int] | None:
   return width, height
 
 
+def _map_rgb(array, width: int, height: int) -> Image.Image | None:
+  """``array`` mapped as a mode ``RGB`` image through PIL's core, or None."""
+  try:
+    core = Image.core.map_buffer(array, (width, height), 'raw', 0, ('RGB', 0, 1))
+    im = Image.new('RGB', (0, 0))._new(core)  # pylint: disable=protected-access
+  except (AttributeError, TypeError, ValueError):
+    return None
+  if im.mode != 'RGB' or im.size != (width, height):
+    return None
+  im.readonly = 1
+  return im
+
+
+@functools.lru_cache(maxsize=None)
+def _rgb_mapping_works() -> bool:
+  """Whether this Pillow maps an RGBX buffer as ``RGB`` with the right pixels
+  (checked once on a small buffer of distinct values: `_map_rgb` goes through a
+  private call, and a Pillow release that stored ``RGB`` differently must not
+  give wrong pixels silently)."""
+  array = np.arange(5 * 7 * 4, dtype=np.uint8).reshape(5, 7, 4)
+  im = _map_rgb(array, 7, 5)
+  return im is not None and np.array_equal(np.asarray(im), array[..., :3])
+
+
+def _wrap_rgb(array, width: int, height: int) -> Image.Image:
+  """A mode ``RGB`` PIL image over ``array`` (uint8 ``[H, W, 4]``, RGBX), no copy.
+
+  ``Image.frombuffer`` maps a buffer only under its raw mode, so this maps it
+  through PIL's core (`Image.core.map_buffer`, what ``frombuffer`` calls) with
+  mode ``RGB``, whose pixels PIL stores in the same 4 bytes. Should a Pillow
+  release refuse that or store ``RGB`` otherwise (`_rgb_mapping_works`), the
+  buffer is mapped as ``RGBX`` (the same pixels; a slower resize)."""
+  im = _map_rgb(array, width, height) if _rgb_mapping_works() else None
+  if im is not None:
+    return im
+  return Image.frombuffer('RGBX', (width, height), array, 'raw', 'RGBX', 0, 1)
+
+
 def open_rgb(image: bytes) -> Image.Image | None:
-  """The decoded image as a PIL ``RGBX`` image over simplejpeg's buffer (its
-  ``X`` bytes are 255; PIL treats ``RGBX`` as ``RGB`` plus padding), or None
-  if libjpeg-turbo reports the data damaged. Call `rgb_size` first."""
+  """The decoded image as a PIL ``RGB`` image over simplejpeg's ``RGBX``
+  buffer (`_wrap_rgb`), or None if libjpeg-turbo reports the data damaged.
+  Call `rgb_size` first."""
   try:
     array = simplejpeg.decode_jpeg(image, 'RGBX')
   except ValueError:
     return None
   height, width = array.shape[:2]
-  return Image.frombuffer('RGBX', (width, height), array, 'raw', 'RGBX', 0, 1)
+  return _wrap_rgb(array, width, height)
 
 
 def decode_rgb(image: bytes):

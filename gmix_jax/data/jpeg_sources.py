@@ -117,7 +117,11 @@ class JpegRecordSource:
     return decode_record(self._source[index])
 
   def __getitems__(self, indices: Sequence[int]) -> list[dict[str, Any]]:
-    return [decode_record(r) for r in self._source.__getitems__(indices)]
+    # One read per record: array_record's batched read (``__getitems__``,
+    # a thread pool) costs about 3x the CPU per record of single reads
+    # (experiments/bench_input.py, `time_batches_paired`), and CPU is what an input
+    # worker is short of; the records are the same.
+    return [self[i] for i in indices]
 
   def __repr__(self) -> str:
     return f'JpegRecordSource({self._paths!r})'
@@ -254,11 +258,8 @@ class EncodedTfdsSource:
     return self._record(self._source[index])
 
   def __getitems__(self, indices: Sequence[int]) -> list[dict[str, Any]]:
-    # One batched array_record read when the source has it.
-    get_many = getattr(self._source, '__getitems__', None)
-    rows = (get_many(list(indices)) if get_many is not None
-            else [self._source[i] for i in indices])
-    return [self._record(ex) for ex in rows]
+    # One read per record, as `JpegRecordSource.__getitems__` (why there).
+    return [self[i] for i in indices]
 
   @property
   def dataset_info(self):

@@ -6,7 +6,7 @@ Training (``train_batches``), for global step ``s``::
     .map(TrainBatch)   # s -> epoch e = s // steps_per_epoch, shuffled positions of
                        #   epoch e (np.random.default_rng([seed, e])), this
                        #   process's contiguous slice of the global batch, the
-                       #   records read in one batched call, each decoded and
+                       #   records read in one __getitems__ call, each decoded and
                        #   augmented with np.random.default_rng([seed, record, e])
     .to_iter_dataset() # a thread prefetches the next batches
     .mp_prefetch(dataset.workers)                # 0: in this process
@@ -22,8 +22,10 @@ batch, row order included, does not depend on ``P`` either; a run may resume on
 a different number of processes (same global batch size) and sees the same data.
 
 Each element of the dataset is one whole batch: the records of a batch are read
-with one ``__getitems__`` call (array_record fetches them together) and, for
-raw-array splits without augmentation, by a single fancy index. Batching happens
+with one ``__getitems__`` call of the source (the JPEG sources read their
+array_record files record by record there: array_record's own batched read costs
+about 3x the CPU per record, `jpeg_sources.JpegRecordSource`) and, for raw-array
+splits without augmentation, by a single fancy index. Batching happens
 in the ``MapDataset``, before ``mp_prefetch`` (batching an ``IterDataset`` after
 it has lost data), and positioning is by the range (``set_next_index`` is not
 implemented under ``mp_prefetch``).

@@ -12,7 +12,7 @@ share and both a pure function of ``seed``:
 Selected indices are returned sorted, so the subset keeps the original order;
 shuffling is the batch plan's job (`gmix_jax.data.batching`).
 
-The same largest-remainder helper gives the offline builders their fixed test
+The same largest-remainder rule gives the offline builders their fixed test
 splits (`gmix_jax.data.builders`).
 """
 
