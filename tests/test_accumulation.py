@@ -14,6 +14,7 @@ import numpy as np
 import optax
 import pytest
 
+import fast_compile
 import toy_models as toy
 from gmix_jax import accumulation, objectives, partition
 from gmix_jax.sensitivity import SensitivityConfig
@@ -47,13 +48,13 @@ def inputs():
 
 @functools.lru_cache(maxsize=None)
 def compiled(method, k):
-  """The objective with K = ``k``, compiled once for ``inputs()`` at XLA's lowest
-  optimisation level: about a third less compile time, and K = 4 and K = 1 are
-  compared at the same level (the 1e-10 agreement does not depend on it)."""
+  """The objective with K = ``k``, compiled once for ``inputs()`` with
+  ``fast_compile.options()`` (K = 4 and K = 1 are compared with each other, at
+  the same options; the 1e-10 agreement does not depend on them)."""
   params, batch = inputs()
   fn = jax.jit(objectives.make_objective(method, toy.mlp_apply, accumulation_steps=k))
   return fn.lower(params, {}, batch, jax.random.PRNGKey(2)).compile(
-      {'xla_backend_optimization_level': 0})
+      fast_compile.options())
 
 
 def run(method, k, batch=None):

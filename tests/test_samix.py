@@ -13,6 +13,7 @@ import numpy as np
 import optax
 import pytest
 
+import fast_compile
 from configs import digits
 from gmix_jax import configure, models, outputs, parallel, samix, sharpness, train
 from test_reliability import assert_same_state, finalized_steps
@@ -20,10 +21,8 @@ from test_train import read_metrics
 
 C = 5
 
-# The tests' own programs compile at XLA's lowest optimisation level (about a
-# third faster to compile; the checks compare values at that level with each
-# other, with numpy or with op-by-op results, to float32 tolerances).
-fast_jit = functools.partial(jax.jit, compiler_options={'xla_backend_optimization_level': 0})
+# The tests' own programs compare only within this run: compiled the fast way.
+fast_jit = fast_compile.jit
 
 
 def tiny_cnn(width=4):

@@ -1,22 +1,19 @@
 """SAMix-SSL (gmix_jax.samix_ssl): each loss's gradient reaches only its own
 parameters, the gradients equal those of the joint function, the losses
 against their formulas."""
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import fast_compile
 import ssl_steps
 from gmix_jax import contrastive, models, parallel, samix, samix_ssl
 
 C = 6      # the toy "embedding" width: the CNN's logits, L2-normalised
 
-# The tests' own programs compile at XLA's lowest optimisation level (about a
-# third faster to compile; the checks compare values at that level with each
-# other, with numpy or with op-by-op results, to float32 tolerances).
-fast_jit = functools.partial(jax.jit, compiler_options={'xla_backend_optimization_level': 0})
+# The tests' own programs compare only within this run: compiled the fast way.
+fast_jit = fast_compile.jit
 
 
 def setup(mixblock_loss='eta_bce'):
