@@ -188,6 +188,7 @@ def test_task_end_to_end_on_digits(tmp_path):
   from gmix_jax import train
   c = ssl_samix_p_config.get_config()
   c.dataset.data_dir = str(tmp_path / 'data')
+  c.plots = True                         # the curves of an SSL run are drawn too
   summary = train.train_and_evaluate(c, str(tmp_path / 'wd'))
   assert summary['task'] == 'samix_ssl' and summary['steps'] == 5
   assert 0.0 <= summary['final_knn_accuracy'] <= 1.0
