@@ -6,6 +6,7 @@ import numpy as np
 import optax
 import pytest
 
+import fast_compile
 import toy_models as toy
 from gmix_jax import losses, mixing, models, objectives, parallel, partition, sensitivity
 from gmix_jax.sharpness import SharpnessRule
@@ -31,9 +32,9 @@ def draws(key, b, alpha=1.0):
 
 
 def fast(fn, *args):
-  """fn(*args), compiled at XLA's lowest optimisation level (tiny programs
-  compile several times faster; what is checked does not depend on it)."""
-  return jax.jit(fn).lower(*args).compile({'xla_backend_optimization_level': 0})(*args)
+  """fn(*args), compiled with ``fast_compile.options()`` (tiny programs compile
+  several times faster; what is checked does not depend on it)."""
+  return jax.jit(fn).lower(*args).compile(fast_compile.options())(*args)
 
 
 def close(a, b, rtol):

@@ -8,7 +8,7 @@ import numpy as np
 import optax
 import pytest
 
-from configs import common
+import ssl_samix_p_config
 from gmix_jax import contrastive, models, objectives, parallel, train
 from gmix_jax.tasks import moco
 
@@ -197,25 +197,11 @@ def test_labels_never_reach_the_loss():
 
 
 def tiny_config(data_dir, method='erm'):
-  c = common.base()
-  c.dataset.name = 'digits'
+  c = ssl_samix_p_config.tiny('moco', method)    # 40 examples -> 5 steps of 8
   c.dataset.data_dir = str(data_dir)
-  c.dataset.examples_per_class = 4              # 40 examples -> 5 steps of 8
-  c.dataset.augment = 'moco'
-  c.batch_size = 8
-  c.model.name = 'cnn'
-  c.model.kwargs = {'width': 4, 'norm': 'batch'}
-  c.method = common.method(method)
-  c.task = common.task('moco')
   c.task.queue_size = 64                         # capped to 40 - 8 = 32
   c.task.proj_hidden = 16
   c.task.proj_dim = 8
-  c.num_epochs = 1
-  c.num_devices = 2
-  c.eval_batch_size = 64
-  c.log_every_steps = 1
-  c.progress = False
-  c.plots = False
   return c
 
 

@@ -1,6 +1,7 @@
 """SAMix / SAMix^P (gmix_jax.samix): every formula against an independent
 computation, the two losses' gradient isolation, the extra state in the
 data-parallel step, and end-to-end runs with exact resume."""
+import functools
 import importlib
 import math
 import os
@@ -12,12 +13,16 @@ import numpy as np
 import optax
 import pytest
 
+import fast_compile
 from configs import digits
 from gmix_jax import configure, models, outputs, parallel, samix, sharpness, train
 from test_reliability import assert_same_state, finalized_steps
 from test_train import read_metrics
 
 C = 5
+
+# The tests' own programs compare only within this run: compiled the fast way.
+fast_jit = fast_compile.jit
 
 
 def tiny_cnn(width=4):
@@ -41,9 +46,11 @@ def test_mask_is_in_unit_interval_and_of_image_size(feat_hw, image_hw):
   feats = 50.0 * jax.random.normal(kf, (b, *feat_hw, 3))
   block = samix.MixBlock(dim=8)
   lam = jnp.linspace(0.0, 1.0, b)
-  phi = block.init(kp, feats, feats[::-1], lam, image_hw)['params']
-  phi = jax.tree.map(lambda p: 10.0 * p, phi)
-  mask = block.apply({'params': phi}, feats, feats[::-1], lam, image_hw)
+  # Compiled whole (op-by-op dispatch would compile every primitive on its own).
+  init = fast_jit(lambda k, f, l: block.init(k, f, f[::-1], l, image_hw)['params'])
+  phi = jax.tree.map(lambda p: 10.0 * p, init(kp, feats, lam))
+  mask = fast_jit(lambda p, f, l: block.apply({'params': p}, f, f[::-1], l, image_hw))(
+      phi, feats, lam)
   assert mask.shape == (b, *image_hw)
   assert float(mask.min()) >= 0.0 and float(mask.max()) <= 1.0
   assert float(mask.max() - mask.min()) > 0.1, 'a non-trivial mask'
@@ -116,6 +123,7 @@ def test_ema_update_formula():
 
 
 # -- The two losses' gradients -------------------------------------------------------
+@functools.lru_cache(maxsize=None)          # built once for the tests below (nothing mutates it)
 def setup_losses():
   module, params, state = tiny_cnn()
   apply_fn = models.make_apply_fn(module)
@@ -125,8 +133,10 @@ def setup_losses():
   perm = jnp.array([3, 0, 5, 1, 2, 4])
   lam = jnp.full((6,), 0.3)
   block = samix.MixBlock(dim=8)
+  features_fn = fast_jit(features_fn)        # each piece compiled whole, not op by op
   feats = features_fn(params, state, x)
-  phi = block.init(jax.random.PRNGKey(3), feats, feats, lam, (8, 8))['params']
+  phi = fast_jit(lambda k, f, l: block.init(k, f, f, l, (8, 8))['params'])(
+      jax.random.PRNGKey(3), feats, lam)
   ema = {'params': jax.tree.map(lambda p: p * 0.9, params), 'model_state': state}
   return module, apply_fn, features_fn, params, state, x, y, perm, lam, block, phi, ema
 
@@ -139,11 +149,11 @@ def test_backbone_gets_no_gradient_through_the_mask():
 
   def through_mask(p):
     return samix.backbone_loss(params, state, apply_fn, x, y, perm, lam, mask_of(p), 1.0)[0]
-  g_phi = jax.grad(through_mask)(phi)
+  g_phi = fast_jit(jax.grad(through_mask))(phi)
   assert all(float(jnp.max(jnp.abs(g))) == 0.0 for g in jax.tree.leaves(g_phi))
 
   # The backbone's gradient is that of a hand-written loss on a constant mask.
-  mask = np.asarray(mask_of(phi))
+  mask = np.asarray(fast_jit(mask_of)(phi))
   x_np, y_np, p_np = np.asarray(x), np.asarray(y), np.asarray(perm)
   x_mix = x_np * (1 - mask[..., None]) + x_np[p_np] * mask[..., None]
   y_mix = 0.3 * y_np + 0.7 * y_np[p_np]
@@ -152,9 +162,9 @@ def test_backbone_gets_no_gradient_through_the_mask():
     ce = lambda z, t: -jnp.mean(jnp.sum(t * (z - jax.scipy.special.logsumexp(z, -1, keepdims=True)), -1))
     return (ce(module.apply({'params': p}, x_mix), y_mix) +
             0.5 * ce(module.apply({'params': p}, x_np), y_np))
-  g = jax.grad(lambda p: samix.backbone_loss(p, state, apply_fn, x, y, perm, lam,
-                                             jnp.asarray(mask), 0.5)[0])(params)
-  for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(jax.grad(hand)(params))):
+  g = fast_jit(jax.grad(lambda p: samix.backbone_loss(p, state, apply_fn, x, y, perm, lam,
+                                                     jnp.asarray(mask), 0.5)[0]))(params)
+  for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(fast_jit(jax.grad(hand))(params))):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
@@ -165,15 +175,17 @@ def test_mixblock_loss_gives_no_gradient_into_the_ema_network():
 
   def loss(phi, ema, feats):
     return samix.mixblock_loss(phi, ema, block, apply_fn, feats, x, y, perm, lam, 0.1, 0.1)[0]
-  g_phi, g_ema, g_feats = jax.grad(loss, argnums=(0, 1, 2))(phi, ema, feats)
+  g_phi, g_ema, g_feats = fast_jit(jax.grad(loss, argnums=(0, 1, 2)))(phi, ema, feats)
   assert all(float(jnp.max(jnp.abs(g))) == 0.0 for g in jax.tree.leaves((g_ema, g_feats)))
   assert sum(float(jnp.sum(jnp.abs(g))) for g in jax.tree.leaves(g_phi)) > 0
   # And the value: η-BCE of the EMA network on the mixed image + β·|mean(s) − (1−λ)|.
-  mask = block.apply({'params': phi}, feats, feats[perm], lam, (8, 8))
-  logits = apply_fn(ema['params'], state, samix.mix_images(x, x[perm], mask), False)[0]
-  expected = (jnp.mean(samix.eta_bce(logits, y, y[perm], lam, 0.1)) +
-              0.1 * jnp.mean(jnp.abs(jnp.mean(mask, (1, 2)) - 0.7)))
-  np.testing.assert_allclose(loss(phi, ema, feats), expected, rtol=1e-6)
+  @fast_jit
+  def expected(phi, ema, feats):
+    mask = block.apply({'params': phi}, feats, feats[perm], lam, (8, 8))
+    logits = apply_fn(ema['params'], state, samix.mix_images(x, x[perm], mask), False)[0]
+    return (jnp.mean(samix.eta_bce(logits, y, y[perm], lam, 0.1)) +
+            0.1 * jnp.mean(jnp.abs(jnp.mean(mask, (1, 2)) - 0.7)))
+  np.testing.assert_allclose(fast_jit(loss)(phi, ema, feats), expected(phi, ema, feats), rtol=1e-6)
 
 
 # -- The extra state in the data-parallel step -----------------------------------------
@@ -192,11 +204,19 @@ def build_step(pretrained=False, total=10, n_dev=2, source_extra=None):
   return ts, step, {'x': np.asarray(x), 'y': np.asarray(y)}
 
 
-def test_step_updates_the_ema_by_its_formula_and_the_mixblock_by_its_optimizer():
+@functools.lru_cache(maxsize=None)
+def default_step():
+  """``build_step()`` and its shard_map program on 2 devices, built and compiled
+  once for the tests that use it; the state is a host copy, so the donating
+  step never consumes it."""
   ts, step, data = build_step()
   mesh = parallel.make_mesh(2)
-  fn = parallel.shard_map_step(step, mesh)
-  before = jax.device_get(ts)
+  return jax.device_get(ts), step, data, mesh, parallel.shard_map_step(step, mesh)
+
+
+def test_step_updates_the_ema_by_its_formula_and_the_mixblock_by_its_optimizer():
+  ts, step, data, mesh, fn = default_step()
+  before = ts
   after = jax.device_get(fn(parallel.replicate_on_mesh(ts, mesh), data)[0])
   m = 1 - (1 - 0.9) * (1 + math.cos(0.0)) / 2                 # step 0: m = m0
   for e0, w1, e1 in zip(jax.tree.leaves(before.extra['ema']['params']),
@@ -208,10 +228,9 @@ def test_step_updates_the_ema_by_its_formula_and_the_mixblock_by_its_optimizer()
 
 
 def test_pmap_and_shard_map_give_the_same_state():
-  ts, step, data = build_step()
-  mesh = parallel.make_mesh(2)
+  ts, step, data, mesh, sm = default_step()
   a, b = parallel.replicate_on_mesh(ts, mesh), parallel.replicate(ts, 2)
-  sm, pm = parallel.shard_map_step(step, mesh), parallel.pmap_step(step, devices=jax.devices()[:2])
+  pm = parallel.pmap_step(step, devices=jax.devices()[:2])
   for _ in range(2):
     a, _ = sm(a, data)
     b, _ = pm(b, parallel.shard_batch(data, 2))
@@ -220,8 +239,8 @@ def test_pmap_and_shard_map_give_the_same_state():
 
 
 def test_pretrained_step_keeps_mixblock_and_ema_frozen():
-  src, _, _ = build_step()
-  source = jax.device_get({'ema': src.extra['ema'], 'mixblock': src.extra['mixblock']})
+  src = default_step()[0]
+  source = {'ema': src.extra['ema'], 'mixblock': src.extra['mixblock']}
   source = jax.tree.map(lambda a: a + 0.01, source)        # not what a fresh init gives
   ts, step, data = build_step(pretrained=True, source_extra=source)
   mesh = parallel.make_mesh(2)
@@ -366,7 +385,8 @@ def test_sam_on_the_backbone_loss_composes():
                      ('sam', sharpness.SharpnessRule('sam', rho=0.5))):
     objective, extra, _ = samix.build(cfg, 'cnn', module, apply_fn, (8, 8, 1), C, 10, params,
                                       state, jax.random.PRNGKey(4), rule=rule)
-    out[name] = jax.jit(objective)(params, state, {'x': x, 'y': y}, jax.random.PRNGKey(7), extra)
+    args = (params, state, {'x': x, 'y': y}, jax.random.PRNGKey(7), extra)
+    out[name] = fast_jit(objective)(*args)
   for a, b in zip(jax.tree.leaves(out['plain'][0]), jax.tree.leaves(out['rho0'][0])):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
   assert not all(np.allclose(a, b) for a, b in zip(jax.tree.leaves(out['plain'][0]),

@@ -6,9 +6,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gmix_jax import contrastive, models, samix, samix_ssl
+import fast_compile
+import ssl_steps
+from gmix_jax import contrastive, models, parallel, samix, samix_ssl
 
 C = 6      # the toy "embedding" width: the CNN's logits, L2-normalised
+
+# The tests' own programs compare only within this run: compiled the fast way.
+fast_jit = fast_compile.jit
 
 
 def setup(mixblock_loss='eta_bce'):
@@ -49,12 +54,12 @@ def test_each_loss_reaches_only_its_own_parameters():
   # The stop-gradients sit in code both mixblock losses share; eta_bce suffices.
   cfg, params, state, phi, key_vars, fns, data, lam, perm = setup()
 
-  @jax.jit
+  @jax.jit                     # nested in the fast_jit gradients below, alone after them
   def losses(p, f, kv):
     return samix_ssl.step_losses(cfg, p, state, f, kv, **fns, **data, lam=lam, perm=perm,
                                  temperature=0.2)[0]
-  g_bb = jax.jit(jax.grad(lambda *a: losses(*a)[0], argnums=(0, 1, 2)))(params, phi, key_vars)
-  g_mb = jax.jit(jax.grad(lambda *a: losses(*a)[1], argnums=(0, 1, 2)))(params, phi, key_vars)
+  g_bb = fast_jit(jax.grad(lambda *a: losses(*a)[0], argnums=(0, 1, 2)))(params, phi, key_vars)
+  g_mb = fast_jit(jax.grad(lambda *a: losses(*a)[1], argnums=(0, 1, 2)))(params, phi, key_vars)
   assert norm(g_bb[0]) > 0 and norm(g_mb[1]) > 0
   for zero in (g_bb[1], g_bb[2], g_mb[0], g_mb[2]):
     for leaf in jax.tree.leaves(zero):
@@ -70,7 +75,7 @@ def test_each_loss_reaches_only_its_own_parameters():
 def test_losses_and_grads_equal_the_joint_gradients():
   cfg, params, state, phi, key_vars, fns, data, _, _ = setup()
   rng = jax.random.PRNGKey(7)
-  grads, phi_grads, _, metrics = jax.jit(lambda: samix_ssl.losses_and_grads(
+  grads, phi_grads, _, metrics = fast_jit(lambda: samix_ssl.losses_and_grads(
       cfg, params, state, phi, key_vars, **fns, **data, rng=rng, temperature=0.2))()
   lam, perm = samix_ssl.draw(cfg, jax.random.split(rng)[0], 6)
   assert lam.shape == (6,) and float(lam[0]) == float(lam[5])
@@ -79,8 +84,8 @@ def test_losses_and_grads_equal_the_joint_gradients():
   def losses(p, f):
     return samix_ssl.step_losses(cfg, p, state, f, key_vars, **fns, **data, lam=lam, perm=perm,
                                  temperature=0.2)[0]
-  want = jax.jit(jax.grad(lambda p: losses(p, phi)[0]))(params)
-  want_phi = jax.jit(jax.grad(lambda f: losses(params, f)[1]))(phi)
+  want = fast_jit(jax.grad(lambda p: losses(p, phi)[0]))(params)
+  want_phi = fast_jit(jax.grad(lambda f: losses(params, f)[1]))(phi)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), grads, want)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
                phi_grads, want_phi)
@@ -92,7 +97,7 @@ def test_losses_and_grads_equal_the_joint_gradients():
 @pytest.mark.parametrize('mixblock_loss', samix_ssl.MIXBLOCK_LOSSES)
 def test_losses_equal_their_formulas(mixblock_loss):
   cfg, params, state, phi, key_vars, fns, data, lam, perm = setup(mixblock_loss)
-  (l_bb, l_mb), (mask, *_) = jax.jit(lambda: samix_ssl.step_losses(
+  (l_bb, l_mb), (mask, *_) = fast_jit(lambda: samix_ssl.step_losses(
       cfg, params, state, phi, key_vars, **fns, **data, lam=lam, perm=perm, temperature=0.2))()
   x, k, queue = data['x'], data['keys'], data['queue']
   x_mix = x * (1 - mask[..., None]) + x[perm] * mask[..., None]
@@ -155,27 +160,8 @@ def test_task_refuses_an_unknown_field():
 
 
 def test_task_step_pmap_equals_shard_map_and_fills_the_queue():
-  import types
-  import optax
-  from gmix_jax import parallel, tasks
-  c = task_config('sam')
-  task = tasks.get(c)
-  method = task.check_config(c)
-  module, apply_fn = task.build_model(c, 10)
-  params, state = models.init_model(module, jax.random.PRNGKey(0), (8, 8, 1))
-  ds = types.SimpleNamespace(num_train=64, input_shape=(8, 8, 1), num_classes=10)
-  parts = task.step_parts(c, method, module, apply_fn, ds, 4, params, state)
-  optimizer = optax.sgd(0.1)
-  ts = parallel.create_train_state(params, state, optimizer, 0, extra=parts.extra)
-  step = parallel.make_per_device_step(parts.objective, optimizer,
-                                       extra_update=parts.extra_update)
-  kx, kx2 = jax.random.split(jax.random.PRNGKey(1))
-  data = {'x': np.asarray(jax.random.normal(kx, (8, 8, 8, 1))),
-          'x2': np.asarray(jax.random.normal(kx2, (8, 8, 8, 1)))}
-  mesh = parallel.make_mesh(2)
-  a, b = parallel.replicate_on_mesh(ts, mesh), parallel.replicate(ts, 2)
-  sm, pm = parallel.shard_map_step(step, mesh), parallel.pmap_step(step, devices=jax.devices()[:2])
-  before = jax.device_get(ts.extra)
+  pair = ssl_steps.task_step_pair(task_config('sam'), num_train=64)
+  sm, pm, a, b, before, data = pair.sm, pair.pm, pair.a, pair.b, pair.before, pair.data
   a, metrics = sm(a, data)
   assert int(a.extra['ptr']) == 8                       # one global batch of keys enqueued
   queue = np.asarray(a.extra['queue'])
@@ -184,27 +170,25 @@ def test_task_step_pmap_equals_shard_map_and_fills_the_queue():
   assert int(a.extra['mixblock_opt'][0].count) == 1
   for name in ('loss', 'clean_loss', 'mix_loss', 'mixblock_loss', 'perturbed_loss'):
     assert np.isfinite(float(metrics[name])), name
-  b, _ = pm(b, parallel.shard_batch(data, 2))
+  b, _ = pm(b, pair.pm_data)
   a, _ = sm(a, data)
-  b, _ = pm(b, parallel.shard_batch(data, 2))
+  b, _ = pm(b, pair.pm_data)
   for x, y in zip(jax.tree.leaves(jax.device_get(a)), jax.tree.leaves(parallel.unreplicate(b))):
     np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.slow
 def test_task_end_to_end_on_digits(tmp_path):
+  """40 digits, 5 steps of 8, queue 16 < 40 − 8: the config of
+  tests/test_samix_ssl_p.py's source run (one program for both modules, so
+  the suite's compilation cache compiles it once)."""
   import json
   import os
+  import ssl_samix_p_config
   from gmix_jax import train
-  c = task_config('erm', knn_k=5)
-  c.dataset.name = 'digits'
+  c = ssl_samix_p_config.get_config()
   c.dataset.data_dir = str(tmp_path / 'data')
-  c.dataset.examples_per_class = 4       # 40 examples: 5 steps of 8, queue 16 < 40 − 8
-  c.dataset.augment = 'moco'
-  c.num_devices = 2
-  c.eval_batch_size = 64
-  c.log_every_steps = 1
-  c.progress = False
+  c.plots = True                         # the curves of an SSL run are drawn too
   summary = train.train_and_evaluate(c, str(tmp_path / 'wd'))
   assert summary['task'] == 'samix_ssl' and summary['steps'] == 5
   assert 0.0 <= summary['final_knn_accuracy'] <= 1.0

@@ -8,10 +8,10 @@ import shutil
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 import ssl_samix_p_config
+import ssl_steps
 from gmix_jax import checkpoints, configure, contrastive, main, models, parallel, samix
 from gmix_jax import samix_ssl, tasks
 from gmix_jax import train
@@ -114,28 +114,11 @@ def test_the_backbone_trains_on_the_source_runs_masks(runs):
 @pytest.mark.slow
 def test_pmap_equals_shard_map_and_the_mixblock_stays(runs):
   root, _ = runs
-  c = p_config(root, root / 'source')
-  task = tasks.get(c)
-  method = task.check_config(c)
-  module, apply_fn = task.build_model(c, 10)
-  params, state = models.init_model(module, jax.random.PRNGKey(0), (8, 8, 1))
-  import types
-  ds = types.SimpleNamespace(num_train=40, input_shape=(8, 8, 1), num_classes=10)
-  parts = task.step_parts(c, method, module, apply_fn, ds, 4, params, state)
-  optimizer = optax.sgd(0.1)
-  ts = parallel.create_train_state(params, state, optimizer, 0, extra=parts.extra)
-  step = parallel.make_per_device_step(parts.objective, optimizer,
-                                       extra_update=parts.extra_update)
-  kx, kx2 = jax.random.split(jax.random.PRNGKey(1))
-  data = {'x': np.asarray(jax.random.normal(kx, (8, 8, 8, 1))),
-          'x2': np.asarray(jax.random.normal(kx2, (8, 8, 8, 1)))}
-  mesh = parallel.make_mesh(2)
-  a, b = parallel.replicate_on_mesh(ts, mesh), parallel.replicate(ts, 2)
-  sm, pm = parallel.shard_map_step(step, mesh), parallel.pmap_step(step, devices=jax.devices()[:2])
-  before = jax.device_get(ts.extra)
+  pair = ssl_steps.task_step_pair(p_config(root, root / 'source'), num_train=40)
+  sm, pm, a, b, before, data = pair.sm, pair.pm, pair.a, pair.b, pair.before, pair.data
   for _ in range(2):
     a, metrics = sm(a, data)
-    b, _ = pm(b, parallel.shard_batch(data, 2))
+    b, _ = pm(b, pair.pm_data)
     assert np.isfinite(float(metrics['loss'])) and float(metrics['mask_mean']) > 0
   assert int(a.extra['ptr']) == 0                      # two global batches of 8 in a queue of 16
   for x, y in zip(jax.tree.leaves(jax.device_get(a)), jax.tree.leaves(parallel.unreplicate(b))):

@@ -1,6 +1,7 @@
 """End-to-end: train_and_evaluate for every method, resume, config errors."""
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -115,28 +116,41 @@ def test_msam_without_momentum_and_samix_with_a_stateful_rule_fail_early(tmp_pat
     configure.validate_config(c)
 
 
+@pytest.fixture(scope='module')
+def erm_run(tmp_path_factory):
+  """One finished tiny ERM run on digits; a test copies its workdir before changing it."""
+  root = tmp_path_factory.mktemp('erm')
+  train.train_and_evaluate(tiny_config('erm', 'digits', root / 'data'), str(root / 'wd'))
+  return root
+
+
+def copy_of(run, tmp_path):
+  shutil.copytree(run / 'wd', tmp_path / 'wd')
+  return run / 'data'
+
+
 @pytest.mark.slow
-def test_incompatible_checkpoint_is_never_overwritten(tmp_path):
-  train.train_and_evaluate(tiny_config('erm', 'digits', tmp_path / 'data'), str(tmp_path / 'wd'))
+def test_incompatible_checkpoint_is_never_overwritten(erm_run, tmp_path):
+  data = copy_of(erm_run, tmp_path)
   before = sorted(os.listdir(tmp_path / 'wd' / 'checkpoints'))
   with pytest.raises(ValueError, match='different config .*method'):
-    train.train_and_evaluate(tiny_config('sam', 'digits', tmp_path / 'data'), str(tmp_path / 'wd'))
+    train.train_and_evaluate(tiny_config('sam', 'digits', data), str(tmp_path / 'wd'))
   assert sorted(os.listdir(tmp_path / 'wd' / 'checkpoints')) == before
 
 
 @pytest.mark.slow
-def test_knob_added_at_its_none_default_still_resumes(tmp_path):
+def test_knob_added_at_its_none_default_still_resumes(erm_run, tmp_path):
   """A workdir written before a knob existed resumes when the knob is None."""
-  train.train_and_evaluate(tiny_config('erm', 'digits', tmp_path / 'data'), str(tmp_path / 'wd'))
+  data = copy_of(erm_run, tmp_path)
   path = tmp_path / 'wd' / 'config.json'
   old = json.loads(path.read_text())
   del old['method']['mixing']['tau']          # as if written before `tau` was added
   path.write_text(json.dumps(old))
-  workdir_lib.check_config(str(tmp_path / 'wd'), tiny_config('erm', 'digits', tmp_path / 'data'))
+  workdir_lib.check_config(str(tmp_path / 'wd'), tiny_config('erm', 'digits', data))
   old['method']['mixing']['tau'] = 2.0        # a real change is still refused
   path.write_text(json.dumps(old))
   with pytest.raises(ValueError, match='different config .*method'):
-    workdir_lib.check_config(str(tmp_path / 'wd'), tiny_config('erm', 'digits', tmp_path / 'data'))
+    workdir_lib.check_config(str(tmp_path / 'wd'), tiny_config('erm', 'digits', data))
 
 
 @pytest.mark.parametrize('field,value,message', [
