@@ -77,12 +77,17 @@ def test_random_init_probe_trains_on_the_seeds_fresh_moco_encoder(pretrained, tm
 
 
 def _damage(wd):
+  """Flips a bit every 97 bytes of every array data file of the last
+  checkpoint, wherever Orbax put them (``state/**/d/*``): with one flip in the
+  middle of a file, whether it hit an array's bytes depended on the layout."""
   step = max(int(n) for n in os.listdir(wd / 'checkpoints') if n.isdigit())
-  # One flipped bit in every data file: which file holds which array (and
-  # whether its middle byte is payload) depends on the state's layout.
-  for path in glob.glob(str(wd / 'checkpoints' / str(step) / 'state' / 'ocdbt.process_0' / 'd' / '*')):
+  paths = glob.glob(str(wd / 'checkpoints' / str(step) / 'state' / '**' / 'd' / '*'),
+                    recursive=True)
+  assert paths, 'no checkpoint data files to damage'
+  for path in paths:
     raw = bytearray(open(path, 'rb').read())
-    raw[len(raw) // 2] ^= 1 << 3
+    for i in range(len(raw) // 2 % 97, len(raw), 97):
+      raw[i] ^= 1 << 3
     open(path, 'wb').write(raw)
 
 
