@@ -124,14 +124,14 @@ def pytest_configure(config):
 # (kept in pytest's cache), else by MODULE_SECONDS (a clean clone has no
 # cache), longest first; a module's tests keep their order.
 MODULE_SECONDS = {     # test seconds per module, cold cache, whole suite at -n 2 (2026-12-03)
-    'test_ghost_norm.py': 368, 'test_grid.py': 192, 'test_samix.py': 174, 'test_train.py': 173,
-    'test_reliability.py': 100, 'test_accumulation.py': 94, 'test_samix_ssl_p.py': 64,
-    'test_manifold.py': 63, 'test_faults.py': 63, 'test_samix_ssl.py': 59, 'test_rules.py': 47,
-    'test_objectives.py': 47, 'test_moco.py': 45, 'test_models.py': 40, 'test_parallel.py': 38,
-    'test_global_m.py': 36, 'test_transforms.py': 35, 'test_shared_prev.py': 34,
-    'test_mixing.py': 34, 'test_ssl_configs.py': 34, 'test_bench_step.py': 32,
-    'test_analysis.py': 28, 'test_integrity.py': 26, 'test_moco_resume.py': 25,
-    'test_supervised_unchanged.py': 24,
+    'test_train.py': 79, 'test_grid.py': 59, 'test_reliability.py': 57, 'test_samix.py': 57,
+    'test_manifold.py': 49, 'test_samix_ssl_p.py': 48, 'test_objectives.py': 42,
+    'test_moco.py': 41, 'test_faults.py': 36, 'test_parallel.py': 35, 'test_bench_step.py': 33,
+    'test_models.py': 32, 'test_accumulation.py': 32, 'test_mixing.py': 32, 'test_rules.py': 31,
+    'test_transforms.py': 29, 'test_samix_ssl.py': 29, 'test_global_m.py': 25,
+    'test_ssl_configs.py': 24, 'test_shared_prev.py': 24, 'test_analysis.py': 23,
+    'test_integrity.py': 20, 'test_moco_resume.py': 19, 'test_bad_records.py': 16,
+    'test_ghost_norm.py': 16,
 }
 DURATIONS_KEY = 'gmix_jax/test_seconds'
 
