@@ -126,6 +126,16 @@ def test_ascent_section_differences_by_hand(tmp_path):
   assert '| BG-Mix, `shared` | 2 | 81.00 ± 1.00 | — |' in text and 'load average 2–3' in text
 
 
+def write_records(root, rec, runs):
+  """One run record per entry of ``runs`` (grid -> list of fields over ``rec``),
+  as the sweep writes them: ``root/GRID/I.json``."""
+  for grid, rs in runs.items():
+    (root / grid).mkdir()
+    for i, r in enumerate(rs):
+      (root / grid / f'{i}.json').write_text(json.dumps({**rec, **r, 'grid': grid,
+                                                         'run_id': f'{grid}{i}'}))
+
+
 def test_every_section_rewrites_its_own_block_in_place(tmp_path):
   """Each ``--section`` in ``report.SECTIONS`` appends its marked block once,
   then replaces it where it stands; the other blocks and the rest are kept."""
@@ -134,11 +144,7 @@ def test_every_section_rewrites_its_own_block_in_place(tmp_path):
   runs = {'rules': [{'method': 'gmix', 'variant': ''}, {'method': 'mixup', 'variant': ''}],
           'ascent': [{'method': 'bgmix', 'variant': 'est-shared'}]}
   assert set(runs) == set(report.SECTIONS)
-  for grid, rs in runs.items():
-    (tmp_path / grid).mkdir()
-    for i, r in enumerate(rs):
-      (tmp_path / grid / f'{i}.json').write_text(json.dumps({**rec, **r, 'grid': grid,
-                                                             'run_id': f'{grid}{i}'}))
+  write_records(tmp_path, rec, runs)
   out = tmp_path / 'R.md'
   out.write_text('# kept\n')
   run = lambda name: report.main(['--results', str(tmp_path), '--out', str(out), '--section',
@@ -164,11 +170,7 @@ def test_the_whole_report_writes_every_section_in_table_order(tmp_path):
   runs = {'benchmark': [{'method': 'erm', 'variant': ''}, {'method': 'gmix', 'variant': ''}],
           'rules': [{'method': 'gmix', 'variant': ''}, {'method': 'mixup', 'variant': ''}],
           'ascent': [{'method': 'bgmix', 'variant': 'est-shared'}]}
-  for grid, rs in runs.items():
-    (tmp_path / grid).mkdir()
-    for i, r in enumerate(rs):
-      (tmp_path / grid / f'{i}.json').write_text(json.dumps({**rec, **r, 'grid': grid,
-                                                             'run_id': f'{grid}{i}'}))
+  write_records(tmp_path, rec, runs)
   out = tmp_path / 'R.md'
   args = ['--results', str(tmp_path), '--out', str(out), '--plots', str(tmp_path / 'plots'),
           '--readme', '', '--grids', 'benchmark']
